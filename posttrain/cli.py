@@ -21,6 +21,13 @@ def _scenes_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from posttrain.runner import run_recipe
+
+    run_recipe(args.recipe, args.overrides, resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -37,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_scenes_generate)
+
+    run = sub.add_parser("run", help="run a recipe (pretrain, sft, dpo, grpo, reward_model)")
+    run.add_argument("recipe", help="recipe YAML, e.g. recipes/grpo_tabletop.yaml")
+    run.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe fields")
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.set_defaults(func=_run)
     return parser
 
 
@@ -45,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, PermissionError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError) as exc:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 2
 

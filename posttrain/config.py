@@ -1,0 +1,137 @@
+"""Recipes: YAML files mapped onto typed dataclasses, with `key.sub=value` command-line overrides.
+
+Every key must be a field of the recipe's config dataclass; an unknown key is an error
+that names it and suggests the nearest valid key. YAML is read with `safe_load` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class RecipeError(ValueError):
+    """A recipe or override that does not fit its config; the message names the key."""
+
+
+def _hint(key: str, valid) -> str:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if annotation is int and float(value) != int(value):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return annotation(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys raise RecipeError naming them."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            raise RecipeError(f"unknown key {path!r}{_hint(key, types_)}")
+        kwargs[key] = _coerce(value, types_[key], path)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{where or cls.__name__}: {exc}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {dotted!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def to_dict(config) -> dict:
+    """A dataclass as plain data (tuples become lists), fit for YAML/JSON."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    return clean(dataclasses.asdict(config))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read a recipe YAML (safe_load) and apply overrides; returns the raw dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    return apply_overrides(data, overrides or [])

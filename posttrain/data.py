@@ -1,0 +1,87 @@
+"""Episode data for trainers: generate envs3d episodes once, cache them as a `datasets` folder, load tensors.
+
+Datasets are keyed by (seeds, frames, scene config) under `cache_dir`, so recipes that
+name the same seeds share one folder and a second run skips generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain.envs3d import SceneConfig, generate_dataset, parse_seeds
+
+TENSOR_COLUMNS = ("frames", "actions", "depth", "segmentation", "intrinsics", "world_to_camera",
+                  "object_positions", "object_visible", "object_colors", "num_objects", "is_loop", "seed")
+
+
+@dataclass
+class EpisodeDataConfig:
+    """Which envs3d episodes to use."""
+
+    seeds: str = "0:64"
+    """Seeds as START:STOP (STOP excluded) or a,b,c; each seed is one scene and action script."""
+    frames: int = 16
+    """Frames per episode."""
+    image_size: int = 64
+    """Frame side in pixels (must match the model's tokenizer)."""
+    workers: int = 2
+    """PyBullet worker processes for generation."""
+    scene: dict = field(default_factory=dict)
+    """SceneConfig overrides, e.g. {policy: loop, walls: false}."""
+    cache_dir: str = "data"
+    """Where generated datasets are cached (one folder per seeds/frames/scene combination)."""
+    path: str = ""
+    """Use this existing dataset folder instead of generating (a `datasets.load_from_disk` folder)."""
+
+    def scene_config(self) -> SceneConfig:
+        return SceneConfig(image_size=self.image_size).override(dict(self.scene))
+
+
+def dataset_path(config: EpisodeDataConfig, progress: bool = True) -> Path:
+    """The dataset folder for `config`, generating it first if it is not cached."""
+    if config.path:
+        path = Path(config.path)
+        if not (path / "dataset_info.json").is_file():
+            raise FileNotFoundError(f"dataset path {path} is not a `datasets` folder (no dataset_info.json)")
+        return path
+    scene = config.scene_config()
+    key = hashlib.sha256(f"{config.seeds}|{config.frames}|{scene.to_json()}".encode()).hexdigest()[:12]
+    path = Path(config.cache_dir) / f"envs3d-{key}"
+    if not (path / "dataset_info.json").is_file():
+        generate_dataset(parse_seeds(config.seeds), config.frames, path, scene, workers=config.workers,
+                         overwrite=True, progress=progress)
+    return path
+
+
+def load_episodes(config: EpisodeDataConfig, columns: tuple[str, ...] = TENSOR_COLUMNS, progress: bool = True) -> dict:
+    """All episodes as a dict of stacked torch tensors (uint8 frames stay uint8)."""
+    from datasets import load_from_disk
+
+    path = dataset_path(config, progress)
+    dataset = load_from_disk(str(path))
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise KeyError(f"dataset {path} lacks columns {missing}")
+    out: dict = {}
+    # Read in slices with explicit dtypes: `datasets` returns int64 for uint8 arrays otherwise (8x memory).
+    for column in columns:
+        dtype = {"frames": torch.uint8, "object_colors": torch.uint8, "segmentation": torch.int32,
+                 "object_visible": torch.bool, "is_loop": torch.bool}.get(column)
+        view = dataset.with_format("torch", columns=[column], **({"dtype": dtype} if dtype else {}))
+        parts = [view[i: i + 64][column] for i in range(0, len(dataset), 64)]
+        out[column] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else sum(parts, [])
+    return out
+
+
+def episode_dicts(batch: dict, indices) -> list[dict]:
+    """Per-episode numpy dicts (the envs3d episode contract) for the given indices of a loaded batch."""
+    result = []
+    for i in indices:
+        result.append({k: (v[i].numpy() if isinstance(v, torch.Tensor) else v[i]) for k, v in batch.items()})
+    return result
+
+

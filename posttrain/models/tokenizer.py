@@ -1,0 +1,151 @@
+"""Frame tokenizer: a convolutional autoencoder with a finite scalar quantisation (FSQ) bottleneck.
+
+A 64x64 RGB frame becomes an 8x8 grid of tokens (vocabulary = prod(levels) = 1000 by
+default) and back. FSQ (Mentzer et al. 2023) rounds each of a few bounded latent
+channels to a fixed grid, so there is no codebook to collapse; gradients pass the
+rounding with a straight-through estimator. Why 8x8 and not 16x16: a 16x16 grid
+reconstructs better (~28 dB vs ~26 dB in 20 CPU minutes) but makes every transformer
+update ~6x and every rollout step ~5x slower, and GRPO's budget is spent there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TokenizerConfig:
+    """Shape of the FSQ autoencoder."""
+
+    image_size: int = 64
+    """Input frames are image_size x image_size RGB."""
+    downsample: int = 8
+    """Spatial reduction: the token grid is image_size // downsample per side."""
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    """Conv widths: a full-resolution stem, then one stride-2 stage per further entry (mirrored in
+    the decoder). Narrow at high resolution: the full-size layers dominate the cost."""
+    levels: tuple[int, ...] = (8, 5, 5, 5)
+    """FSQ levels per latent channel; the vocabulary is their product."""
+
+    def __post_init__(self) -> None:
+        self.channels, self.levels = tuple(self.channels), tuple(self.levels)
+        if 2 ** (len(self.channels) - 1) != self.downsample:
+            raise ValueError(f"downsample={self.downsample} needs len(channels) - 1 = log2(downsample) stride-2 "
+                             f"stages; got {len(self.channels)} widths")
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of downsample={self.downsample}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def vocab_size(self) -> int:
+        size = 1
+        for level in self.levels:
+            size *= level
+        return size
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantisation with a straight-through estimator."""
+
+    def __init__(self, levels: tuple[int, ...]):
+        super().__init__()
+        levels_t = torch.tensor(levels, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor((1, *levels[:-1])), 0)
+        self.register_buffer("levels", levels_t, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        half = (self.levels - 1) * (1 + 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., D) latents -> (quantised latents scaled to [-1, 1], (...,) token ids)."""
+        bounded = self.bound(z)
+        rounded = bounded + (bounded.round() - bounded).detach()
+        half_width = self.levels // 2
+        return rounded / half_width, self.codes_to_ids(rounded)
+
+    def codes_to_ids(self, rounded: torch.Tensor) -> torch.Tensor:
+        shifted = (rounded.detach() + self.levels // 2).round().long()
+        return (shifted * self.basis).sum(-1)
+
+    def ids_to_latents(self, ids: torch.Tensor) -> torch.Tensor:
+        digits = (ids.unsqueeze(-1) // self.basis) % self.levels.long()
+        half_width = self.levels // 2
+        return (digits - half_width) / half_width
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.gelu(self.conv1(F.gelu(x))))
+
+
+class FrameTokenizer(nn.Module):
+    """Encode frames to token ids and decode ids to frames."""
+
+    def __init__(self, config: TokenizerConfig | None = None):
+        super().__init__()
+        self.config = config = config or TokenizerConfig()
+        widths = config.channels
+        encoder: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for previous, width in zip(widths, widths[1:]):
+            encoder += [nn.GELU(), nn.Conv2d(previous, width, 4, stride=2, padding=1)]
+        encoder += [_ResBlock(widths[-1]), nn.GELU(), nn.Conv2d(widths[-1], len(config.levels), 1)]
+        self.encoder = nn.Sequential(*encoder)
+        decoder: list[nn.Module] = [nn.Conv2d(len(config.levels), widths[-1], 3, padding=1), _ResBlock(widths[-1])]
+        for previous, width in zip(widths[::-1], widths[::-1][1:]):
+            decoder += [nn.GELU(), nn.ConvTranspose2d(previous, width, 4, stride=2, padding=1)]
+        decoder += [nn.GELU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*decoder)
+        self.fsq = FSQ(config.levels)
+
+    @staticmethod
+    def to_input(frames: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) uint8 or float in [0, 1] -> (N, 3, H, W) float in [-1, 1]."""
+        if frames.dtype == torch.uint8:
+            frames = frames.float() / 255.0
+        return frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct frames (..., H, W, 3): returns (reconstruction in [0, 1], token ids (..., N))."""
+        lead = frames.shape[:-3]
+        # Quantise in float32 even under bf16 autocast: bf16 would move values across rounding edges.
+        latents, ids = self.fsq(self.encoder(self.to_input(frames)).float().permute(0, 2, 3, 1))
+        recon = self.decoder(latents.permute(0, 3, 1, 2)).float()
+        recon = ((recon.permute(0, 2, 3, 1) + 1) / 2).reshape(*lead, *recon.shape[-2:], 3)
+        return recon, ids.reshape(*lead, -1)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) frames -> (..., N) int64 token ids (row-major grid)."""
+        lead = frames.shape[:-3]
+        _, ids = self.fsq(self.encoder(self.to_input(frames)).float().permute(0, 2, 3, 1))
+        return ids.reshape(*lead, -1)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]."""
+        lead, grid = ids.shape[:-1], self.config.grid
+        latents = self.fsq.ids_to_latents(ids.reshape(-1, grid, grid)).permute(0, 3, 1, 2)
+        frames = ((self.decoder(latents).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        return frames.reshape(*lead, *frames.shape[-3:])
+
+

@@ -1,0 +1,219 @@
+"""The world-model protocol the trainers use, and the toolkit's own token world model.
+
+    from posttrain.models import load_model
+    model = load_model("default")                       # the embedded base model
+    tokens = model.encode(frames)                        # (B, T, H, W, 3) uint8 -> (B, T, N)
+    out = model.rollout(tokens[:, :2], actions, horizon=12, temperature=1.0, seeds=[0, 1])
+    out.frames                                           # (B, 12, H, W, 3) float in [0, 1]
+    model.score(torch.cat([tokens[:, :2], out.tokens], 1), actions, num_context=2)  # == out.logprobs
+
+Plugging in another model: implement `WorldModel` (encode, decode, score, rollout,
+plus `tokens_per_frame`); see the README's "Bring your own world model".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+try:
+    from posttrain.kernels import sample
+except ImportError:  # until the kernels branch lands
+    from ._sample_shim import sample
+
+from .dynamics import DynamicsConfig, DynamicsTransformer
+from .tokenizer import FrameTokenizer, TokenizerConfig
+
+ARCHITECTURE = "posttrain.TokenWorldModel"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class RolloutOutput:
+    """What `rollout` returns. Shapes: B rollouts, H generated frames, N tokens per frame."""
+
+    tokens: torch.Tensor
+    """(B, H, N) sampled token ids."""
+    logprobs: torch.Tensor
+    """(B, H, N) log-probs of the sampled tokens under the tempered, untruncated distribution
+    (what `score(..., temperature)` returns for the same tokens)."""
+    frames: torch.Tensor | None = None
+    """(B, H, H_img, W_img, 3) decoded frames in [0, 1], if decoded."""
+
+
+@runtime_checkable
+class WorldModel(Protocol):
+    """What trainers, rewards and `posttrain eval` need from a world model."""
+
+    tokens_per_frame: int
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W, 3) uint8 or [0, 1] float frames -> (B, T, N) int64 tokens."""
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, N) tokens -> (B, T, H, W, 3) float frames in [0, 1]."""
+
+    def score(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int,
+              temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs (B, T - num_context, N) of frames num_context.. given earlier frames and actions.
+        actions: (B, T - 1); actions[:, t] takes frame t to t + 1. Differentiable."""
+
+    def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, seeds: list[int] | None = None,
+                generator: torch.Generator | None = None, decode: bool = True) -> RolloutOutput:
+        """Sample `horizon` frames after context tokens (B, C, N); actions (B, C + horizon - 1)."""
+
+
+class TokenWorldModel(nn.Module):
+    """FSQ frame tokenizer + block-causal dynamics transformer with a sliding-window KV cache."""
+
+    def __init__(self, tokenizer_config: TokenizerConfig | None = None, dynamics_config: DynamicsConfig | None = None):
+        super().__init__()
+        tokenizer_config = tokenizer_config or TokenizerConfig()
+        if dynamics_config is None:
+            dynamics_config = DynamicsConfig(vocab_size=tokenizer_config.vocab_size,
+                                             tokens_per_frame=tokenizer_config.tokens_per_frame)
+        if (dynamics_config.vocab_size, dynamics_config.tokens_per_frame) != (
+                tokenizer_config.vocab_size, tokenizer_config.tokens_per_frame):
+            raise ValueError("dynamics vocab_size/tokens_per_frame must match the tokenizer's")
+        self.tokenizer = FrameTokenizer(tokenizer_config)
+        self.dynamics = DynamicsTransformer(dynamics_config)
+
+    # --- protocol ---------------------------------------------------------------------------
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.dynamics.config.tokens_per_frame
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.config.image_size
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(frames)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode(tokens)
+
+    def next_frame_logits(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int) -> torch.Tensor:
+        """Logits (B, T - num_context, N, V) for frames num_context.. (teacher forcing)."""
+        self._check_actions(tokens, actions)
+        hidden = self.dynamics(tokens[:, :-1], actions)  # (B, T-1, N, D): frame t predicts t+1
+        return self.dynamics.logits(hidden[:, num_context - 1:])
+
+    def score(self, tokens, actions, num_context, temperature=1.0):
+        if num_context < 1:
+            raise ValueError(f"num_context={num_context} must be at least 1")
+        logits = self.next_frame_logits(tokens, actions, num_context).float()
+        if temperature not in (0, 1.0):
+            logits = logits / temperature
+        targets = tokens[:, num_context:]
+        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def rollout(self, context, actions, horizon, *, temperature=1.0, top_k=None, top_p=None, seeds=None,
+                generator=None, decode=True, use_cache=True) -> RolloutOutput:
+        batch, num_context, n = context.shape
+        if actions.shape != (batch, num_context + horizon - 1):
+            raise ValueError(f"actions must be (B, C + horizon - 1) = {(batch, num_context + horizon - 1)}, "
+                             f"got {tuple(actions.shape)}")
+        if seeds is not None and len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for {batch} rollouts")
+        generators = [torch.Generator(device=context.device).manual_seed(int(s)) for s in seeds] if seeds else None
+        tokens, logprobs = [], []
+        if use_cache:
+            hidden, cache = self.dynamics(context, actions[:, :num_context], return_cache=True)
+            hidden = hidden[:, -1]
+        for step in range(horizon):
+            if not use_cache:
+                # Full recompute from frame 0 (the benchmark's baseline). Recomputing only the last W
+                # frames would differ: deeper layers' keys depend on each frame's own full window.
+                sequence = torch.cat([context, *[t[:, None] for t in tokens]], 1)
+                hidden = self.dynamics(sequence, actions[:, :sequence.shape[1]])[:, -1]
+            logits = self.dynamics.logits(hidden).float().reshape(batch * n, -1)  # (B*N, V)
+            uniform = None
+            if generators is not None:
+                uniform = torch.stack([torch.rand(n, generator=g, device=context.device) for g in generators]).reshape(-1)
+            out = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform,
+                         generator=generator, return_full_logprobs=True)
+            frame = out.tokens.view(batch, n)
+            tokens.append(frame)
+            logprobs.append(out.full_logprobs.view(batch, n))
+            if use_cache and step < horizon - 1:
+                index = num_context + step
+                hidden, cache = self.dynamics.step(frame, actions[:, index], index, cache)
+        tokens_t, logprobs_t = torch.stack(tokens, 1), torch.stack(logprobs, 1)
+        frames = self.decode(tokens_t) if decode else None
+        return RolloutOutput(tokens=tokens_t, logprobs=logprobs_t, frames=frames)
+
+    @staticmethod
+    def _check_actions(tokens: torch.Tensor, actions: torch.Tensor) -> None:
+        if actions.shape != (tokens.shape[0], tokens.shape[1] - 1):
+            raise ValueError(f"actions must be (B, T - 1) = {(tokens.shape[0], tokens.shape[1] - 1)}, "
+                             f"got {tuple(actions.shape)}")
+
+    # --- persistence ------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"architecture": ARCHITECTURE, "tokenizer": dataclasses.asdict(self.tokenizer.config),
+                "dynamics": dataclasses.asdict(self.dynamics.config)}
+
+    def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """Write config.json + model.safetensors (+ metadata in the config) to `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config_dict()
+        if metadata:
+            config["metadata"] = metadata
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": ARCHITECTURE})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> TokenWorldModel:
+        """Load a `save_pretrained` folder. Errors name the folder and what is wrong; nothing is unpickled."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} does not exist")
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"model folder {folder} has no {name}")
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
+        if config.get("architecture") != ARCHITECTURE:
+            raise ValueError(f"{folder / CONFIG_FILE}: unknown architecture {config.get('architecture')!r}; "
+                             f"this loader reads {ARCHITECTURE!r}")
+        try:
+            model = cls(TokenizerConfig(**config["tokenizer"]), DynamicsConfig(**config["dynamics"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{folder / CONFIG_FILE}: bad model config ({exc})") from None
+        state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{folder / WEIGHTS_FILE} does not match its config: missing={missing[:5]} "
+                             f"unexpected={unexpected[:5]} wrong shapes={wrong[:5]}")
+        model.load_state_dict(state)
+        model.metadata = config.get("metadata", {})
+        return model.eval()
+
+
+def weights_hash(folder: str | Path) -> str:
+    """sha256 of a model folder's weights file (identifies the base model of an adapter)."""
+    return hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()

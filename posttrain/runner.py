@@ -1,0 +1,50 @@
+"""`posttrain run RECIPE.yaml [key.sub=value ...]`: load a recipe into its typed config and run it.
+
+The recipe's `method` key picks the config dataclass and the loop:
+pretrain, sft, dpo, grpo, reward_model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from posttrain.config import RecipeError, from_dict, load_recipe
+
+METHODS = {
+    "pretrain": ("posttrain.pretrain", "PretrainConfig"),
+    "grpo": ("posttrain.grpo", "GRPOConfig"),
+    "dpo": ("posttrain.dpo", "DPOConfig"),
+    "sft": ("posttrain.sft", "SFTConfig"),
+    "reward_model": ("posttrain.reward_model_training", "RewardModelRecipe"),
+}
+
+
+def config_class(method: str):
+    if method not in METHODS:
+        import difflib
+
+        near = difflib.get_close_matches(str(method), METHODS, n=1)
+        raise RecipeError(f"unknown method {method!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                          f"; choose one of {sorted(METHODS)}"))
+    module_name, class_name = METHODS[method]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, class_name)
+
+
+def build_config(path: str | Path, overrides: list[str] | None = None):
+    """(module, typed config) for a recipe file plus overrides."""
+    data = load_recipe(path, overrides)
+    if "method" not in data:
+        raise RecipeError(f"{path}: recipe has no `method` key (one of {sorted(METHODS)})")
+    module, cls = config_class(data["method"])
+    return module, from_dict(cls, data)
+
+
+def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False):
+    module, config = build_config(path, overrides)
+    if resume:
+        if not hasattr(config, "resume"):
+            raise RecipeError(f"method {config.method!r} does not support --resume")
+        config.resume = True
+    return module.run(config)
