@@ -69,8 +69,8 @@ def camera_pose(x: float, y: float, yaw: float) -> np.ndarray:
 
 def _floor_color(px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Smooth checker-and-waves texture on the floor, (...,) -> (..., 3) in [0, 1]."""
-    sq = 0.5
-    checker = 0.5 + 0.5 * np.tanh(2.5 * np.sin(math.pi * px / sq) * np.sin(math.pi * py / sq))
+    sq = 1.0
+    checker = 0.5 + 0.5 * np.tanh(2.0 * np.sin(math.pi * px / sq) * np.sin(math.pi * py / sq))
     wave = 0.5 + 0.5 * np.sin(0.9 * px + 0.4) * np.cos(0.7 * py - 0.3)
     r = 0.25 + 0.45 * checker + 0.2 * wave
     g = 0.3 + 0.3 * checker + 0.3 * (1 - wave)
@@ -119,9 +119,12 @@ def make_episode(
     num_objects: int = 3,
     loop: bool = False,
     actions: list[int] | None = None,
+    supersample: int = 1,
 ) -> dict[str, Any]:
     """One episode dict in the envs3d contract. ``loop=True`` plays random actions then
-    their inverses in reverse, so the camera returns exactly to its start pose."""
+    their inverses in reverse, so the camera returns exactly to its start pose.
+    ``supersample`` (odd) renders colour at that many samples per pixel side and box
+    filters it (anti-aliasing); depth and segmentation are taken at pixel centres."""
     rng = np.random.default_rng(seed)
     if actions is None:
         if loop:
@@ -166,7 +169,17 @@ def make_episode(
         colors[n] = _PALETTE[n % len(_PALETTE)]
     fx = 0.9 * width
     k = np.array([[fx, 0, width / 2.0], [0, fx, height / 2.0], [0, 0, 1]], dtype=np.float64)
-    frames, depth, seg = _render(poses_arr, k, height, width, centres[:num_objects], colors)
+    if supersample % 2 == 0:
+        raise ValueError("supersample must be odd so that a sub-pixel sits at each pixel centre")
+    ss = supersample
+    k_ss = k.copy()
+    k_ss[:2] *= ss  # pixel j at res 1 covers hi-res pixels ss*j .. ss*j + ss - 1
+    frames, depth, seg = _render(poses_arr, k_ss, height * ss, width * ss, centres[:num_objects], colors)
+    if ss > 1:
+        frames = frames.reshape(num_steps, height, ss, width, ss, 3).astype(np.float64).mean(axis=(2, 4))
+        frames = np.clip(np.round(frames), 0, 255).astype(np.uint8)
+        depth = np.ascontiguousarray(depth[:, ss // 2 :: ss, ss // 2 :: ss])
+        seg = np.ascontiguousarray(seg[:, ss // 2 :: ss, ss // 2 :: ss])
     visible = np.zeros((num_steps, N_MAX_OBJECTS), dtype=bool)
     for n in range(num_objects):
         visible[:, n] = (seg == n + 1).any(axis=(1, 2))
