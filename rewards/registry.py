@@ -130,4 +130,4 @@ def get_reward(name: str, **params) -> Reward:
 
 def _load_builtins() -> None:
     # Imported lazily: the built-in modules import this one to register themselves.
-    from . import stability, verifiers  # noqa: F401
+    from . import reward_model, stability, verifiers  # noqa: F401
