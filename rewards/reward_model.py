@@ -161,7 +161,7 @@ def train_reward_model(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     report = {
         "train_loss": float(np.mean(losses[-10:])),
