@@ -15,7 +15,7 @@ SSIM matches ``skimage.metrics.structural_similarity(gaussian_weights=True,
 sigma=1.5, use_sample_covariance=False, channel_axis=-1, data_range=...)``:
 11x11 Gaussian window (scikit-image truncates at 3.5 sigma), K1=0.01, K2=0.03,
 the SSIM map averaged over the interior that the window covers fully (a
-"valid" convolution equals scikit-image's filter-then-crop exactly) and over
+"valid" filter equals scikit-image's filter-then-crop exactly) and over
 channels.
 """
 
@@ -147,7 +147,7 @@ def ssim(a, b, data_range: float | None = None):
     n = math.prod(lead) if lead else 1
     x = ta.reshape(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W)
     y = tb.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    # One grouped convolution over the five moment maps of every channel.
+    # Filter the five moment maps of every channel in one pass.
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (N, 5C, H, W)
     mu = _filter_valid(stack)
     ux, uy, uxx, uyy, uxy = mu.split(c, dim=1)
