@@ -1,0 +1,133 @@
+"""Reward base class, result type and the name registry.
+
+A reward is any callable ``(rollouts: RolloutBatch, episodes: EpisodeBatch) -> Tensor (B,)``
+with a ``name``; higher is better. Built-in rewards subclass ``Reward`` and
+implement ``evaluate`` returning a ``RewardResult`` (shaped reward plus optional
+success flags and applicability mask); ``__call__`` returns just the reward.
+
+Register a class or a plain function under a name::
+
+    @register_reward("brightness")
+    def brightness(rollouts, episodes, target: float = 0.5):
+        return -(rollouts.frames.mean(dim=(1, 2, 3, 4)) - target).abs()
+
+    get_reward("brightness", target=0.4)(rollouts, episodes)  # tensor (B,)
+
+Functions must live at module level (the process pool pickles them by name).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "Reward",
+    "RewardResult",
+    "FunctionReward",
+    "UnknownRewardError",
+    "register_reward",
+    "get_reward",
+    "list_rewards",
+]
+
+
+@dataclass
+class RewardResult:
+    """What a reward computes for a batch."""
+
+    reward: torch.Tensor
+    """(B,) float shaped reward, higher is better."""
+    success: torch.Tensor | None = None
+    """(B,) bool pass/fail verdict where the reward has one, else None."""
+    mask: torch.Tensor | None = None
+    """(B,) bool, False where the reward does not apply (its value there is 0 by contract)."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named (B,) diagnostics (e.g. the parts of a sum), for logging."""
+
+
+class Reward:
+    """Base class: subclasses set ``name`` (done by ``register_reward``) and implement ``evaluate``."""
+
+    name: str = "reward"
+
+    def evaluate(self, rollouts, episodes) -> RewardResult:
+        raise NotImplementedError
+
+    def __call__(self, rollouts, episodes) -> torch.Tensor:
+        return self.evaluate(rollouts, episodes).reward
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class FunctionReward(Reward):
+    """Wraps a registered function ``fn(rollouts, episodes, **params)`` that returns a tensor
+    (B,) or a ``RewardResult``."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], params: dict[str, Any]):
+        self.name = name
+        self.fn = fn
+        self.params = dict(params)
+
+    def evaluate(self, rollouts, episodes) -> RewardResult:
+        out = self.fn(rollouts, episodes, **self.params)
+        if isinstance(out, RewardResult):
+            return out
+        return RewardResult(reward=torch.as_tensor(out))
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+class UnknownRewardError(KeyError):
+    """Raised by ``get_reward`` for a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def register_reward(name: str):
+    """Decorator registering a ``Reward`` subclass (constructed with the params) or a
+    function ``fn(rollouts, episodes, **params)`` under ``name``. Returns the object unchanged."""
+
+    def deco(obj):
+        if isinstance(obj, type) and issubclass(obj, Reward):
+            obj.name = name
+            factory = obj
+        elif callable(obj):
+            factory = lambda **params: FunctionReward(name, obj, params)  # noqa: E731
+        else:
+            raise TypeError(f"register_reward({name!r}) needs a Reward subclass or a function")
+        _REGISTRY[name] = factory
+        return obj
+
+    return deco
+
+
+def list_rewards() -> list[str]:
+    """Registered reward names, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_reward(name: str, **params) -> Reward:
+    """Instantiate the reward registered under ``name`` with ``params``."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownRewardError(f"unknown reward {name!r}{hint} (registered: {', '.join(sorted(_REGISTRY))})")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as e:
+        raise TypeError(f"reward {name!r}: bad parameters {sorted(params)}: {e}") from e
+
+
+def _load_builtins() -> None:
+    # Imported lazily: the built-in modules import this one to register themselves.
+    from . import reward_model, stability, verifiers  # noqa: F401

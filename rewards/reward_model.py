@@ -1,0 +1,301 @@
+"""A small learned reward model trained on preference pairs (Bradley-Terry).
+
+The model scores (context frame, rollout frames) -> scalar: every rollout frame is
+stacked channel-wise with the last context frame, passed through a tiny strided
+conv net, and the per-frame features are averaged over time before a linear head.
+
+Pairs come either from the verifiers (``pairs_from_reward``: score two rollouts of
+the same prompt with any reward, the higher one is "chosen") or from a person's
+JSONL file (``load_pairs_jsonl``). ``train_reward_model`` fits it and reports the
+held-out pair accuracy; ``save_reward_model`` / ``load_reward_model`` use
+safetensors + config.json (no pickle). The registered reward ``learned`` (param
+``path``) scores rollouts with a saved model, so a recipe can name it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import Reward, RewardResult, register_reward
+
+__all__ = [
+    "RewardModelConfig",
+    "PreferencePairs",
+    "RewardModel",
+    "bradley_terry_loss",
+    "train_reward_model",
+    "pairs_from_reward",
+    "load_pairs_jsonl",
+    "save_reward_model",
+    "load_reward_model",
+    "LearnedReward",
+]
+
+
+@dataclass
+class RewardModelConfig:
+    """Architecture and training settings of the learned reward model."""
+
+    channels: int = 16
+    """Width of the first conv layer (doubles once)."""
+    resolution: int = 32
+    """Frames are resized to this square size before the convs."""
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    batch_size: int = 32
+    """Pairs per optimisation step."""
+    steps: int = 150
+    """Optimisation steps."""
+    holdout_fraction: float = 0.2
+    """Fraction of pairs (split by prompt id when given) kept out for the accuracy report."""
+    seed: int = 0
+    """Seed for the init, the split and the batch order."""
+
+
+@dataclass
+class PreferencePairs:
+    """N preference pairs; chosen/rejected are rollouts of the same prompt."""
+
+    chosen: torch.Tensor
+    """(N, T, H, W, 3) float in [0, 1]."""
+    rejected: torch.Tensor
+    """(N, T, H, W, 3) float in [0, 1]."""
+    context: torch.Tensor | None = None
+    """(N, C, H, W, 3) float in [0, 1], or None (the model then sees a black context)."""
+    prompt_ids: torch.Tensor | None = None
+    """(N,) int64, used to keep prompts out of both train and held-out sets."""
+
+
+class RewardModel(nn.Module):
+    """Tiny conv scorer of (context, rollout) -> (B,) scalar."""
+
+    def __init__(self, config: RewardModelConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.net = nn.Sequential(
+            nn.Conv2d(6, c, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1),
+            nn.SiLU(),
+        )
+        self.head = nn.Linear(2 * c, 1)
+
+    def forward(self, frames: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """frames (B, T, H, W, 3), context (B, C, H, W, 3) or None -> scores (B,)."""
+        b, t, h, w, _ = frames.shape
+        ctx = context[:, -1] if context is not None else torch.zeros_like(frames[:, 0])  # (B, H, W, 3)
+        x = torch.cat([frames, ctx[:, None].expand(b, t, h, w, 3)], dim=-1)  # (B, T, H, W, 6)
+        x = x.reshape(b * t, h, w, 6).permute(0, 3, 1, 2).float()
+        r = self.config.resolution
+        if (h, w) != (r, r):
+            x = F.interpolate(x, size=(r, r), mode="area")
+        feat = self.net(x).mean(dim=(2, 3)).view(b, t, -1).mean(dim=1)  # (B, 2c)
+        return self.head(feat).squeeze(-1)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sigmoid(chosen - rejected): the Bradley-Terry negative log-likelihood.
+
+    Worked example: scores 1 (chosen) and 0 (rejected) give
+    -log sigmoid(1) = log(1 + e^-1) = log(1.36788) = 0.31326; equal scores give log 2 = 0.69315.
+    """
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def _split(n: int, prompt_ids: torch.Tensor | None, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    groups = np.arange(n) if prompt_ids is None else prompt_ids.cpu().numpy()
+    uniq = rng.permutation(np.unique(groups))
+    n_hold = max(1, int(round(frac * len(uniq)))) if frac > 0 and len(uniq) > 1 else 0
+    held = np.isin(groups, uniq[:n_hold])
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+@torch.no_grad()
+def pair_accuracy(model: RewardModel, pairs: PreferencePairs, idx: np.ndarray, batch: int = 64) -> float:
+    """Fraction of pairs at ``idx`` where the model scores chosen above rejected."""
+    if len(idx) == 0:
+        return float("nan")
+    hits = 0
+    for s in range(0, len(idx), batch):
+        i = torch.as_tensor(idx[s : s + batch])
+        ctx = pairs.context[i] if pairs.context is not None else None
+        hits += int((model(pairs.chosen[i], ctx) > model(pairs.rejected[i], ctx)).sum())
+    return hits / len(idx)
+
+
+def train_reward_model(
+    pairs: PreferencePairs, config: RewardModelConfig | None = None
+) -> tuple[RewardModel, dict[str, float]]:
+    """Fit a ``RewardModel`` with the Bradley-Terry loss. Returns (model, report) where the
+    report has train_loss (last 10 steps), train_accuracy, heldout_accuracy, n_train, n_heldout."""
+    config = config or RewardModelConfig()
+    torch.manual_seed(config.seed)
+    model = RewardModel(config)
+    n = pairs.chosen.shape[0]
+    tr, ho = _split(n, pairs.prompt_ids, config.holdout_fraction, config.seed)
+    if len(tr) == 0:
+        raise ValueError("no training pairs left after the held-out split")
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    losses = []
+    model.train()
+    for _ in range(config.steps):
+        i = torch.as_tensor(tr)[torch.randint(len(tr), (min(config.batch_size, len(tr)),), generator=gen)]
+        ctx = pairs.context[i] if pairs.context is not None else None
+        loss = bradley_terry_loss(model(pairs.chosen[i], ctx), model(pairs.rejected[i], ctx))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    report = {
+        "train_loss": float(np.mean(losses[-10:])),
+        "train_accuracy": pair_accuracy(model, pairs, tr),
+        "heldout_accuracy": pair_accuracy(model, pairs, ho),
+        "n_train": float(len(tr)),
+        "n_heldout": float(len(ho)),
+    }
+    return model, report
+
+
+def pairs_from_reward(rollouts_a, rollouts_b, episodes, reward) -> PreferencePairs:
+    """Rank two RolloutBatches of the same prompts with ``reward`` (any callable
+    ``(rollouts, episodes) -> (B,)``, e.g. ``get_reward('ssim')``). Ties and non-finite
+    scores are dropped."""
+    ra = torch.as_tensor(reward(rollouts_a, episodes)).float().cpu()
+    rb = torch.as_tensor(reward(rollouts_b, episodes)).float().cpu()
+    keep = torch.isfinite(ra) & torch.isfinite(rb) & (ra != rb)
+    a_wins = (ra > rb)[keep]
+    fa, fb = rollouts_a.frames.cpu()[keep], rollouts_b.frames.cpu()[keep]
+    w = a_wins.view(-1, 1, 1, 1, 1)
+    ctx = rollouts_a.context.cpu()[keep] if rollouts_a.context is not None else None
+    pid = rollouts_a.prompt_ids if rollouts_a.prompt_ids is not None else episodes.seed
+    return PreferencePairs(
+        chosen=torch.where(w, fa, fb).float(),
+        rejected=torch.where(w, fb, fa).float(),
+        context=ctx.float() if ctx is not None else None,
+        prompt_ids=pid.cpu()[keep],
+    )
+
+
+def load_rollout_file(path: str | Path, frame_width: int | None = None) -> torch.Tensor:
+    """Read one rollout as (T, H, W, 3) float in [0, 1] from ``.npy`` ((T, H, W, 3), uint8 or
+    float in [0, 1]) or a ``.png`` strip (frames side by side: H x (T*W) x 3; W = H unless
+    ``frame_width`` is given)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    elif path.suffix == ".png":
+        from PIL import Image
+
+        img = np.asarray(Image.open(path).convert("RGB"))
+        h, tw, _ = img.shape
+        fw = frame_width or h
+        if tw % fw:
+            raise ValueError(f"{path}: strip width {tw} is not a multiple of the frame width {fw}")
+        arr = img.reshape(h, tw // fw, fw, 3).transpose(1, 0, 2, 3)
+    else:
+        raise ValueError(f"{path}: rollouts must be .npy or .png strips")
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"{path}: expected (T, H, W, 3), got {arr.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+
+
+def load_pairs_jsonl(path: str | Path, frame_width: int | None = None) -> PreferencePairs:
+    """Read ``{"prompt_id": int, "chosen": path, "rejected": path, "context": path?}`` lines.
+    Relative paths are resolved against the JSONL's folder. All rollouts must share a shape."""
+    path = Path(path)
+    chosen, rejected, ctx, pids = [], [], [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        missing = {"prompt_id", "chosen", "rejected"} - set(rec)
+        if missing:
+            raise ValueError(f"{path}:{n}: missing keys {sorted(missing)}")
+        chosen.append(load_rollout_file(path.parent / rec["chosen"], frame_width))
+        rejected.append(load_rollout_file(path.parent / rec["rejected"], frame_width))
+        ctx.append(load_rollout_file(path.parent / rec["context"], frame_width) if "context" in rec else None)
+        pids.append(int(rec["prompt_id"]))
+    if not chosen:
+        raise ValueError(f"{path}: no pairs")
+    has_ctx = all(c is not None for c in ctx)
+    return PreferencePairs(
+        chosen=torch.stack(chosen),
+        rejected=torch.stack(rejected),
+        context=torch.stack(ctx) if has_ctx else None,
+        prompt_ids=torch.tensor(pids, dtype=torch.int64),
+    )
+
+
+def save_reward_model(model: RewardModel, path: str | Path, report: dict[str, float] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (config plus optional report) into ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    meta: dict[str, Any] = {"config": asdict(model.config)}
+    if report is not None:
+        meta["report"] = report
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> RewardModel:
+    """Inverse of ``save_reward_model``; the model is returned in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text())
+    known = {f.name for f in fields(RewardModelConfig)}
+    config = RewardModelConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    model = RewardModel(config)
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    return model.to(device).eval()
+
+
+@register_reward("learned")
+class LearnedReward(Reward):
+    """Score rollouts with a saved ``RewardModel`` (``path``: folder from ``save_reward_model``).
+    Context: rollouts.context, else the true episode frame num_context - 1 (frame 0 if none)."""
+
+    def __init__(self, path: str, scale: float = 1.0):
+        self.path = str(path)
+        self.scale = scale
+        self._model: RewardModel | None = None
+
+    def __getstate__(self):
+        # Ship the path, not the weights: each worker process loads the model itself.
+        return {"path": self.path, "scale": self.scale, "_model": None}
+
+    @torch.no_grad()
+    def evaluate(self, rollouts, episodes) -> RewardResult:
+        if self._model is None:
+            self._model = load_reward_model(self.path)
+        frames = rollouts.frames.float().cpu()
+        if rollouts.context is not None:
+            ctx = rollouts.context.float().cpu()
+        else:
+            step = max(rollouts.num_context - 1, 0)
+            ctx = episodes.frames[:, step : step + 1].cpu().float() / 255.0
+        scores = self._model(frames, ctx) * self.scale
+        if not math.isfinite(self.scale):
+            raise ValueError("scale must be finite")
+        return RewardResult(reward=scores.to(rollouts.frames.device))
