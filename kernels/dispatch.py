@@ -1,21 +1,23 @@
 """Decide per call whether a kernel runs in Triton or in plain torch, and JIT the Triton kernels lazily.
 
 Triton is an optional dependency: nothing here imports it at module import time, so
-``import posttrain.kernels`` works on a machine without it.
+``import posttrain.kernels`` works on a machine without it, and a CPU-only process that never
+asks for the interpreter never imports it at all.
 
-The kernels are written as plain functions and wrapped with ``triton.jit`` on first use
-(:func:`jit`), cached per interpreter mode. Triton decides between the compiled JIT and the
-CPU interpreter when ``triton.jit`` runs, by reading ``TRITON_INTERPRET``; wrapping at
-import time would freeze whatever the environment was when the first module imported us
-(pytest imports every test module before running any), so a test module that turns the
-interpreter on after another one imported ``posttrain.kernels`` would get kernels that
-cannot launch on CPU.
+Why everything is lazy: Triton chooses between its compiler and its CPU interpreter by reading
+``TRITON_INTERPRET`` when a function is wrapped by ``triton.jit``, and ``triton.language``
+wraps its own standard library (``tl.sum``, ``tl.max``, ``tl.cumsum``...) that way when it is
+first imported. The mode of the whole process is therefore frozen by whoever imports
+``triton.language`` first. We import it only on the first dispatch that wants Triton, wrap our
+kernels on first use, cache them per mode, and report Triton unavailable when the frozen mode
+and the requested one disagree (instead of crashing inside the launch).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -30,7 +32,7 @@ def interpret_mode() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def triton_importable() -> bool:
-    """True when ``import triton`` succeeds (cached: the answer cannot change in a process)."""
+    """True when ``import triton.language`` succeeds (cached; the first call freezes the mode)."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -39,18 +41,31 @@ def triton_importable() -> bool:
     return True
 
 
+def language_interpreted() -> bool | None:
+    """Whether the imported ``triton.language`` was built for the interpreter (None: not imported)."""
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return None
+    return type(getattr(lang, "sum", None)).__name__ == "InterpretedFunction"
+
+
 def triton_available(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on ``tensor``'s device right now.
 
     True when triton imports and either the tensor is on CUDA, or ``TRITON_INTERPRET=1`` is
     set and the tensor is on the CPU (the interpreter: correct but very slow, for tests).
-    False otherwise, e.g. a CPU tensor without the interpreter, or triton not installed.
+    False otherwise: a CPU tensor without the interpreter, triton not installed, or
+    ``triton.language`` already imported in the other mode (see the module docstring).
     """
+    want_interpreter = interpret_mode()
+    if tensor.device.type == "cpu":
+        if not want_interpreter:
+            return False
+    elif tensor.device.type != "cuda":
+        return False
     if not triton_importable():
         return False
-    if tensor.device.type == "cuda":
-        return True
-    return tensor.device.type == "cpu" and interpret_mode()
+    return language_interpreted() == want_interpreter
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
@@ -67,7 +82,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend == "triton" and not ok:
         raise RuntimeError(
             f"backend='triton' but Triton cannot run on device {tensor.device} "
-            f"(triton importable: {triton_importable()}, TRITON_INTERPRET: {interpret_mode()})"
+            f"(TRITON_INTERPRET: {interpret_mode()}, triton.language interpreted: {language_interpreted()})"
         )
     return "triton" if ok else "torch"
 
@@ -81,7 +96,11 @@ def jit(fn: Callable[..., Any]) -> Any:
     kernel = _JIT_CACHE.get(key)
     if kernel is None:
         import triton
+        import triton.language
 
+        # The kernel modules keep `tl = None` so that importing them does not import Triton;
+        # the kernel bodies resolve `tl` from their module globals when compiled/interpreted.
+        fn.__globals__["tl"] = triton.language
         kernel = triton.jit(fn)
         _JIT_CACHE[key] = kernel
     return kernel

@@ -25,10 +25,8 @@ import torch
 
 from .dispatch import jit, resolve_backend
 
-try:  # triton is optional; the kernel bodies only need `tl` once they are JIT-compiled
-    import triton.language as tl
-except Exception:  # pragma: no cover - exercised on installs without triton
-    tl = None
+# Set by dispatch.jit on first use: importing triton here would freeze its interpreter mode.
+tl = None
 
 _BLOCK = 4096
 

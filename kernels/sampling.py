@@ -41,10 +41,8 @@ import torch
 
 from .dispatch import jit, resolve_backend
 
-try:  # triton is optional; the kernel body only needs `tl` once it is JIT-compiled
-    import triton.language as tl
-except Exception:  # pragma: no cover - exercised on installs without triton
-    tl = None
+# Set by dispatch.jit on first use: importing triton here would freeze its interpreter mode.
+tl = None
 
 _LOG2E = 1.4426950408889634
 _MAX_INV_TEMPERATURE = 1e30
