@@ -264,7 +264,7 @@ def sample(
         uniform: optional (R,) uniforms in [0, 1) on the logits' device, one per row; drawn
             with ``torch.rand(R, generator=generator)`` when None. Same uniforms -> same tokens
             on both backends.
-        generator: torch.Generator for the uniforms when ``uniform`` is None.
+        generator: torch.Generator for the uniforms when ``uniform`` is None (on the logits' device).
         return_full_logprobs: also return log-probs under the untruncated tempered distribution.
         backend: "auto" (Triton where :func:`triton_available`, else torch), "triton" or "torch".
 
