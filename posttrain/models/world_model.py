@@ -23,10 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-try:
-    from posttrain.kernels import sample
-except ImportError:  # until the kernels branch lands
-    from ._sample_shim import sample
+from posttrain.kernels import sample
 
 from .dynamics import DynamicsConfig, DynamicsTransformer
 from .tokenizer import FrameTokenizer, TokenizerConfig
