@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from posttrain.kernels import sample, selective_log_softmax, triton_available
 from posttrain.kernels.sampling import sample_reference
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from posttrain.rewards import RewardSpec, compose, list_rewards
 from posttrain.rewards.reward_model import RewardModel, RewardModelConfig, save_reward_model
 from posttrain.rewards.synthetic import make_episodes, noise_frames, truth_rollouts

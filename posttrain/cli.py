@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe fields")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.set_defaults(func=_run)
+
+    from posttrain.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError) as exc:
+        if os.environ.get("POSTTRAIN_DEBUG"):
+            raise
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.logging_utils import MetricsWriter, progress_bar
-from posttrain.models import DynamicsConfig, DynamicsTransformer, FrameTokenizer, TokenizerConfig, TokenWorldModel
+from posttrain.models import (
+    DynamicsConfig,
+    DynamicsTransformer,
+    FrameTokenizer,
+    TokenizerConfig,
+    TokenWorldModel,
+)
 
 
 @dataclass

@@ -13,9 +13,10 @@ import subprocess
 import sys
 import textwrap
 
-import posttrain.kernels as K
 import pytest
 import torch
+
+import posttrain.kernels as K
 from posttrain.kernels import dispatch
 
 

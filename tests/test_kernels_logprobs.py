@@ -11,13 +11,14 @@ from _triton_interp import DEVICE, needs_triton, triton_interpret  # noqa: F401 
 
 import pytest
 import torch
+from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+
 from posttrain.kernels import (
     fused_linear_selective_log_softmax,
     fused_linear_selective_log_softmax_reference,
     selective_log_softmax,
     selective_log_softmax_reference,
 )
-from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
 
 BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"]
 # Forward tolerance on fp32 log-probs; gradient tolerance in the logits' own dtype. Low-precision

@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+
 from posttrain.kernels import sample, sample_reference, triton_available
 
 CONFIGS = [

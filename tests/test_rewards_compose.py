@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+
 from posttrain.rewards import (
     RewardFailureError,
     RewardSpec,

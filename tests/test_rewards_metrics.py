@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
+
 from posttrain.rewards import metrics
 from posttrain.rewards.synthetic import make_episode
-from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
 
 def _sk_ssim(a, b, data_range):

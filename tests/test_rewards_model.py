@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+
 from posttrain.rewards import get_reward
 from posttrain.rewards.reward_model import (
     PreferencePairs,

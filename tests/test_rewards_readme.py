@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import torch
+
 from posttrain.rewards.synthetic import make_episodes, noise_frames, truth_rollouts
 
 README = Path(__file__).resolve().parents[1] / "rewards" / "README.md"

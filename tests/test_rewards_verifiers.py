@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from posttrain.rewards import get_reward
 from posttrain.rewards.geometry import project_points, reproject
 from posttrain.rewards.synthetic import (

@@ -75,12 +75,10 @@ class TokenWorldModel(nn.Module):
     def __init__(self, tokenizer_config: TokenizerConfig | None = None, dynamics_config: DynamicsConfig | None = None):
         super().__init__()
         tokenizer_config = tokenizer_config or TokenizerConfig()
-        if dynamics_config is None:
-            dynamics_config = DynamicsConfig(vocab_size=tokenizer_config.vocab_size,
-                                             tokens_per_frame=tokenizer_config.tokens_per_frame)
-        if (dynamics_config.vocab_size, dynamics_config.tokens_per_frame) != (
-                tokenizer_config.vocab_size, tokenizer_config.tokens_per_frame):
-            raise ValueError("dynamics vocab_size/tokens_per_frame must match the tokenizer's")
+        # The dynamics vocabulary and frame length are the tokenizer's, whatever the config said.
+        dynamics_config = dataclasses.replace(dynamics_config or DynamicsConfig(),
+                                              vocab_size=tokenizer_config.vocab_size,
+                                              tokens_per_frame=tokenizer_config.tokens_per_frame)
         self.tokenizer = FrameTokenizer(tokenizer_config)
         self.dynamics = DynamicsTransformer(dynamics_config)
 
@@ -98,6 +96,10 @@ class TokenWorldModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(tokens)
+
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0):
+        """`score`, as `forward`: DDP and PEFT wrappers only see calls that go through forward."""
+        return self.score(tokens, actions, num_context, temperature)
 
     def next_frame_logits(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int) -> torch.Tensor:
         """Logits (B, T - num_context, N, V) for frames num_context.. (teacher forcing)."""

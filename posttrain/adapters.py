@@ -1,0 +1,81 @@
+"""LoRA adapters for world models through PEFT: apply, save with the base model's identity, load, merge.
+
+PEFT records no base model for a custom module (`base_model_name_or_path` is None), so
+`save_adapter` writes `posttrain_adapter.json` beside PEFT's files with the base model's
+name and weights hash, and `load_adapter` refuses an adapter made for another base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ADAPTER_INFO = "posttrain_adapter.json"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the dynamics transformer's projections (PEFT)."""
+
+    enabled: bool = True
+    """Train a LoRA adapter (False: full fine-tuning of the dynamics transformer)."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
+    """Module names to adapt (the dynamics transformer's linear layers)."""
+
+
+def apply_lora(model, settings: LoraSettings):
+    """Wrap `model` in a PEFT LoRA model; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules))
+    return get_peft_model(model, config)
+
+
+def freeze_for_full_finetune(model) -> None:
+    """Full fine-tuning trains the dynamics transformer; the tokenizer stays frozen (rewards decode with it)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("dynamics."))
+
+
+def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str, extra: dict | None = None) -> Path:
+    folder = Path(folder)
+    peft_model.save_pretrained(str(folder))
+    info = {"base_model": base_name, "base_weights_sha256": base_hash, **(extra or {})}
+    (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return folder
+
+
+def load_adapter(model, folder: str | Path, base_name: str = "default", merge: bool = False):
+    """Apply a saved adapter to `model` (its base). Errors name both bases when they differ."""
+    from peft import PeftModel
+
+    from posttrain.models import weights_hash
+    from posttrain.models.registry import resolve_model_path
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter folder {folder} has no adapter_config.json")
+    info_path = folder / ADAPTER_INFO
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        expected = info.get("base_weights_sha256")
+        actual = weights_hash(resolve_model_path(base_name))
+        if expected and expected != actual:
+            raise ValueError(f"adapter {folder} was made for base model {info.get('base_model')!r} "
+                             f"(weights sha256 {expected[:12]}), not for {base_name!r} (sha256 {actual[:12]})")
+    peft_model = PeftModel.from_pretrained(model, str(folder))
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,197 @@
+"""Run reports: held-out evaluation of base vs post-trained, plots, rollout GIFs, metrics.json, index.html."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _uint8(frames) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        if frames.dtype != torch.uint8:
+            frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return frames.numpy()
+    return np.asarray(frames)
+
+
+def save_rollout_gif(path, context, predictions: dict, truth, scale: int = 2, fps: int = 4) -> Path:
+    """GIF with panels side by side per frame: context (held on its last frame) | each prediction | truth."""
+    import imageio.v2 as imageio
+
+    context, truth = _uint8(context), _uint8(truth)
+    panels = {name: _uint8(frames) for name, frames in predictions.items()}
+    frames = []
+    for t in range(len(context) + len(truth)):
+        if t < len(context):
+            row = [context[t]] * (len(panels) + 2)
+        else:
+            k = t - len(context)
+            row = [context[-1]] + [p[k] for p in panels.values()] + [truth[k]]
+        gap = np.full((row[0].shape[0], 2, 3), 255, np.uint8)
+        image = np.concatenate([part for img in row for part in (img, gap)][:-1], 1)
+        frames.append(np.kron(image, np.ones((scale, scale, 1), np.uint8)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+    return path
+
+
+def improvement(base: float, post: float) -> float:
+    """Relative reduction of an error metric (positive = post-trained is better)."""
+    return (base - post) / base if base else float("nan")
+
+
+def write_report(trainer, history: list) -> Path:
+    """Evaluate base (adapter disabled) and post-trained on held-out seeds; write report/."""
+    from posttrain.data import load_episodes
+    from posttrain.evaluate import EPISODE_FIELDS, evaluate_model, rollout_seed
+
+    config = trainer.config
+    out = trainer.out / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    episodes = load_episodes(config.eval.data, EPISODE_FIELDS)
+    policy = trainer.policy
+    results: dict = {"eval_seeds": config.eval.data.seeds, "horizon": config.eval.horizon, "temperatures": {}}
+    for temperature in config.eval_temperatures:
+        eval_config = _replace(config.eval, temperature=temperature)
+        with _base_model(trainer) as base:
+            base_report = evaluate_model(base, episodes, eval_config, description=f"base T={temperature}")
+        post_report = evaluate_model(policy, episodes, eval_config, description=f"post T={temperature}")
+        results["temperatures"][str(temperature)] = {
+            "base": base_report, "post": post_report,
+            "mse_reduction": improvement(base_report["mse_mean"], post_report["mse_mean"]),
+            "consistency_3d_error_reduction": improvement(base_report["consistency_3d_mean"],
+                                                          post_report["consistency_3d_mean"]),
+        }
+    results["training"] = history
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    _plot_rewards(trainer.out / "metrics.jsonl", out / "reward_curve.png")
+    _plot_per_step(results, out / "per_step_mse.png")
+    # One before/after/truth rollout on a held-out episode (greedy, so it is representative).
+    eval_config = _replace(config.eval, temperature=0.0)
+    index = [0]
+    frames = episodes["frames"][index]
+    num_context, horizon = eval_config.num_context, eval_config.horizon
+    actions = episodes["actions"][index][:, : num_context + horizon - 1]
+    seeds = [rollout_seed(eval_config.seed, int(episodes["seed"][0]))]
+    with torch.no_grad():
+        with _base_model(trainer) as base:
+            before = base.rollout(base.encode(frames[:, :num_context]), actions, horizon, temperature=0.0, seeds=seeds)
+        after = policy.rollout(policy.encode(frames[:, :num_context]), actions, horizon, temperature=0.0, seeds=seeds)
+    save_rollout_gif(out / "rollout.gif", frames[0, :num_context],
+                     {"base": before.frames[0], "post-trained": after.frames[0]},
+                     frames[0, num_context: num_context + horizon])
+    write_index_html(out, results)
+    _print_summary(results)
+    return out
+
+
+def _replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+class _base_model:
+    """The base policy: the same network with the LoRA adapter disabled (or the frozen reference)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._ctx = None
+
+    def __enter__(self):
+        policy = self.trainer.policy
+        if hasattr(policy, "disable_adapter"):
+            self._ctx = policy.disable_adapter()
+            self._ctx.__enter__()
+            return policy
+        from posttrain.models import load_model
+
+        return load_model(self.trainer.base_name).eval()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+
+def _plot_rewards(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from posttrain.logging_utils import read_metrics
+
+    records = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
+    if not records:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in records]
+    axes[0].plot(steps, [r["reward_mean"] for r in records], label="total")
+    axes[0].set_title("reward (train rollouts)")
+    axes[0].set_xlabel("step")
+    for key in sorted(k for k in records[0] if k.startswith("reward/") and k.endswith("_mean")):
+        axes[1].plot(steps, [r.get(key) for r in records], label=key[7:-5])
+    axes[1].set_title("reward components")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _plot_per_step(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = results["temperatures"]
+    fig, axes = plt.subplots(1, len(temps), figsize=(5 * len(temps), 3.5), squeeze=False)
+    for axis, (temperature, pair) in zip(axes[0], temps.items()):
+        for name in ("base", "post"):
+            values = pair[name]["mse_per_step"]
+            axis.plot(range(1, len(values) + 1), values, marker="o", label=name)
+        axis.set_title(f"held-out MSE per step, T={temperature}")
+        axis.set_xlabel("predicted frame")
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_index_html(folder: Path, results: dict) -> Path:
+    """A self-contained page (relative links only, no network) with plots, the GIF and the metrics table."""
+    rows = []
+    for temperature, pair in results["temperatures"].items():
+        for metric in ("mse_mean", "psnr_mean", "ssim_mean", "consistency_3d_mean", "loop_closure_error_mean"):
+            base, post = pair["base"].get(metric), pair["post"].get(metric)
+            fmt = (lambda v: "n/a" if v is None else f"{v:.5g}")
+            rows.append(f"<tr><td>{html.escape(temperature)}</td><td>{metric}</td><td>{fmt(base)}</td>"
+                        f"<td>{fmt(post)}</td></tr>")
+    images = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+                     for name in ("reward_curve.png", "per_step_mse.png", "rollout.gif") if (folder / name).exists())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>posttrain report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
+padding:4px 8px}}figure{{display:inline-block;margin:1em}}img{{image-rendering:pixelated;max-width:100%}}</style>
+</head><body><h1>posttrain report</h1><p>Held-out seeds {html.escape(str(results.get('eval_seeds')))}, horizon
+{results.get('horizon')}. Rollout GIF panels: context | base | post-trained | ground truth.</p>
+<table><tr><th>temperature</th><th>metric</th><th>base</th><th>post-trained</th></tr>{''.join(rows)}</table>
+{images}</body></html>"""
+    path = folder / "index.html"
+    path.write_text(page)
+    return path
+
+
+def _print_summary(results: dict) -> None:
+    for temperature, pair in results["temperatures"].items():
+        print(f"T={temperature}: MSE base {pair['base']['mse_mean']:.5f} -> post {pair['post']['mse_mean']:.5f} "
+              f"({100 * pair['mse_reduction']:+.1f}% reduction); 3D-consistency error "
+              f"{pair['base']['consistency_3d_mean']:.4f} -> {pair['post']['consistency_3d_mean']:.4f} "
+              f"({100 * pair['consistency_3d_error_reduction']:+.1f}%)")
