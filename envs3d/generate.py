@@ -107,6 +107,8 @@ def generate_episode(seed: int, frames: int, config: SceneConfig, actions: Seque
     for action in actions:
         obs, *_ = env.step(int(action))
         observations.append(obs)
+    frames = np.stack([o["rgb"] for o in observations])
+    segmentation = np.stack([o["segmentation"] for o in observations])
     poses = np.stack([o["object_poses"] for o in observations])
     poses[:, info["num_objects"]:] = np.nan  # the episode marks empty object slots with NaN
     is_loop = policy == "loop" or bool(
@@ -116,20 +118,31 @@ def generate_episode(seed: int, frames: int, config: SceneConfig, actions: Seque
     return {
         "seed": int(seed),
         "policy": policy,
-        "frames": np.stack([o["rgb"] for o in observations]),
+        "frames": frames,
         "depth": np.stack([o["depth"] for o in observations]),
-        "segmentation": np.stack([o["segmentation"] for o in observations]),
+        "segmentation": segmentation,
         "intrinsics": observations[0]["intrinsics"],
         "world_to_camera": np.stack([o["world_to_camera"] for o in observations]),
         "actions": np.asarray(actions, dtype=np.int64),
         "object_positions": poses[..., :3].copy(),
         "object_orientations": poses[..., 3:].copy(),
         "object_visible": np.stack([o["object_visible"] for o in observations]).astype(bool),
-        "object_colors": info["object_colors"],
+        "object_colors": _rendered_colors(frames, segmentation, info["object_colors"]),
         "num_objects": int(info["num_objects"]),
         "is_loop": is_loop,
         "scene_config": config.to_json(),
     }
+
+
+def _rendered_colors(frames: np.ndarray, segmentation: np.ndarray, nominal: np.ndarray) -> np.ndarray:
+    """Mean rendered RGB of each object over the episode (lighting darkens the nominal colour);
+    the nominal colour where an object never shows."""
+    colors = nominal.copy()
+    for index in range(len(colors)):
+        mask = segmentation == index + 1
+        if mask.any():
+            colors[index] = np.round(frames[mask].mean(0)).astype(np.uint8)
+    return colors
 
 
 def features(frames: int, size: int):

@@ -66,7 +66,8 @@ class WorldModel(Protocol):
     def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seeds: list[int] | None = None,
                 generator: torch.Generator | None = None, decode: bool = True) -> RolloutOutput:
-        """Sample `horizon` frames after context tokens (B, C, N); actions (B, C + horizon - 1)."""
+        """Sample `horizon` frames after context tokens (B, C, N); actions (B, >= C + horizon - 1)
+        (extra trailing actions are ignored)."""
 
 
 class TokenWorldModel(nn.Module):
@@ -120,9 +121,11 @@ class TokenWorldModel(nn.Module):
     def rollout(self, context, actions, horizon, *, temperature=1.0, top_k=None, top_p=None, seeds=None,
                 generator=None, decode=True, use_cache=True) -> RolloutOutput:
         batch, num_context, n = context.shape
-        if actions.shape != (batch, num_context + horizon - 1):
-            raise ValueError(f"actions must be (B, C + horizon - 1) = {(batch, num_context + horizon - 1)}, "
+        needed = num_context + horizon - 1
+        if actions.dim() != 2 or actions.shape[0] != batch or actions.shape[1] < needed:
+            raise ValueError(f"actions must be (B, >= C + horizon - 1) = ({batch}, >= {needed}), "
                              f"got {tuple(actions.shape)}")
+        actions = actions[:, :needed]
         if seeds is not None and len(seeds) != batch:
             raise ValueError(f"got {len(seeds)} seeds for {batch} rollouts")
         generators = [torch.Generator(device=context.device).manual_seed(int(s)) for s in seeds] if seeds else None
