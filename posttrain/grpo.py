@@ -173,7 +173,7 @@ def grpo_step(trainer: Trainer, config: GRPOConfig, step: int) -> dict:
     timings["generate"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    scores = trainer.score_rewards(rollouts.frames, episode_index, sample_ids)
+    scores = trainer.score_rewards(rollouts.frames, episode_index, sample_ids, rollouts.tokens)
     rewards = scores.total.view(len(local), group)
     valid = scores.valid.view(len(local), group)
     advantages = group_advantages(rewards, valid, config.scale_rewards).view(-1)

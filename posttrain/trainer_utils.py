@@ -116,6 +116,7 @@ class Trainer:
         self.base_name = config.model
         self.base_hash = weights_hash(resolve_model_path(config.model))
         model = load_model(config.model)
+        torch.manual_seed(config.seed)  # LoRA's A matrices are drawn at random: same seed, same run
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         if config.lora.enabled:
@@ -220,13 +221,13 @@ class Trainer:
         return totals
 
     # --- rewards and reductions -----------------------------------------------------------------
-    def score_rewards(self, frames, episode_index, sample_ids):
+    def score_rewards(self, frames, episode_index, sample_ids, tokens=None):
         from posttrain.evaluate import episode_batch
         from posttrain.rewards import RolloutBatch
 
         num_context = self.config.num_context
         context = self.context_frames[episode_index].float() / 255
-        rollouts = RolloutBatch(frames=frames.float(), num_context=num_context, context=context,
+        rollouts = RolloutBatch(frames=frames.float(), num_context=num_context, context=context, tokens=tokens,
                                 reference_frames=self._reference_frames(episode_index),
                                 prompt_ids=self.episodes["seed"][episode_index], sample_ids=sample_ids)
         return self.reward(rollouts, episode_batch(self.episodes, episode_index))
