@@ -55,7 +55,7 @@ SIDECAR_SUFFIXES = (".actions.csv", ".actions.json")
 # Frame times are floats from pts * time_base: compare them with a tolerance far below any frame period.
 _TIME_EPS = 1e-6
 # Rows the Arrow writer buffers before flushing: bounded in bytes so large --size stays bounded too.
-_WRITER_BUFFER_BYTES = 8 << 20
+_WRITER_BUFFER_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -294,8 +294,12 @@ def _short(exc: BaseException) -> str:
 def video_frames(path: Path, size: int) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
     """(time in seconds from the first frame, lazy RGB getter) per decoded frame; only kept frames get converted."""
     import av
+    from av.video.reformatter import VideoReformatter
 
     container, stream = open_video(path)
+    # One reformatter per video keeps swscale's context cached: frame.to_ndarray(width=...) builds
+    # a new one per call, which costs 15x the scaling itself.
+    reformatter = VideoReformatter()
     rate = float(stream.average_rate or stream.guessed_rate or 25)
     first = last = None
     index = 0
@@ -315,7 +319,7 @@ def video_frames(path: Path, size: int) -> Iterator[tuple[float, Callable[[], np
             if first is None:
                 first = t
             last = t
-            yield t - first, _frame_getter(frame, size)
+            yield t - first, _frame_getter(frame, size, reformatter)
             index += 1
     finally:
         container.close()
@@ -323,12 +327,12 @@ def video_frames(path: Path, size: int) -> Iterator[tuple[float, Callable[[], np
         raise SourceError("no decodable frames")
 
 
-def _frame_getter(frame, size: int) -> Callable[[], np.ndarray]:
+def _frame_getter(frame, size: int, reformatter) -> Callable[[], np.ndarray]:
     def get() -> np.ndarray:
         width, height = _scaled_size(frame.width, frame.height, size)
         # swscale's area filter averages every source pixel (no aliasing when shrinking 640 -> 64).
-        rgb = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
-        return _centre_crop(rgb, size)
+        rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
+        return _centre_crop(rgb.to_ndarray(), size)
 
     return get
 
