@@ -109,6 +109,7 @@ def main() -> None:
             "ingest_2min": round(max(r["peak_rss_mb"] for r in ingest_runs), 1),
             "after_imports_ingest_process": round(one_minute["rss_after_imports_mb"], 1),
         },
+        "memory_note": "peak RSS is per subprocess and includes ~175 MB of imports (torch-free: datasets, pyarrow, av, pybullet via envs3d.actions). The 1-min to 2-min growth was not broken down; a guess, not verified: it is the memory-mapped output Arrow pages (the written data doubles: ~5.9 to ~11.8 MB, touched in the shard and again by save_to_disk), not decoded frames, which are held at most clip_frames at a time.",
         "runs": {"decode_2min": decode, "ingest_2min": ingest_runs, "ingest_1min": [one_minute]},
     }
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
