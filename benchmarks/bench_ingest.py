@@ -1,0 +1,121 @@
+"""Footage ingest speed and peak memory vs the bare decoder, measured in one run; writes JSON.
+
+    python benchmarks/bench_ingest.py --out benchmarks/results/ingest_cpu.json
+
+Input: 1- and 2-minute 640x360 24 fps testsrc videos made with the ffmpeg binary that
+imageio-ffmpeg ships (H.264, yuv420p). Limit: PyAV decoding the same file with the same
+settings as ingest (`posttrain.footage.open_video`: frame threading on), frames
+discarded. Ingest: `posttrain.footage.ingest` end to end (decode, subsample to 8 fps,
+resize + crop to 64x64, clip, Arrow shard, save_to_disk, manifest). Rates are source
+frames per second. Every measurement runs in a fresh subprocess, which reports its own
+peak RSS (ru_maxrss) and its RSS right after imports, so memory is per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def child(mode: str, video: str) -> None:
+    """One measurement; prints a JSON line."""
+    import datasets  # noqa: F401  (imported before timing in both modes: a fixed cost, not per frame)
+
+    from posttrain.footage import FootageConfig, ingest, open_video
+
+    rss_imports = _rss_mb()
+    if mode == "decode":
+        start = time.perf_counter()
+        container, stream = open_video(Path(video))
+        frames = sum(1 for _ in container.decode(stream))
+        container.close()
+        seconds = time.perf_counter() - start
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "src"
+            src.mkdir()
+            os.symlink(os.path.abspath(video), src / "video.mp4")
+            start = time.perf_counter()
+            report = ingest(src, Path(tmp) / "out", FootageConfig(progress=False))
+            seconds = time.perf_counter() - start
+            assert report.exit_code == 0, report.failed
+            frames = report.sources[0].source_frames
+    print(json.dumps({"frames": frames, "seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": rss_imports}))
+
+
+def measure(mode: str, video: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", mode, str(video)], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_video(path: Path, seconds: int) -> None:
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", "testsrc=size=640x360:rate=24", "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast",
+                    "-pix_fmt", "yuv420p", str(path)], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/ingest_cpu.json")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved decode/ingest pairs (median reported)")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = {seconds: Path(tmp) / f"testsrc_{seconds}s.mp4" for seconds in (60, 120)}
+        for seconds, path in videos.items():
+            make_video(path, seconds)
+        decode, ingest_runs = [], []
+        for _ in range(args.repeats):  # interleaved so background load hits both alike
+            decode.append(measure("decode", videos[120]))
+            ingest_runs.append(measure("ingest", videos[120]))
+        one_minute = measure("ingest", videos[60])
+
+    def rate(runs: list[dict]) -> float:
+        return statistics.median(r["frames"] / r["seconds"] for r in runs)
+
+    decode_fps, ingest_fps = rate(decode), rate(ingest_runs)
+    results = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "note": "shared 2-core machine with a pre-training job and other agents running: noisy; "
+                            "medians of interleaved runs"},
+        "input": "640x360 24 fps H.264 testsrc (libx264 veryfast, yuv420p), 2 minutes = 2880 frames",
+        "settings": {"size": 64, "fps": 8, "clip_frames": 16, "workers": 1},
+        "decoder_alone_fps": round(decode_fps, 1),
+        "ingest_fps": round(ingest_fps, 1),
+        "ingest_vs_decoder": round(ingest_fps / decode_fps, 3),
+        "target_ingest_vs_decoder": 0.8,
+        "peak_rss_mb": {
+            "decoder_alone_2min": round(max(r["peak_rss_mb"] for r in decode), 1),
+            "ingest_1min": round(one_minute["peak_rss_mb"], 1),
+            "ingest_2min": round(max(r["peak_rss_mb"] for r in ingest_runs), 1),
+            "after_imports_ingest_process": round(one_minute["rss_after_imports_mb"], 1),
+        },
+        "memory_note": "peak RSS is per subprocess and includes ~175 MB of imports (torch-free: datasets, pyarrow, av, pybullet via envs3d.actions). The 1-min to 2-min growth was not broken down; a guess, not verified: it is the memory-mapped output Arrow pages (the written data doubles: ~5.9 to ~11.8 MB, touched in the shard and again by save_to_disk), not decoded frames, which are held at most clip_frames at a time.",
+        "runs": {"decode_2min": decode, "ingest_2min": ingest_runs, "ingest_1min": [one_minute]},
+    }
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,678 @@
+"""Ingest a studio's own footage (videos, image sequences) into clips as a `datasets` folder.
+
+    posttrain footage ingest SRC --out DIR [--size 64 --fps 8 --clip-frames 16 --stride N --workers 1 --overwrite]
+
+SRC is read recursively. Video files (mp4, mov, webm, mkv, m4v, avi) are decoded with
+PyAV one frame at a time; a folder holding png/jpg frames is one image sequence, frames in
+natural order (frame_2 before frame_10). Frames are resized (shorter side to `size`) and
+centre-cropped to a square, subsampled to `fps` by timestamp (nearest source frame to each
+target time), and cut into clips of `clip_frames` frames every `stride` frames.
+
+Columns: frames (T, H, W, 3) uint8, actions (T-1,) int64, clip_id, source, start_time,
+end_time, has_actions. Actions come from an optional sidecar beside the source
+(`video.actions.csv` with columns frame,action, or `video.actions.json`, a list; ids or
+names from `posttrain.envs3d.actions.ACTION_NAMES`, one per source frame); without one
+every action is NULL_ACTION. `manifest.json` in the output lists every file with its
+status ("ok", "failed", "skipped"), the reason, its clips and their time ranges.
+
+Each source is written to its own Arrow shard as its clips complete (memory stays bounded
+for long videos; a file that fails half-way leaves no clips behind), and the shards are
+joined in sorted path order in a staging folder next to --out that is renamed into place
+only when complete, so re-runs are byte-identical and a crash leaves no half dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
+
+NULL_ACTION = NUM_ACTIONS
+"""Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SIDECAR_SUFFIXES = (".actions.csv", ".actions.json")
+
+# Frame times are floats from pts * time_base: compare them with a tolerance far below any frame period.
+_TIME_EPS = 1e-6
+# Rows the Arrow writer buffers before flushing: bounded in bytes so large --size stays bounded too.
+_WRITER_BUFFER_BYTES = 2 << 20
+
+
+@dataclass(frozen=True)
+class FootageConfig:
+    """How footage is turned into clips."""
+
+    size: int = 64
+    """Side of the square output frames in pixels (shorter side resized to this, then centre-cropped)."""
+    fps: float = 8.0
+    """Frame rate of the clips; sources are subsampled to it by timestamp."""
+    clip_frames: int = 16
+    """Frames per clip (T)."""
+    stride: int | None = None
+    """Frames (at `fps`) between the starts of consecutive clips; None means clip_frames (no overlap)."""
+    image_fps: float = 8.0
+    """Frame rate assumed for image-sequence folders (equal to `fps`: every image is kept)."""
+    workers: int = 1
+    """Processes decoding sources in parallel (output is identical for any count)."""
+    overwrite: bool = False
+    """Replace --out if it exists (only once the new dataset is complete)."""
+    progress: bool = True
+    """Show a progress bar with files done and frames per second."""
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.size <= 1024:
+            raise ValueError(f"size={self.size} is outside [8, 1024]")
+        if not 0 < self.fps <= 240:
+            raise ValueError(f"fps={self.fps} is outside (0, 240]")
+        if not 0 < self.image_fps <= 240:
+            raise ValueError(f"image_fps={self.image_fps} is outside (0, 240]")
+        if not 2 <= self.clip_frames <= 4096:
+            raise ValueError(f"clip_frames={self.clip_frames} is outside [2, 4096]")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride={self.stride} must be at least 1")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be at least 1")
+
+    @property
+    def clip_stride(self) -> int:
+        return self.stride or self.clip_frames
+
+    def content_key(self) -> str:
+        """The fields that change the written data (not workers, overwrite, progress)."""
+        keep = ("size", "fps", "clip_frames", "image_fps")
+        data = {k: getattr(self, k) for k in keep}
+        data["stride"] = self.clip_stride
+        return json.dumps(data, sort_keys=True)
+
+
+@dataclass
+class SourceResult:
+    """What happened to one source file or image-sequence folder."""
+
+    path: str
+    kind: str
+    status: str
+    reason: str | None = None
+    clips: int = 0
+    frames: int = 0
+    """Frames kept after subsampling."""
+    source_frames: int = 0
+    """Frames decoded (videos) or images read (sequences)."""
+    has_actions: bool = False
+    time_ranges: list[list[float]] = field(default_factory=list)
+    shard: str | None = None
+
+    def manifest_entry(self) -> dict:
+        entry = dataclasses.asdict(self)
+        entry.pop("shard")
+        return entry
+
+
+@dataclass
+class IngestReport:
+    """The outcome of `ingest`: where the dataset went and what happened to every source."""
+
+    out: Path
+    sources: list[SourceResult]
+
+    @property
+    def clips(self) -> int:
+        return sum(s.clips for s in self.sources)
+
+    @property
+    def failed(self) -> list[SourceResult]:
+        return [s for s in self.sources if s.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class SourceError(Exception):
+    """A source cannot be ingested (corrupt, unreadable, too short, bad sidecar); only that file fails."""
+
+
+# --- discovery ------------------------------------------------------------------------------
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting 'frame_2' before 'frame_10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+
+
+def _sidecar_for(path: Path) -> Path | None:
+    base = path.parent / (path.name if path.is_dir() else path.stem)
+    found = [Path(f"{base}{suffix}") for suffix in SIDECAR_SUFFIXES if Path(f"{base}{suffix}").is_file()]
+    if len(found) > 1:
+        raise SourceError(f"two action sidecars: {found[0].name} and {found[1].name}; keep one")
+    return found[0] if found else None
+
+
+def discover(src: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[tuple[str, str, Path]], list[SourceResult]]:
+    """(kind, relative path, path) of every video and image-sequence folder under src, sorted; plus skipped files."""
+    sources: list[tuple[str, str, Path]] = []
+    skipped: list[SourceResult] = []
+    excluded = {p.resolve() for p in exclude}
+    for root, dirs, files in os.walk(src):
+        root_path = Path(root)
+        # Hidden folders (.git, our own staging folders) and the output folder are never footage.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() not in excluded)
+        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if images:
+            sources.append(("images", _rel(root_path, src), root_path))
+        for name in files:
+            path = root_path / name
+            lower = name.lower()
+            if name.startswith(".") or lower.endswith(IMAGE_EXTENSIONS):
+                continue
+            if lower.endswith(VIDEO_EXTENSIONS):
+                sources.append(("video", _rel(path, src), path))
+            elif lower.endswith(SIDECAR_SUFFIXES):
+                stem = name[: -len(next(s for s in SIDECAR_SUFFIXES if lower.endswith(s)))]
+                owners = [root_path / stem] + [root_path / (stem + ext) for ext in VIDEO_EXTENSIONS]
+                if not any(p.is_dir() or p.is_file() for p in owners):
+                    skipped.append(SourceResult(_rel(path, src), "sidecar", "skipped",
+                                                "action sidecar without a matching video or image folder"))
+            else:
+                skipped.append(SourceResult(_rel(path, src), "other", "skipped",
+                                            f"not a video or image ({Path(name).suffix or 'no extension'})"))
+    sources.sort(key=lambda s: natural_key(s[1]))
+    skipped.sort(key=lambda s: natural_key(s.path))
+    return sources, skipped
+
+
+def _rel(path: Path, src: Path) -> str:
+    return path.relative_to(src).as_posix() or "."
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+def _action_value(raw, where: str) -> int:
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lstrip("-").isdigit():
+            raw = int(text)
+        elif text in ACTION_NAMES:
+            return ACTION_NAMES.index(text)
+        else:
+            raise SourceError(f"{where}: unknown action {text!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= NULL_ACTION:
+        raise SourceError(f"{where}: action {raw!r} is not an id in [0, {NULL_ACTION}] or a known name")
+    return int(raw)
+
+
+def load_actions(path: Path) -> np.ndarray:
+    """Per-source-frame action ids from a `.actions.csv` (frame,action) or `.actions.json` (list) sidecar."""
+    try:
+        if path.name.endswith(".json"):
+            data = json.loads(path.read_text())
+            if not isinstance(data, list):
+                raise SourceError(f"{path.name}: expected a JSON list of actions, got {type(data).__name__}")
+            return np.array([_action_value(a, f"{path.name}[{i}]") for i, a in enumerate(data)], dtype=np.int64)
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"frame", "action"} <= {f.strip() for f in reader.fieldnames}:
+                raise SourceError(f"{path.name}: needs a header with columns frame,action")
+            rows = [{k.strip(): v for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise SourceError(f"{path.name}: unreadable action sidecar: {exc}") from None
+    actions = np.empty(len(rows), dtype=np.int64)
+    seen = np.zeros(len(rows), dtype=bool)
+    for line, row in enumerate(rows, start=2):
+        where = f"{path.name} line {line}"
+        try:
+            frame = int(row["frame"])
+        except (TypeError, ValueError):
+            raise SourceError(f"{where}: frame {row['frame']!r} is not an integer") from None
+        if not 0 <= frame < len(rows) or seen[frame]:
+            raise SourceError(f"{where}: frame {frame} is repeated or outside 0..{len(rows) - 1} "
+                              "(one row per source frame)")
+        seen[frame] = True
+        actions[frame] = _action_value(row["action"], where)
+    return actions
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side equal to size, aspect kept."""
+    if width <= height:
+        return size, max(size, round(height * size / width))
+    return max(size, round(width * size / height)), size
+
+
+def _centre_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+def open_video(path: Path):
+    """An opened PyAV container and its first video stream, decoding with threads (as the benchmark does)."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise SourceError(f"unreadable video: {_short(exc)}") from None
+    if not container.streams.video:
+        container.close()
+        raise SourceError("no video stream")
+    stream = container.streams.video[0]
+    # Frame threading decodes several frames at once; it changes speed, not pixels.
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _short(exc: BaseException) -> str:
+    # FFmpeg errors carry an errno and the absolute path; the manifest wants the message alone.
+    text = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def video_frames(path: Path, size: int) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
+    """(time in seconds from the first frame, lazy RGB getter) per decoded frame; only kept frames get converted."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    container, stream = open_video(path)
+    # One reformatter per video keeps swscale's context cached: frame.to_ndarray(width=...) builds
+    # a new one per call, which costs 15x the scaling itself.
+    reformatter = VideoReformatter()
+    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    first = last = None
+    index = 0
+    try:
+        decoded = container.decode(stream)
+        while True:
+            try:
+                frame = next(decoded)
+            except StopIteration:
+                break
+            except (av.FFmpegError, OSError, ValueError) as exc:
+                raise SourceError(f"corrupt video after {index} frames: {_short(exc)}") from None
+            t = frame.time
+            # Missing or non-increasing timestamps (some raw streams): fall back to the nominal rate.
+            if t is None or (last is not None and t <= last):
+                t = (last + 1.0 / rate) if last is not None else 0.0
+            if first is None:
+                first = t
+            last = t
+            yield t - first, _frame_getter(frame, size, reformatter)
+            index += 1
+    finally:
+        container.close()
+    if index == 0:
+        raise SourceError("no decodable frames")
+
+
+def _frame_getter(frame, size: int, reformatter) -> Callable[[], np.ndarray]:
+    def get() -> np.ndarray:
+        width, height = _scaled_size(frame.width, frame.height, size)
+        # swscale's area filter averages every source pixel (no aliasing when shrinking 640 -> 64).
+        rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
+        return _centre_crop(rgb.to_ndarray(), size)
+
+    return get
+
+
+def resize_image(image, size: int) -> np.ndarray:
+    """A PIL image as (size, size, 3) uint8: shorter side to size (box filter), centre crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = _scaled_size(image.width, image.height, size)
+    return _centre_crop(np.asarray(image.resize((width, height), Image.Resampling.BOX)), size)
+
+
+def image_frames(folder: Path, size: int, image_fps: float) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
+    """(time, lazy RGB getter) for the images of a sequence folder in natural order."""
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")),
+                   key=natural_key)
+    for index, name in enumerate(names):
+        yield index / image_fps, _image_getter(folder / name, size)
+
+
+def _image_getter(path: Path, size: int) -> Callable[[], np.ndarray]:
+    def get() -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                return resize_image(image, size)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise SourceError(f"unreadable image {path.name}: {_short(exc)}") from None
+
+    return get
+
+
+def subsample(frames: Iterator[tuple[float, Callable]], fps: float) -> Iterator[tuple[int, float, Callable]]:
+    """(source index, target time, getter) at times k / fps, each taking the source frame nearest in time.
+
+    Streams with one frame of look-ahead. A source slower than fps repeats frames; the
+    stream ends at the last source frame (no target time past it is filled).
+    """
+    k = 0
+    previous = None
+    for index, (t, getter) in enumerate(frames):
+        while k / fps <= t + _TIME_EPS:
+            target = k / fps
+            if previous is not None and target - previous[1] < t - target - _TIME_EPS:
+                yield previous[0], target, previous[2]
+            else:
+                yield index, target, getter
+            k += 1
+        previous = (index, t, getter)
+
+
+# --- one source -----------------------------------------------------------------------------
+
+
+def features(config: FootageConfig):
+    """The `datasets.Features` of a footage dataset."""
+    from datasets import Array4D, Features, Sequence, Value
+
+    t, size = config.clip_frames, config.size
+    return Features({
+        "clip_id": Value("string"),
+        "source": Value("string"),
+        "start_time": Value("float64"),
+        "end_time": Value("float64"),
+        "has_actions": Value("bool"),
+        "frames": Array4D((t, size, size, 3), "uint8"),
+        "actions": Sequence(Value("int64"), length=t - 1),
+    })
+
+
+def _writer_batch_size(config: FootageConfig) -> int:
+    clip_bytes = config.clip_frames * config.size * config.size * 3
+    return max(1, min(64, _WRITER_BUFFER_BYTES // clip_bytes))
+
+
+def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageConfig,
+                  on_frame: Callable[[int], None] | None = None) -> SourceResult:
+    """Decode one source into clips written to the Arrow shard `shard`; failures come back in the result.
+
+    SourceError (bad input) fails this source; anything else (e.g. the disk) aborts the run.
+    """
+    from datasets.arrow_writer import ArrowWriter
+
+    result = SourceResult(rel, kind, "ok")
+    written = 0
+    try:
+        sidecar = _sidecar_for(path)
+        actions = load_actions(sidecar) if sidecar else None
+        result.has_actions = actions is not None
+        frames = video_frames(path, config.size) if kind == "video" else image_frames(path, config.size, config.image_fps)
+        window: collections.deque = collections.deque(maxlen=config.clip_frames)
+        period, stride = 1.0 / config.fps, config.clip_stride
+        with ArrowWriter(features=features(config), path=str(shard),
+                         writer_batch_size=_writer_batch_size(config)) as writer:
+            for slot, (index, target, getter) in enumerate(subsample(_count(frames, result, on_frame), config.fps)):
+                window.append((index, target, getter()))
+                result.frames += 1
+                start = slot - config.clip_frames + 1
+                if start < 0 or start % stride:
+                    continue
+                indices = [w[0] for w in window]
+                clip_actions = (actions[indices[:-1]] if actions is not None and indices[-1] < len(actions)
+                                else np.full(config.clip_frames - 1, NULL_ACTION, dtype=np.int64))
+                start_time, end_time = round(window[0][1], 6), round(window[-1][1] + period, 6)
+                writer.write({
+                    "clip_id": f"{rel}#{result.clips:04d}",
+                    "source": rel,
+                    "start_time": start_time,
+                    "end_time": end_time,
+                    "has_actions": actions is not None,
+                    "frames": np.stack([w[2] for w in window]),
+                    "actions": clip_actions,
+                })
+                written += 1
+                result.clips += 1
+                result.time_ranges.append([start_time, end_time])
+            writer.finalize()
+        if actions is not None and len(actions) != result.source_frames:
+            raise SourceError(f"action sidecar {sidecar.name} has {len(actions)} actions for "
+                              f"{result.source_frames} source frames")
+        if result.clips == 0:
+            raise SourceError(f"too short: {result.frames} frames at {config.fps:g} fps, need {config.clip_frames}")
+    except SourceError as exc:
+        result.status, result.reason = "failed", str(exc)
+        result.clips, result.time_ranges = 0, []
+        shard.unlink(missing_ok=True)
+        return result
+    result.shard = str(shard) if written else None
+    return result
+
+
+def _count(frames: Iterator, result: SourceResult, on_frame: Callable[[int], None] | None) -> Iterator:
+    for item in frames:
+        result.source_frames += 1
+        if on_frame is not None:
+            on_frame(1)
+        yield item
+
+
+def _ingest_one(args) -> SourceResult:
+    kind, rel, path, shard, config = args
+    return ingest_source(kind, rel, path, shard, config)
+
+
+def _iter_results(jobs: list[tuple], config: FootageConfig, on_frame) -> Iterator[SourceResult]:
+    """Results in job (sorted path) order; with workers > 1 from a spawn process pool."""
+    if config.workers <= 1 or len(jobs) <= 1:
+        for kind, rel, path, shard, cfg in jobs:
+            yield ingest_source(kind, rel, path, shard, cfg, on_frame)
+        return
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+        futures = [pool.submit(_ingest_one, job) for job in jobs]
+        for future in futures:
+            result = future.result()
+            on_frame(result.source_frames)
+            yield result
+
+
+# --- the dataset ----------------------------------------------------------------------------
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"--out {out}: cannot create parent folder {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out}: folder {parent} is not writable")
+
+
+def _file_digest(path: Path, digest) -> None:
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig | None = None) -> IngestReport:
+    """Ingest every video and image sequence under `src` into a `datasets` folder `out` plus manifest.json."""
+    from datasets import Dataset, concatenate_datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    config = config or FootageConfig()
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"footage folder {src} does not exist or is not a folder")
+    _check_out(out, config.overwrite)
+    sources, skipped = discover(src, exclude=(out,))
+    if not sources:
+        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) or image-sequence folders under {src}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        shards = staging / "shards"
+        shards.mkdir()
+        jobs = [(kind, rel, path, shards / f"{i:06d}.arrow", config) for i, (kind, rel, path) in enumerate(sources)]
+        results: list[SourceResult] = []
+        with _Progress(len(jobs), config.progress) as progress:
+            for result in _iter_results(jobs, config, progress.frames):
+                results.append(result)
+                progress.file_done(result)
+        digest = hashlib.sha256(config.content_key().encode())
+        parts = []
+        for result in results:
+            if result.shard:
+                _file_digest(Path(result.shard), digest)
+                parts.append(Dataset.from_file(result.shard))
+        if not parts:  # every source failed: still write an empty dataset with the right columns
+            empty = staging / "empty.arrow"
+            with ArrowWriter(features=features(config), path=str(empty)) as writer:
+                writer.finalize()
+            parts.append(Dataset.from_file(str(empty)))
+        dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        # A content fingerprint (not the random default) keeps the saved folder identical across runs.
+        dataset._fingerprint = digest.hexdigest()[:16]
+        final_tmp = staging / "dataset"
+        _save_quietly(dataset, final_tmp)
+        del dataset, parts
+        all_results = sorted(results + skipped, key=lambda r: natural_key(r.path))
+        manifest = {
+            "config": json.loads(config.content_key()),
+            "null_action": NULL_ACTION,
+            "clips": sum(r.clips for r in results),
+            "counts": {s: sum(r.status == s for r in all_results) for s in ("ok", "failed", "skipped")},
+            "sources": [r.manifest_entry() for r in all_results],
+        }
+        text = json.dumps(manifest, indent=2)
+        # One [start, end] pair per line keeps a long video's manifest readable.
+        text = re.sub(r"\[\s+(\S+),\s+(\S+)\s+\]", r"[\1, \2]", text)
+        (final_tmp / "manifest.json").write_text(text + "\n")
+        _replace(final_tmp, out, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return IngestReport(out, all_results)
+
+
+def _save_quietly(dataset, path: Path) -> None:
+    """save_to_disk without its own tqdm bar (ours already shows progress); restores the global setting."""
+    from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        # num_shards=1: with no rows the default would write no data file and the folder would not load.
+        dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _replace(new: Path, out: Path, staging: Path) -> None:
+    """Move `new` to `out`; an existing `out` is set aside first and restored if the move fails."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    previous = staging / "previous"
+    os.replace(out, previous)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(previous, out)
+        raise
+
+
+class _Progress:
+    """Files done of total, source frames decoded and frames per second; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.frames_seen = 0
+        self._last = 0.0
+
+    def __enter__(self) -> _Progress:
+        from posttrain.logging_utils import progress_bar
+
+        self._start = time.perf_counter()
+        self._context = progress_bar(self.total, "footage", enabled=self.enabled)
+        self._update = self._context.__enter__()
+        return self
+
+    def frames(self, count: int) -> None:
+        self.frames_seen += count
+        now = time.perf_counter()
+        if now - self._last > 0.2:  # redrawing on every frame would cost more than decoding small video
+            self._last = now
+            self._update(advance=0, **self._fields(now))
+
+    def file_done(self, result: SourceResult) -> None:
+        self._update(advance=1, **self._fields(time.perf_counter()))
+
+    def _fields(self, now: float) -> dict:
+        return {"frames": self.frames_seen, "fps": round(self.frames_seen / max(now - self._start, 1e-9), 1)}
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _footage_ingest(args: argparse.Namespace) -> int:
+    try:
+        config = FootageConfig(size=args.size, fps=args.fps, clip_frames=args.clip_frames, stride=args.stride,
+                               image_fps=args.image_fps, workers=args.workers, overwrite=args.overwrite,
+                               progress=not args.quiet)
+        report = ingest(args.src, args.out, config)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as exc:
+        print(f"posttrain footage: error: {exc}", file=sys.stderr)
+        return 2
+    for result in report.failed:
+        print(f"failed: {result.path}: {result.reason}", file=sys.stderr)
+    ok = sum(r.status == "ok" for r in report.sources)
+    skipped = sum(r.status == "skipped" for r in report.sources)
+    print(f"wrote {report.clips} clips from {ok} sources to {report.out} "
+          f"({len(report.failed)} failed, {skipped} skipped; see {report.out / 'manifest.json'})")
+    return report.exit_code
+
+
+def add_footage_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `footage ingest` on an argparse subparsers object; the handler (args.func) returns the exit code."""
+    footage = subparsers.add_parser("footage", help="ingest your own video and image sequences as clips")
+    footage_sub = footage.add_subparsers(dest="footage_command", metavar="SUBCOMMAND", required=True)
+    ing = footage_sub.add_parser("ingest", help="videos and image folders -> a `datasets` folder of clips",
+                                 description=__doc__.splitlines()[0])
+    defaults = FootageConfig()
+    ing.add_argument("src", help="folder read recursively for videos and image-sequence folders")
+    ing.add_argument("--out", required=True, help="output folder (written atomically, with manifest.json)")
+    ing.add_argument("--size", type=int, default=defaults.size, help=f"frame side in pixels (default {defaults.size})")
+    ing.add_argument("--fps", type=float, default=defaults.fps, help=f"clip frame rate (default {defaults.fps:g})")
+    ing.add_argument("--clip-frames", type=int, default=defaults.clip_frames,
+                     help=f"frames per clip (default {defaults.clip_frames})")
+    ing.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --clip-frames)")
+    ing.add_argument("--image-fps", type=float, default=defaults.image_fps,
+                     help=f"frame rate of image sequences (default {defaults.image_fps:g})")
+    ing.add_argument("--workers", type=int, default=defaults.workers, help="decoding processes (default 1)")
+    ing.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.set_defaults(func=_footage_ingest)
+    return footage

@@ -1,0 +1,223 @@
+"""Footage ingestion: clip counts and pixels checked against the sources, failures isolated, output deterministic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
+from posttrain.footage import NULL_ACTION, FootageConfig, add_footage_parser, ingest, natural_key
+
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+datasets = pytest.importorskip("datasets")
+
+CLIP = 8  # frames per clip in these tests (small and fast)
+GRAY_FRAMES = 48  # frames of the gray-ramp video at 24 fps (2 s)
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def _testsrc(path: Path, seconds: float) -> None:
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x72:rate=24", "-t", str(seconds),
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path))
+
+
+def _gray_ramp(path: Path, tmp: Path) -> None:
+    """24 fps video whose frame n is a flat gray of level 5n: a kept frame's level names its source index."""
+    frames = tmp / "ramp_frames"
+    frames.mkdir()
+    for n in range(GRAY_FRAMES):
+        Image.fromarray(np.full((48, 64, 3), 5 * n, np.uint8)).save(frames / f"g_{n}.png")
+    _ffmpeg("-framerate", "24", "-i", str(frames / "g_%d.png"), "-c:v", "libx264", "-qp", "0",
+            "-pix_fmt", "yuv444p", str(path))
+
+
+def _seq_image(n: int) -> np.ndarray:
+    """160x128 frame n of the png sequence: smooth random texture, different per frame."""
+    rng = np.random.default_rng(n)
+    small = rng.integers(0, 256, (16, 20, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((160, 128), Image.Resampling.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("footage")
+    src = root / "src"
+    (src / "takes").mkdir(parents=True)
+    (src / "seq").mkdir()
+    _testsrc(src / "takes" / "test.mp4", 3)
+    _testsrc(src / "short.mp4", 0.5)  # 12 source frames -> 4 at 8 fps, fewer than one clip
+    _gray_ramp(src / "ramp.mp4", root)
+    (src / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for n in range(16):  # unpadded names: natural order must put seq_2 before seq_10
+        Image.fromarray(_seq_image(n)).save(src / "seq" / f"seq_{n}.png")
+    (src / "README.txt").write_text("not footage")
+    return src
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="posttrain")
+    add_footage_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _config(**kw) -> FootageConfig:
+    return FootageConfig(**{"clip_frames": CLIP, "progress": False, **kw})
+
+
+def _by_source(ds) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = {}
+    for i, source in enumerate(ds["source"]):
+        rows.setdefault(source, []).append(i)
+    return rows
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_null_action_is_the_vocabulary_size():
+    assert NULL_ACTION == NUM_ACTIONS == 35
+
+
+def test_cli_ingests_good_sources_and_reports_bad_ones(footage, tmp_path, capsys):
+    out = tmp_path / "clips"
+    code = _cli(["footage", "ingest", str(footage), "--out", str(out), "--clip-frames", str(CLIP), "--quiet"])
+    assert code == 1  # corrupt.mp4 and short.mp4 failed
+    err = capsys.readouterr().err
+    assert "corrupt.mp4" in err and "short.mp4" in err
+
+    ds = datasets.load_from_disk(str(out))
+    rows = _by_source(ds)
+    # duration * fps / clip_frames clips per source: 3 s * 8 fps / 8, 2 s * 8 / 8, 16 images / 8.
+    assert {k: len(v) for k, v in rows.items()} == {"takes/test.mp4": 3, "ramp.mp4": 2, "seq": 2}
+    first = ds.with_format("numpy")[rows["takes/test.mp4"][1]]
+    # Stored as uint8 (the numpy formatter widens integers to int64 when reading).
+    assert ds.features["frames"].shape == (CLIP, 64, 64, 3) and ds.features["frames"].dtype == "uint8"
+    assert first["frames"].shape == (CLIP, 64, 64, 3)
+    assert first["actions"].shape == (CLIP - 1,) and (first["actions"] == NULL_ACTION).all()
+    assert first["clip_id"] == "takes/test.mp4#0001" and not first["has_actions"]
+    assert (first["start_time"], first["end_time"]) == pytest.approx((1.0, 2.0))
+    assert first["frames"].std() > 20  # the test pattern, not a blank frame
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries = {e["path"]: e for e in manifest["sources"]}
+    assert entries["corrupt.mp4"]["status"] == "failed" and "unreadable video" in entries["corrupt.mp4"]["reason"]
+    assert entries["short.mp4"]["status"] == "failed"
+    assert entries["short.mp4"]["reason"] == f"too short: 4 frames at 8 fps, need {CLIP}"
+    assert entries["README.txt"]["status"] == "skipped"
+    assert entries["takes/test.mp4"]["time_ranges"] == [[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]]
+    assert entries["seq"]["status"] == "ok" and entries["seq"]["clips"] == 2
+    assert manifest["clips"] == len(ds) == 7
+
+
+def test_video_frames_are_subsampled_by_timestamp(footage, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(footage / "ramp.mp4", src / "ramp.mp4")
+    report = ingest(src, tmp_path / "out", _config(stride=4))
+    assert report.exit_code == 0
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    # 16 frames at 8 fps, clips of 8 every 4 frames: starts at 0, 4, 8.
+    assert len(ds) == 3 and list(ds["start_time"]) == pytest.approx([0.0, 0.5, 1.0])
+    for clip in range(3):
+        levels = ds[clip]["frames"].reshape(CLIP, -1).mean(axis=1)
+        # 24 fps -> 8 fps keeps every third source frame: frame n has level 5n.
+        expected = 5 * 3 * (4 * clip + np.arange(CLIP))
+        assert np.abs(levels - expected).max() < 2, (clip, levels)
+
+
+def test_png_sequence_matches_resized_source_images(footage, tmp_path):
+    report = ingest(footage, tmp_path / "out", _config())
+    assert report.exit_code == 1
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    rows = _by_source(ds)["seq"]
+    frames = np.concatenate([ds[i]["frames"] for i in rows]).astype(np.float64)
+    for n in range(16):
+        # 160x128 -> shorter side 128 to 64 halves both sides (80x64); centre crop drops 8 columns each side:
+        # the expected frame is the 2x2 block mean of source columns 16..143.
+        src = _seq_image(n)[:, 16:144].astype(np.float64)
+        expected = src.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
+        assert np.abs(frames[n] - expected).max() <= 1.0, n
+
+
+def test_rerun_is_byte_identical_for_any_worker_count(footage, tmp_path):
+    ingest(footage, tmp_path / "a", _config())
+    ingest(footage, tmp_path / "b", _config())
+    ingest(footage, tmp_path / "c", _config(workers=2))
+    first = _files(tmp_path / "a")
+    assert "manifest.json" in first and any(name.endswith(".arrow") for name in first)
+    assert first == _files(tmp_path / "b") == _files(tmp_path / "c")
+
+
+def test_action_sidecars_honoured_and_a_mismatch_fails_only_that_file(footage, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    per_frame = [(3 * n + 1) % NUM_ACTIONS for n in range(GRAY_FRAMES)]
+    for name in ("ids", "names", "bad", "plain"):
+        shutil.copy(footage / "ramp.mp4", src / f"{name}.mp4")
+    (src / "ids.actions.csv").write_text("frame,action\n" + "".join(f"{n},{a}\n" for n, a in enumerate(per_frame)))
+    (src / "names.actions.json").write_text(json.dumps([ACTION_NAMES[a] for a in per_frame]))
+    (src / "bad.actions.json").write_text(json.dumps(per_frame[:-1]))  # one short of the 48 source frames
+
+    report = ingest(src, tmp_path / "out", _config())
+    assert report.exit_code == 1
+    assert [r.path for r in report.failed] == ["bad.mp4"]
+    assert "47 actions for 48 source frames" in report.failed[0].reason
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    rows = _by_source(ds)
+    assert set(rows) == {"ids.mp4", "names.mp4", "plain.mp4"}
+    kept = 3 * np.arange(2 * CLIP)  # source frame of each kept frame (24 -> 8 fps)
+    for source in ("ids.mp4", "names.mp4"):
+        for clip, row in enumerate(rows[source]):
+            assert ds[row]["has_actions"]
+            # The action of a clip step is the action at the kept frame it starts from.
+            expected = np.asarray(per_frame)[kept[clip * CLIP : clip * CLIP + CLIP - 1]]
+            np.testing.assert_array_equal(ds[row]["actions"], expected)
+    assert not ds[rows["plain.mp4"][0]]["has_actions"]
+
+
+def test_forced_failure_leaves_nothing_half_written(footage, tmp_path, monkeypatch):
+    from datasets.arrow_writer import ArrowWriter
+
+    out = tmp_path / "out"
+    ingest(footage, out, _config())
+    before = _files(out)
+    real_write, calls = ArrowWriter.write, []
+
+    def failing_write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "write", failing_write)
+    with pytest.raises(OSError, match="simulated"):
+        ingest(footage, out, _config(overwrite=True))
+    calls.clear()
+    with pytest.raises(OSError, match="simulated"):
+        ingest(footage, tmp_path / "fresh", _config())
+    assert _files(out) == before  # the previous dataset is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no fresh/ and no staging folders
+
+
+def test_existing_out_needs_overwrite(footage, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _cli(["footage", "ingest", str(footage), "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_natural_order():
+    names = ["f_10.png", "f_2.png", "F_1.png", "f_0010b.png"]
+    assert sorted(names, key=natural_key) == ["F_1.png", "f_2.png", "f_10.png", "f_0010b.png"]
