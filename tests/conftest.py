@@ -1,0 +1,75 @@
+"""Shared fixtures for the post-training method tests: a tiny world model and tiny envs3d data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("POSTTRAIN_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer width-32 TokenWorldModel on 32x32 frames (16 tokens of 16 codes per frame)."""
+    from posttrain.models import DynamicsConfig, TokenizerConfig, TokenWorldModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    TokenWorldModel(TokenizerConfig(image_size=32, downsample=8, channels=(8, 16, 16, 16), levels=(4, 4)),
+                    DynamicsConfig(width=32, layers=2, heads=2, context_frames=4)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One envs3d cache folder for the whole session (episodes are generated once per seed range)."""
+    return tmp_path_factory.mktemp("ptdata")
+
+
+def tiny_overrides(model, cache, out, frames: int = 6, train_seeds: str = "0:8", eval_seeds: str = "500:504",
+                   eval_section: str = "eval.data") -> list[str]:
+    """Overrides that shrink any recipe to the tiny model and a few tiny episodes."""
+    data = [f"data.seeds={train_seeds}", f"data.frames={frames}", "data.image_size=32", f"data.cache_dir={cache}",
+            "data.workers=1"]
+    held = [f"{eval_section}.seeds={eval_seeds}", f"{eval_section}.frames={frames}", f"{eval_section}.image_size=32",
+            f"{eval_section}.cache_dir={cache}", f"{eval_section}.workers=1"] if eval_section else []
+    return [f"model={model}", f"out={out}", *data, *held]
+
+
+@pytest.fixture
+def captured_trainer(monkeypatch):
+    """Records the Trainer a run used (its in-memory policy) when the run finishes."""
+    from posttrain.trainer_utils import Trainer
+
+    seen = {}
+    original = Trainer.finish
+
+    def finish(self, history):
+        seen["trainer"] = self
+        return original(self, history)
+
+    monkeypatch.setattr(Trainer, "finish", finish)
+    return seen
+
+
+def base_state(model_folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_folder / "model.safetensors"))
+
+
+def split_changes(policy, base: dict) -> tuple[set, set, set]:
+    """(changed base params, unchanged base params, changed adapter params) of a (PEFT-wrapped) policy."""
+    changed, unchanged, adapter_changed = set(), set(), set()
+    for name, value in policy.state_dict().items():
+        if "lora_" in name:
+            if "lora_B" in name and value.abs().max() > 0:  # lora_B starts at zero
+                adapter_changed.add(name)
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key not in base:
+            continue
+        (unchanged if torch.equal(value, base[key]) else changed).add(key)
+    return changed, unchanged, adapter_changed
