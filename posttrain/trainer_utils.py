@@ -88,7 +88,9 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "g
 class Trainer:
     """Owns the accelerator, the policy (with LoRA or full), the optimizer and the run folder."""
 
-    def __init__(self, config, method: str):
+    def __init__(self, config, method: str, columns: tuple[str, ...] | None = None):
+        """`columns`: dataset columns to load (default: the envs3d episode fields rewards need;
+        SFT on footage passes ("frames", "actions"))."""
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
@@ -133,8 +135,10 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.policy = acc.unwrap_model(self.model)
         self.tokenizer = self._core(self.policy).tokenizer
-        self.episodes = load_episodes(config.data, EPISODE_FIELDS, progress=acc.is_main_process) \
+        self.episodes = load_episodes(config.data, columns or EPISODE_FIELDS, progress=acc.is_main_process) \
             if hasattr(config, "data") else None
+        # The rollout report needs simulator ground truth; a method trained on footage switches it off.
+        self.write_rollout_report = True
         self._prepare_prompts()
         self.reward = None
         if getattr(config, "rewards", None):
@@ -192,12 +196,14 @@ class Trainer:
             return torch.cat([self.policy(tokens[i: i + chunk], actions[i: i + chunk], num_context, temperature)
                               for i in range(0, len(tokens), chunk)]).flatten(1)
 
-    def update(self, tokens, actions, valid, loss_fn) -> dict:
+    def update(self, tokens, actions, valid, loss_fn, align: int = 1) -> dict:
         """One optimizer step accumulated over micro-batches. `loss_fn(new_logp, index) -> (loss, stats)`
-        must return micro-batch losses normalised by the GLOBAL batch, so their sum is the batch loss."""
+        must return micro-batch losses normalised by the GLOBAL batch, so their sum is the batch loss.
+        `align`: micro-batches hold a multiple of this many rows (DPO: 2, so a chosen/rejected pair
+        is never split across micro-batches)."""
         acc = self.accelerator
         self.model.train()
-        chunk = self.settings.micro_batch_size
+        chunk = max(align, self.settings.micro_batch_size // align * align)
         starts = list(range(0, len(tokens), chunk))
         totals: dict = {}
         num_context = getattr(self.config, "num_context", 1)
@@ -351,7 +357,7 @@ class Trainer:
         else:
             self._core(self.policy).save_pretrained(self.out / "model", metadata={"method": self.method,
                                                                                  "base": self.base_name})
-        if self.settings.eval_at_end and hasattr(self.config, "eval"):
+        if self.settings.eval_at_end and hasattr(self.config, "eval") and self.write_rollout_report:
             from posttrain.report import write_report
 
             write_report(self, history)

@@ -1,17 +1,16 @@
-"""Shared fixtures: a tiny world model (2 layers, width 32, 32x32 frames) and tiny recipes."""
+"""Shared fixtures: a tiny world model (2 layers, width 32, 32x32 frames), tiny data and recipes."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("POSTTRAIN_NO_PROGRESS", "1")
 
 
 def make_tiny_model(seed: int = 0, context_frames: int = 4):
-    import torch
-
     from posttrain.models import DynamicsConfig, TokenizerConfig, TokenWorldModel
 
     torch.manual_seed(seed)
@@ -44,3 +43,56 @@ def tiny_grpo_overrides(model_dir, cache, out, steps=3, extra=()):
         "train.micro_batch_size=3", "train.checkpoint_every=1", "train.video_every=0", "train.tensorboard=false",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """Alias used by the DPO/SFT tests: the tiny model's folder."""
+    return tiny_model_dir
+
+
+def tiny_overrides(model, cache, out, frames: int = 6, train_seeds: str = "0:8", eval_seeds: str = "500:504",
+                   eval_section: str = "eval.data") -> list[str]:
+    """Overrides that shrink any recipe to the tiny model and a few tiny episodes."""
+    data = [f"data.seeds={train_seeds}", f"data.frames={frames}", "data.image_size=32", f"data.cache_dir={cache}",
+            "data.workers=1"]
+    held = [f"{eval_section}.seeds={eval_seeds}", f"{eval_section}.frames={frames}", f"{eval_section}.image_size=32",
+            f"{eval_section}.cache_dir={cache}", f"{eval_section}.workers=1"] if eval_section else []
+    return [f"model={model}", f"out={out}", *data, *held]
+
+
+@pytest.fixture
+def captured_trainer(monkeypatch):
+    """Records the Trainer a run used (its in-memory policy) when the run finishes."""
+    from posttrain.trainer_utils import Trainer
+
+    seen = {}
+    original = Trainer.finish
+
+    def finish(self, history):
+        seen["trainer"] = self
+        return original(self, history)
+
+    monkeypatch.setattr(Trainer, "finish", finish)
+    return seen
+
+
+def base_state(model_folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_folder / "model.safetensors"))
+
+
+def split_changes(policy, base: dict) -> tuple[set, set, set]:
+    """(changed base params, unchanged base params, changed adapter params) of a (PEFT-wrapped) policy."""
+    changed, unchanged, adapter_changed = set(), set(), set()
+    for name, value in policy.state_dict().items():
+        if "lora_" in name:
+            if "lora_B" in name and value.abs().max() > 0:  # lora_B starts at zero
+                adapter_changed.add(name)
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key not in base:
+            continue
+        (unchanged if torch.equal(value, base[key]) else changed).add(key)
+    return changed, unchanged, adapter_changed

@@ -1,0 +1,25 @@
+"""Every recipe in recipes/ loads into its config dataclass, and starts with the command that runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.runner import build_config
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))  # not recipes/accelerate/
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_loads(path):
+    _, config = build_config(path)
+    assert config.method == path.read_text().split("method:", 1)[1].split()[0]
+    first_lines = path.read_text().splitlines()[:4]
+    assert first_lines[0].startswith("#")
+    assert any(f"posttrain run recipes/{path.name}" in line for line in first_lines)
+
+
+def test_recipes_found():
+    names = {p.name for p in RECIPES}
+    assert {"dpo_tabletop.yaml", "sft_tabletop.yaml", "reward_model.yaml"} <= names
