@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     from posttrain.evaluate import add_eval_parser
+    from posttrain.footage import add_footage_parser
 
     add_eval_parser(sub)
+    add_footage_parser(sub)
     return parser
 
 

@@ -113,6 +113,13 @@ class Trainer:
             kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if use_cpu and _launched_distributed() else [],
         )
         acc = self.accelerator
+        plugin = acc.state.deepspeed_plugin
+        self.deepspeed = plugin is not None
+        if plugin is not None:
+            # No dataloader goes through prepare(), so DeepSpeed cannot infer its batch size.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+            plugin.deepspeed_config["gradient_accumulation_steps"] = 1
+            plugin.deepspeed_config["gradient_clipping"] = self.settings.max_grad_norm or 0.0
         if config.resume and not self.latest_checkpoint():
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
         self.base_name = config.model
@@ -204,6 +211,9 @@ class Trainer:
         acc = self.accelerator
         self.model.train()
         chunk = max(align, self.settings.micro_batch_size // align * align)
+        if self.deepspeed:
+            # DeepSpeed steps its engine inside every backward: one micro-batch per step.
+            chunk = len(tokens)
         starts = list(range(0, len(tokens), chunk))
         totals: dict = {}
         num_context = getattr(self.config, "num_context", 1)
@@ -219,7 +229,7 @@ class Trainer:
                 acc.backward(loss * acc.num_processes)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
-        if self.settings.max_grad_norm:
+        if self.settings.max_grad_norm and not self.deepspeed:  # DeepSpeed clips with its own config
             totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -327,7 +337,7 @@ class Trainer:
         with progress_bar(config.steps - self.start_step, f"{self.method}", enabled=acc.is_main_process) as update:
             for step in range(self.start_step, config.steps):
                 metrics = step_fn(step)
-                metrics.update({"step": step, "lr": self.scheduler.get_last_lr()[0]})
+                metrics.update({"step": step, "lr": self.scheduler.get_last_lr()[0], "processes": acc.num_processes})
                 history.append({k: v for k, v in metrics.items() if k in ("step", "reward_mean", "loss")})
                 if step % self.settings.log_every == 0 or step == config.steps - 1:
                     self.log.write(metrics)
