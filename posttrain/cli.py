@@ -29,6 +29,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from posttrain.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def add_eval_parser(sub) -> None:
+    parser = sub.add_parser("eval", help="roll a model out on envs3d episodes and score it against the simulator")
+    parser.add_argument("--model", default="default", help="'default' or a save_pretrained folder")
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply")
+    parser.add_argument("--seeds", default="2000000:2000048", help="held-out episode seeds START:STOP")
+    parser.add_argument("--scene", action="append", metavar="KEY=VALUE", help="SceneConfig override")
+    parser.add_argument("--horizon", type=int, default=12, help="frames to predict (default 12)")
+    parser.add_argument("--context", type=int, default=2, help="true context frames (default 2)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="frame size (must match the model)")
+    parser.add_argument("--cache-dir", default="data", help="where generated episodes are cached")
+    parser.add_argument("--json", required=True, help="output JSON path (a filmstrip PNG is written beside it)")
+    parser.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -52,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.set_defaults(func=_run)
 
-    from posttrain.evaluate import add_eval_parser
     from posttrain.footage import add_footage_parser
 
     add_eval_parser(sub)
