@@ -83,6 +83,9 @@ class GRPOConfig:
     """k3 KL penalty to the reference; 0 skips the reference pass entirely."""
     num_updates: int = 1
     """Policy passes per batch of rollouts (with stored old log-probs)."""
+    credit: str = "rollout"
+    """rollout: one reward per rollout, one advantage for all its tokens (GRPO) | frame: per-frame
+    rewards, and each frame's tokens get the group-normalised return-to-go from that frame on."""
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="psnr", weight=1.0)])
     """Weighted rewards (see `posttrain.rewards.list_rewards()`)."""
     max_failure_fraction: float = 0.25
@@ -108,6 +111,8 @@ class GRPOConfig:
         if self.data.frames != self.num_context + self.horizon:
             raise ValueError(f"data.frames={self.data.frames} must equal num_context + horizon = "
                              f"{self.num_context + self.horizon}")
+        if self.credit not in ("rollout", "frame"):
+            raise ValueError(f"credit={self.credit!r}; choose rollout or frame")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2 (advantages are relative within a group)")
 
@@ -116,13 +121,20 @@ def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, e
                 ref_logp=None, kl_coef=0.0, num_sequences=None):
     """Clipped policy-gradient loss (and stats) for a micro-batch of fixed-length rollouts.
 
-    new_logp, old_logp, ref_logp: (B, L) per-token log-probs; advantages: (B,); valid: (B,) bool.
+    new_logp, old_logp, ref_logp: (B, L) per-token log-probs; advantages: (B,) per sequence or
+    (B, F) per frame (each frame's L/F tokens share it; not with gspo); valid: (B,) bool.
     Returns the SUM of per-sequence losses divided by `num_sequences` (the number of valid
     sequences in the whole batch), so micro-batch losses add up to the full-batch loss.
     """
     num_sequences = num_sequences if num_sequences is not None else max(int(valid.sum()), 1)
     weight = valid.to(new_logp.dtype)
-    advantages = advantages.to(new_logp.dtype)[:, None]  # (B, 1)
+    advantages = advantages.to(new_logp.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (B, 1): one advantage for the whole sequence
+    else:  # (B, F) per frame -> (B, L) per token
+        if loss_type == "gspo":
+            raise ValueError("gspo uses one sequence-level ratio: it needs credit='rollout'")
+        advantages = advantages.repeat_interleave(new_logp.shape[1] // advantages.shape[1], dim=1)
     log_ratio = new_logp - old_logp
     if loss_type == "gspo":
         ratio = log_ratio.mean(-1, keepdim=True).exp()  # (B, 1) sequence-level
@@ -145,6 +157,14 @@ def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, e
         "valid": weight.sum().item(),
     }
     return loss, stats
+
+
+def _frame_scores(totals, components, valid, failures):
+    """Per-frame rewards summarised per rollout (mean over frames) for logging."""
+    from posttrain.rewards import RewardOutput
+
+    return RewardOutput(total=totals.mean(1), components={k: v.mean(1) for k, v in components.items()},
+                        valid=valid, failures=failures)
 
 
 def run(config: GRPOConfig):
@@ -173,10 +193,20 @@ def grpo_step(trainer: Trainer, config: GRPOConfig, step: int) -> dict:
     timings["generate"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    scores = trainer.score_rewards(rollouts.frames, episode_index, sample_ids, rollouts.tokens)
-    rewards = scores.total.view(len(local), group)
-    valid = scores.valid.view(len(local), group)
-    advantages = group_advantages(rewards, valid, config.scale_rewards).view(-1)
+    if config.credit == "frame":
+        frame_totals, frame_components, frame_valid, failures = trainer.score_frame_rewards(
+            rollouts.frames, episode_index, sample_ids, rollouts.tokens)
+        returns = frame_totals.flip(1).cumsum(1).flip(1)  # (B, H) return-to-go from each frame
+        valid = frame_valid.view(len(local), group)
+        horizon = returns.shape[1]
+        per_frame = returns.view(len(local), group, horizon).permute(2, 0, 1)  # (H, P, G)
+        advantages = torch.stack([group_advantages(r, valid, config.scale_rewards) for r in per_frame], -1)
+        advantages = advantages.reshape(-1, horizon)  # (B, H)
+        scores = _frame_scores(frame_totals, frame_components, frame_valid, failures)
+    else:
+        scores = trainer.score_rewards(rollouts.frames, episode_index, sample_ids, rollouts.tokens)
+        valid = scores.valid.view(len(local), group)
+        advantages = group_advantages(scores.total.view(len(local), group), valid, config.scale_rewards).view(-1)
     timings["score"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -248,6 +248,41 @@ class Trainer:
                                 prompt_ids=self.episodes["seed"][episode_index], sample_ids=sample_ids)
         return self.reward(rollouts, episode_batch(self.episodes, episode_index))
 
+    def score_frame_rewards(self, frames, episode_index, sample_ids, tokens=None):
+        """Per-frame rewards (B, H): the composite scored on each generated frame alone, with the
+        true context followed by the rollout's own earlier frames as its context (so
+        `consistency_3d` compares frame t with frame t-1; it is built with include_context=True).
+        Returns (totals (B, H), components {name: (B, H)}, valid (B,), failures)."""
+        from posttrain.evaluate import episode_batch
+        from posttrain.rewards import RolloutBatch
+
+        if getattr(self, "frame_reward", None) is None:
+            from posttrain.rewards import RewardSpec, compose
+
+            specs = [RewardSpec(s.name, s.weight, {**s.params, "include_context": True}
+                                if s.name == "consistency_3d" else dict(s.params), s.key) for s in self.config.rewards]
+            self.frame_reward = compose(specs, max_failure_fraction=self.config.max_failure_fraction,
+                                        workers=getattr(self.config, "reward_workers", 1))
+        num_context = self.config.num_context
+        true_context = self.context_frames[episode_index].float() / 255
+        reference = self._reference_frames(episode_index)
+        episodes = episode_batch(self.episodes, episode_index)
+        frames = frames.float()
+        totals, components, valid, failures = [], {}, torch.ones(len(frames), dtype=torch.bool), []
+        for t in range(frames.shape[1]):
+            rollouts = RolloutBatch(
+                frames=frames[:, t: t + 1], num_context=num_context + t,
+                context=torch.cat([true_context, frames[:, :t]], 1), reference_frames=reference[:, t: t + 1],
+                tokens=None if tokens is None else tokens[:, t: t + 1],
+                prompt_ids=self.episodes["seed"][episode_index], sample_ids=sample_ids)
+            out = self.frame_reward(rollouts, episodes)
+            totals.append(out.total)
+            valid &= out.valid.cpu()
+            failures.extend(out.failures)
+            for name, values in out.components.items():
+                components.setdefault(name, []).append(values)
+        return (torch.stack(totals, 1), {k: torch.stack(v, 1) for k, v in components.items()}, valid, failures)
+
     def _reference_frames(self, episode_index):
         """The tokenizer's reconstruction of the true future frames (cached per episode)."""
         if not hasattr(self, "_recon_cache"):

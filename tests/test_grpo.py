@@ -53,6 +53,20 @@ def test_gspo_sequence_ratio_by_hand():
     assert loss.item() == pytest.approx(0.24156, abs=1e-5)
 
 
+def test_per_frame_advantages_by_hand():
+    """One token per frame, advantages [[1, -1], [-1, 1]]:
+    seq 0: A=1, r=1.1 -> -1.1;  A=-1, r=0.5 -> -min(-0.5, -0.8) = 0.8;  mean -0.15
+    seq 1: A=-1, r=1.5 -> -min(-1.5, -1.28) = 1.5;  A=1, r=1 -> -1;  mean 0.25;  loss 0.05.
+    Constant per-frame advantages reproduce the per-sequence loss (0.225)."""
+    new, old, valid = torch.tensor(LOG), torch.zeros(2, 2), torch.tensor([True, True])
+    loss, _ = policy_loss(new, old, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), valid, "grpo", 0.2, 0.28)
+    assert loss.item() == pytest.approx(0.05, abs=1e-6)
+    same, _ = policy_loss(new, old, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), valid, "grpo", 0.2, 0.28)
+    assert same.item() == pytest.approx(0.225, abs=1e-6)
+    with pytest.raises(ValueError, match="gspo"):
+        policy_loss(new, old, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), valid, "gspo", 0.2, 0.28)
+
+
 def test_invalid_samples_are_masked_not_zeroed():
     new, old = torch.tensor(LOG), torch.zeros(2, 2)
     loss, stats = policy_loss(new, old, torch.tensor([1.0, -1.0]), torch.tensor([True, False]), "grpo", 0.2, 0.28)
@@ -89,7 +103,7 @@ def test_grpo_smoke_only_adapter_changes(tiny_model_dir, data_cache, tmp_path):
 
     out = tmp_path / "run"
     run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=2,
-                                           extra=["train.eval_at_end=true", "train.video_every=1"]))
+                                           extra=["train.eval_at_end=true", "train.video_every=1", "credit=frame"]))
     records = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
     import json
