@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from posttrain.evaluate import add_eval_parser
     from posttrain.footage import add_footage_parser
+    from posttrain.publish import add_adapter_parser
 
     add_eval_parser(sub)
     add_footage_parser(sub)
+    add_adapter_parser(sub)
     return parser
 
 
