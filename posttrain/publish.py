@@ -162,8 +162,9 @@ def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str |
     lines += ["", "## Data", "", *_data_summary(recipe), "", "## Metrics", "", *_metrics(run_dir), ""]
     if (export / "rollout.gif").is_file():
         lines += ["## Sample rollout", "", "![rollout](rollout.gif)", "",
-                  "Panels: context | base | post-trained | ground truth for the report's held-out rollout; "
-                  "context | prediction | ground truth for a training GIF.", ""]
+                  "Panels: context | base | post-trained | ground truth (greedy, on a held-out clip; for "
+                  "footage, context and truth are the tokenizer's reconstructions) or, for a training GIF, "
+                  "context | prediction | ground truth.", ""]
     else:
         lines += ["## Sample rollout", "", "The run wrote no rollout GIF (footage runs have no simulator "
                   "report; set `train.video_every` for training GIFs).", ""]
@@ -177,7 +178,8 @@ def _data_summary(recipe: dict | None) -> list[str]:
     if not recipe:
         return ["- unknown (the run folder has no config.json)"]
     lines = []
-    for label, data in (("training", recipe.get("data")), ("held-out", (recipe.get("eval") or {}).get("data"))):
+    held_out = None if recipe.get("heldout_fraction") else (recipe.get("eval") or {}).get("data")
+    for label, data in (("training", recipe.get("data")), ("held-out", held_out)):
         if not isinstance(data, dict):
             continue
         if data.get("path"):

@@ -19,8 +19,9 @@ trains the dynamics transformer (the tokenizer stays frozen: rewards and reports
 Held-out evaluation: `eval.data` clips (their first `clip_frames` frames) or, with `heldout_fraction`,
 the last clips of the training dataset kept out of training; teacher-forced loss
 of the base and of the fine-tuned model in `report/heldout_loss.json`, and every `eval_every`
-steps in metrics.jsonl; plus, for envs3d data with `train.eval_at_end`, the shared rollout
-report (report/metrics.json, index.html).
+steps in metrics.jsonl; plus, with `train.eval_at_end`, for envs3d data the shared rollout
+report (report/metrics.json, index.html), for footage report/rollout.gif (greedy base and
+fine-tuned rollouts from the first held-out clip).
 """
 
 from __future__ import annotations
@@ -168,8 +169,26 @@ def run(config: SFTConfig):
         (trainer.out / "report").mkdir(parents=True, exist_ok=True)
         (trainer.out / "report" / "heldout_loss.json").write_text(json.dumps(summary, indent=2))
         trainer.log.write({"stage": "heldout", "step": config.steps, "heldout_loss": post_loss})
+        if not trainer.write_rollout_report and config.train.eval_at_end:
+            heldout_rollout_gif(trainer, config, *heldout)
         print(f"held-out teacher-forced loss: base {base_loss:.4f} -> fine-tuned {post_loss:.4f} nats/token")
     return result
+
+
+@torch.no_grad()
+def heldout_rollout_gif(trainer: Trainer, config: SFTConfig, tokens: torch.Tensor, actions: torch.Tensor):
+    """report/rollout.gif for runs without the simulator report (footage): greedy rollouts of the base and the
+    fine-tuned model from the first held-out clip's context; context and truth are tokenizer reconstructions."""
+    from posttrain.report import _base_model, save_rollout_gif
+
+    policy, num_context = trainer.policy, config.num_context
+    context, horizon = tokens[:1, :num_context], tokens.shape[1] - num_context
+    with _base_model(trainer) as base:
+        before = base.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
+    after = policy.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
+    recon = trainer.tokenizer.decode(tokens[0])
+    return save_rollout_gif(trainer.out / "report" / "rollout.gif", recon[:num_context],
+                            {"base": before.frames[0], "post-trained": after.frames[0]}, recon[num_context:])
 
 
 def sft_step(trainer: Trainer, config: SFTConfig, step: int, heldout=None) -> dict:

@@ -57,6 +57,10 @@ def test_studio_flow_footage_to_exported_adapter(tiny_model, tmp_path, captured_
     assert "method: sft" in card and "heldout_fraction: 0.2" in card  # the recipe, as YAML
     assert f"footage dataset `{footage}`, 5 clips" in card
     assert f"| held-out loss | {held['heldout_loss_base']:.5g} | {held['heldout_loss_post']:.5g} |" in card
+    assert "envs3d" not in card  # the held-out clips come from the footage, not eval.data
+    # The footage run's base-vs-fine-tuned rollout GIF travels with the adapter and is embedded in the card.
+    assert (export / "rollout.gif").read_bytes() == (run_dir / "report" / "rollout.gif").read_bytes()
+    assert "![rollout](rollout.gif)" in card
 
     from peft import PeftModel
 
