@@ -233,7 +233,7 @@ def _metrics(run_dir: Path) -> list[str]:
     if not lines:
         from posttrain.logging_utils import read_metrics
 
-        records = [r for r in read_metrics(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").is_file() else []
+        records = list(read_metrics(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").is_file() else []
         if records:
             last = records[-1]
             lines += ["No held-out report; the last record of metrics.jsonl:", "", "| key | value |", "|---|---|",
