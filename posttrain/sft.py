@@ -16,10 +16,12 @@ loss is the mean cross-entropy of every token of frames num_context.. given earl
 actions, accumulated over micro-batches. LoRA trains only the adapter; full fine-tuning
 trains the dynamics transformer (the tokenizer stays frozen: rewards and reports decode with it).
 
-Held-out evaluation: `eval.data` clips (their first `clip_frames` frames), teacher-forced loss
+Held-out evaluation: `eval.data` clips (their first `clip_frames` frames) or, with `heldout_fraction`,
+the last clips of the training dataset kept out of training; teacher-forced loss
 of the base and of the fine-tuned model in `report/heldout_loss.json`, and every `eval_every`
-steps in metrics.jsonl; plus, for envs3d data with `train.eval_at_end`, the shared rollout
-report (report/metrics.json, index.html).
+steps in metrics.jsonl; plus, with `train.eval_at_end`, for envs3d data the shared rollout
+report (report/metrics.json, index.html), for footage report/rollout.gif (greedy base and
+fine-tuned rollouts from the first held-out clip).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class SFTConfig:
     """Optimizer steps."""
     eval_every: int = 0
     """Steps between held-out teacher-forced losses in metrics.jsonl (0: only before and after)."""
+    heldout_fraction: float = 0.0
+    """Share of the training dataset's clips kept out of training as the held-out set instead of eval.data
+    (0: eval.data); the last clips, i.e. the last sources of footage sorted by path (one may straddle the split)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings (enabled=False: full fine-tuning of the dynamics transformer)."""
     train: TrainerSettings = field(default_factory=TrainerSettings)
@@ -75,6 +80,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_context < self.clip_frames:
             raise ValueError(f"need 1 <= num_context ({self.num_context}) < clip_frames ({self.clip_frames})")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction={self.heldout_fraction} is outside [0, 1)")
         if self.clip_frames > self.data.frames and not self.data.path:
             raise ValueError(f"clip_frames={self.clip_frames} exceeds data.frames={self.data.frames}")
 
@@ -123,12 +130,30 @@ def heldout_clips(trainer: Trainer, config: SFTConfig) -> tuple[torch.Tensor, to
     return tokens, episodes["actions"][:, : config.clip_frames - 1]
 
 
+def split_heldout(trainer: Trainer, config: SFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the last `heldout_fraction` of the training episodes out of training; return them as held-out clips."""
+    total = trainer.episode_tokens.shape[0]
+    held = max(1, round(total * config.heldout_fraction))
+    if held >= total:
+        raise ValueError(f"{config.data.path or config.data.seeds}: {total} clips are too few to hold out "
+                         f"heldout_fraction={config.heldout_fraction} and train on the rest")
+    keep = total - held
+    tokens = trainer.episode_tokens[keep:, : config.clip_frames]
+    actions = trainer.episodes["actions"][keep:, : config.clip_frames - 1]
+    trainer.episodes = {name: values[:keep] for name, values in trainer.episodes.items()}
+    trainer.episode_tokens = trainer.prompt_tokens = trainer.episode_tokens[:keep]
+    trainer.prompt_actions, trainer.num_prompts = trainer.episodes["actions"], keep
+    trainer.context_frames = trainer.context_frames[:keep]
+    return tokens, actions
+
+
 def run(config: SFTConfig):
     columns = columns_for(config.data)
     trainer = Trainer(config, method="sft", columns=columns)
     # The rollout report compares against the simulator: only when both data sets are envs3d episodes.
-    trainer.write_rollout_report = columns == EPISODE_FIELDS and columns_for(config.eval.data) == EPISODE_FIELDS
-    heldout = heldout_clips(trainer, config)
+    trainer.write_rollout_report = (columns == EPISODE_FIELDS and not config.heldout_fraction
+                                    and columns_for(config.eval.data) == EPISODE_FIELDS)
+    heldout = split_heldout(trainer, config) if config.heldout_fraction else heldout_clips(trainer, config)
     from posttrain.models import load_model
 
     base_loss = teacher_forced_loss(load_model(config.model), *heldout, config.num_context)
@@ -136,14 +161,34 @@ def run(config: SFTConfig):
     result = trainer.fit(lambda step: sft_step(trainer, config, step, heldout))
     post_loss = teacher_forced_loss(trainer.policy, *heldout, config.num_context)
     if trainer.accelerator.is_main_process:
+        held_from = (f"last {heldout[0].shape[0]} clips of {config.data.path or config.data.seeds}"
+                     if config.heldout_fraction else config.eval.data.seeds or config.eval.data.path)
         summary = {"heldout_loss_base": base_loss, "heldout_loss_post": post_loss,
                    "heldout_clips": int(heldout[0].shape[0]), "clip_frames": config.clip_frames,
-                   "num_context": config.num_context, "eval_seeds": config.eval.data.seeds or config.eval.data.path}
+                   "num_context": config.num_context, "eval_seeds": held_from}
         (trainer.out / "report").mkdir(parents=True, exist_ok=True)
         (trainer.out / "report" / "heldout_loss.json").write_text(json.dumps(summary, indent=2))
         trainer.log.write({"stage": "heldout", "step": config.steps, "heldout_loss": post_loss})
+        if not trainer.write_rollout_report and config.train.eval_at_end:
+            heldout_rollout_gif(trainer, config, *heldout)
         print(f"held-out teacher-forced loss: base {base_loss:.4f} -> fine-tuned {post_loss:.4f} nats/token")
     return result
+
+
+@torch.no_grad()
+def heldout_rollout_gif(trainer: Trainer, config: SFTConfig, tokens: torch.Tensor, actions: torch.Tensor):
+    """report/rollout.gif for runs without the simulator report (footage): greedy rollouts of the base and the
+    fine-tuned model from the first held-out clip's context; context and truth are tokenizer reconstructions."""
+    from posttrain.report import _base_model, save_rollout_gif
+
+    policy, num_context = trainer.policy, config.num_context
+    context, horizon = tokens[:1, :num_context], tokens.shape[1] - num_context
+    with _base_model(trainer) as base:
+        before = base.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
+    after = policy.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
+    recon = trainer.tokenizer.decode(tokens[0])
+    return save_rollout_gif(trainer.out / "report" / "rollout.gif", recon[:num_context],
+                            {"base": before.frames[0], "post-trained": after.frames[0]}, recon[num_context:])
 
 
 def sft_step(trainer: Trainer, config: SFTConfig, step: int, heldout=None) -> dict:

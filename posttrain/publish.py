@@ -1,0 +1,300 @@
+"""Export a finished run's adapter (or merged / fully fine-tuned model) with a model card, and push it to the Hub.
+
+    posttrain adapter export runs/sft_lora_footage --out exports/sft_lora_footage            # PEFT adapter + README.md
+    posttrain adapter export runs/sft_lora_footage --out exports/sft_merged --merge          # full model, adapter merged
+    posttrain adapter push exports/sft_lora_footage --repo-id you/tabletop-sft [--private]
+
+An adapter export loads with `PeftModel.from_pretrained(load_model(BASE), DIR)` (or
+`posttrain.adapters.load_adapter`, which also checks the base's weights hash); a merged or
+full fine-tune export loads with `posttrain.models.load_model(DIR)`. The model card
+(DIR/README.md) names the base model and its weights sha256 and holds the recipe, a data
+summary, base-vs-post-trained metrics and a sample rollout GIF when the run wrote one.
+Exports are written to a staging folder beside DIR and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.adapters import ADAPTER_INFO
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_INFO)
+MODEL_FILES = ("config.json", "model.safetensors")
+CARD = "README.md"
+
+
+@dataclass
+class ExportResult:
+    """What `export_run` wrote."""
+
+    out: Path
+    """The export folder."""
+    kind: str
+    """'adapter' (PEFT LoRA folder), 'merged' (adapter merged into the base) or 'full' (full fine-tune)."""
+    notes: list[str]
+    """Messages for the user (e.g. --merge ignored for a full fine-tune)."""
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False) -> ExportResult:
+    """Copy (or merge) a run's adapter/ or model/ into `out` and write the model card there."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    adapter, model = run_dir / "adapter", run_dir / "model"
+    if not (adapter / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+        raise FileNotFoundError(f"run folder {run_dir} has no adapter/ (LoRA run) or model/ (full fine-tune) to "
+                                f"export: expected {adapter / 'adapter_config.json'} or {model / 'config.json'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"export folder {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    notes: list[str] = []
+    try:
+        if (adapter / "adapter_config.json").is_file():
+            missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"adapter folder {adapter} lacks {', '.join(missing)}")
+            info = json.loads((adapter / ADAPTER_INFO).read_text())
+            base_name, base_hash = info.get("base_model"), info.get("base_weights_sha256")
+            if merge:
+                kind = "merged"
+                _merge(adapter, base_name, staging)
+            else:
+                kind = "adapter"
+                for name in ADAPTER_FILES:
+                    shutil.copy2(adapter / name, staging / name)
+        else:
+            kind = "full"
+            if merge:
+                notes.append(f"{run_dir} is a full fine-tune (model/, no adapter/): nothing to merge, "
+                             "exporting the model as it is")
+            for name in MODEL_FILES:
+                shutil.copy2(model / name, staging / name)
+            base_name = json.loads((model / "config.json").read_text()).get("metadata", {}).get("base")
+            base_hash = _hash_if_found(base_name)
+        gif = _sample_gif(run_dir)
+        if gif is not None:
+            shutil.copy2(gif, staging / "rollout.gif")
+        (staging / CARD).write_text(model_card(run_dir, kind, base_name, base_hash, staging))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out=out, kind=kind, notes=notes)
+
+
+def _merge(adapter: Path, base_name: str | None, folder: Path) -> None:
+    """Base + adapter -> merge_and_unload -> save_pretrained(folder); load_adapter checks the base's hash."""
+    from posttrain.adapters import load_adapter
+    from posttrain.models import load_model
+
+    if not base_name:
+        raise ValueError(f"{adapter / ADAPTER_INFO} names no base model; cannot merge")
+    merged = load_adapter(load_model(base_name), adapter, base_name=base_name, merge=True)
+    metadata = {"base": base_name, "merged_adapter": str(adapter)}
+    info = json.loads((adapter / ADAPTER_INFO).read_text())
+    if "method" in info:
+        metadata["method"] = info["method"]
+    merged.save_pretrained(folder, metadata=metadata)
+
+
+def _hash_if_found(base_name: str | None) -> str | None:
+    from posttrain.models import weights_hash
+    from posttrain.models.registry import resolve_model_path
+
+    try:
+        return weights_hash(resolve_model_path(base_name)) if base_name else None
+    except FileNotFoundError:
+        return None
+
+
+def _sample_gif(run_dir: Path) -> Path | None:
+    """The report's before/after rollout GIF, else the newest training GIF in videos/."""
+    report = run_dir / "report" / "rollout.gif"
+    if report.is_file():
+        return report
+    videos = sorted((run_dir / "videos").glob("*.gif")) if (run_dir / "videos").is_dir() else []
+    return videos[-1] if videos else None
+
+
+# --- model card -------------------------------------------------------------------------------
+
+
+def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str | None, export: Path) -> str:
+    """Markdown model card (Hub front matter first) for an export of `run_dir`."""
+    import yaml
+
+    config_path = run_dir / "config.json"
+    recipe = json.loads(config_path.read_text()) if config_path.is_file() else None
+    method = (recipe or {}).get("method", "unknown")
+    tags = ["posttrain", "world-model", method] + (["lora", "peft"] if kind == "adapter" else [])
+    front = {"library_name": "peft" if kind == "adapter" else "posttrain", "tags": tags}
+    how = {
+        "adapter": ("A LoRA adapter (PEFT). Load it onto its base model:\n\n```python\n"
+                    "from peft import PeftModel\nfrom posttrain.models import load_model\n\n"
+                    f"model = PeftModel.from_pretrained(load_model({base_name!r}), \"THIS_FOLDER\")\n```\n\n"
+                    "or `posttrain.adapters.load_adapter(model, \"THIS_FOLDER\", base_name=...)`, which refuses "
+                    "a base whose weights sha256 differs from the one below."),
+        "merged": ("The base model with the LoRA adapter merged in (`merge_and_unload`). Load it with\n"
+                   "`posttrain.models.load_model(\"THIS_FOLDER\")`."),
+        "full": ("A fully fine-tuned model (dynamics transformer trained, tokenizer frozen). Load it with\n"
+                 "`posttrain.models.load_model(\"THIS_FOLDER\")`."),
+    }[kind]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {run_dir.name}: {method} post-training of a posttrain world model", "", how, "",
+             "## Base model", "",
+             f"- name: `{base_name or 'unknown'}`",
+             f"- weights sha256 (`model.safetensors`): `{base_hash or 'unknown (base not found at export time)'}`"]
+    if kind in ("merged", "full"):
+        from posttrain.models import weights_hash
+
+        lines.append(f"- this export's weights sha256: `{weights_hash(export)}`")
+    lines += ["", "## Data", "", *_data_summary(recipe), "", "## Metrics", "", *_metrics(run_dir), ""]
+    if (export / "rollout.gif").is_file():
+        lines += ["## Sample rollout", "", "![rollout](rollout.gif)", "",
+                  "Panels: context | base | post-trained | ground truth (greedy, on a held-out clip; for "
+                  "footage, context and truth are the tokenizer's reconstructions) or, for a training GIF, "
+                  "context | prediction | ground truth.", ""]
+    else:
+        lines += ["## Sample rollout", "", "The run wrote no rollout GIF (footage runs have no simulator "
+                  "report; set `train.video_every` for training GIFs).", ""]
+    lines += ["## Recipe", "", f"From `{config_path}`; rerun with `posttrain run RECIPE.yaml`.", "",
+              "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "# config.json missing",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _data_summary(recipe: dict | None) -> list[str]:
+    if not recipe:
+        return ["- unknown (the run folder has no config.json)"]
+    lines = []
+    held_out = None if recipe.get("heldout_fraction") else (recipe.get("eval") or {}).get("data")
+    for label, data in (("training", recipe.get("data")), ("held-out", held_out)):
+        if not isinstance(data, dict):
+            continue
+        if data.get("path"):
+            lines.append(f"- {label}: footage dataset `{data['path']}`, {_clip_count(Path(data['path']))}")
+        else:
+            lines.append(f"- {label}: envs3d seeds `{data.get('seeds')}`, {data.get('frames')} frames per episode "
+                         f"at {data.get('image_size')}x{data.get('image_size')} px"
+                         + (f", scene overrides {data['scene']}" if data.get("scene") else ""))
+    if recipe.get("heldout_fraction"):
+        lines.append(f"- held-out: the last {recipe['heldout_fraction']:.0%} of the training dataset's clips "
+                     "(kept out of training)")
+    return lines or ["- no data section in the recipe"]
+
+
+def _clip_count(path: Path) -> str:
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        return f"{data.get('clips', '?')} clips (from manifest.json)"
+    if (path / "dataset_info.json").is_file():
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(path))
+        return f"{len(dataset)} clips"
+    return "clip count unknown (folder not found at export time)"
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def _metrics(run_dir: Path) -> list[str]:
+    report = run_dir / "report"
+    lines: list[str] = []
+    if (report / "metrics.json").is_file():
+        results = json.loads((report / "metrics.json").read_text())
+        lines += [f"Held-out rollouts (seeds `{results.get('eval_seeds')}`, horizon {results.get('horizon')}), "
+                  "base (adapter disabled) vs post-trained:", "",
+                  "| temperature | metric | base | post-trained |", "|---|---|---|---|"]
+        for temperature, pair in results.get("temperatures", {}).items():
+            for metric in ("mse_mean", "psnr_mean", "ssim_mean", "consistency_3d_mean", "loop_closure_error_mean"):
+                lines.append(f"| {temperature} | {metric} | {_fmt(pair['base'].get(metric))} | "
+                             f"{_fmt(pair['post'].get(metric))} |")
+        lines.append("")
+    if (report / "heldout_loss.json").is_file():
+        held = json.loads((report / "heldout_loss.json").read_text())
+        lines += [f"Teacher-forced token loss (nats/token) on {held.get('heldout_clips')} held-out clips of "
+                  f"{held.get('clip_frames')} frames:", "", "| | base | post-trained |", "|---|---|---|",
+                  f"| held-out loss | {_fmt(held.get('heldout_loss_base'))} | {_fmt(held.get('heldout_loss_post'))} |",
+                  ""]
+    if not lines:
+        from posttrain.logging_utils import read_metrics
+
+        records = list(read_metrics(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").is_file() else []
+        if records:
+            last = records[-1]
+            lines += ["No held-out report; the last record of metrics.jsonl:", "", "| key | value |", "|---|---|",
+                      *[f"| {key} | {_fmt(value)} |" for key, value in last.items()], ""]
+        else:
+            lines.append("No metrics were found in the run folder.")
+    return lines
+
+
+# --- push -------------------------------------------------------------------------------------
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create (or reuse) the Hub model repo `repo_id` and upload `folder` (an export) to it; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / CARD).is_file() or not any((folder / name).is_file()
+                                                 for name in ("adapter_config.json", "config.json")):
+        raise FileNotFoundError(f"{folder} is not an export folder (needs {CARD} and adapter_config.json or "
+                                "config.json); run `posttrain adapter export RUN_DIR --out DIR` first")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                               commit_message=f"Upload {folder.name} with posttrain adapter push")
+    return str(getattr(commit, "commit_url", commit))
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    result = export_run(args.run_dir, args.out, merge=args.merge, overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"exported {result.kind} from {args.run_dir} to {result.out} (model card: {result.out / CARD})")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
+def add_adapter_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `adapter export` and `adapter push`; the handler (args.func) returns the exit code."""
+    adapter = subparsers.add_parser("adapter", help="export a run's adapter with a model card; push it to the Hub")
+    adapter_sub = adapter.add_subparsers(dest="adapter_command", metavar="SUBCOMMAND", required=True)
+    export = adapter_sub.add_parser("export", help="copy (or merge) a run's adapter and write a model card",
+                                    description=__doc__.splitlines()[0])
+    export.add_argument("run_dir", help="a finished run folder (holds adapter/ or model/, config.json)")
+    export.add_argument("--out", required=True, help="export folder (written atomically)")
+    export.add_argument("--merge", action="store_true",
+                        help="merge the adapter into the base and write a full model (load_model(DIR))")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=_export)
+    push = adapter_sub.add_parser("push", help="upload an export folder to a Hugging Face Hub model repo")
+    push.add_argument("folder", help="an export folder from `posttrain adapter export`")
+    push.add_argument("--repo-id", required=True, help="Hub repo, e.g. your-name/tabletop-sft (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or a cached `hf auth login`)")
+    push.set_defaults(func=_push)
+    return adapter
