@@ -38,9 +38,9 @@ def test_tokenizer_shapes():
     assert decoded.shape == (2, 3, 32, 32, 3) and 0 <= decoded.min() and decoded.max() <= 1
 
 
-@pytest.mark.parametrize("horizon", [2, 7])  # 7 + 2 context frames > the 4-frame window: the cache slides
-def test_kv_cached_rollout_equals_full_recompute(horizon):
-    model = make_tiny_model(context_frames=4).eval()
+@pytest.mark.parametrize("horizon,window", [(2, 4), (7, 4), (9, 8), (10, 6)])  # 2 + horizon > window: it slides
+def test_kv_cached_rollout_equals_full_recompute(horizon, window):
+    model = make_tiny_model(context_frames=window).eval()
     context = _inputs(model)[:, :2]
     actions = torch.randint(0, 35, (2, 2 + horizon - 1))
     cached = model.rollout(context, actions, horizon, seeds=[3, 4], decode=False)

@@ -171,7 +171,8 @@ class DynamicsTransformer(nn.Module):
         for block, past in zip(self.blocks, cache):
             x, (k, v) = block(x, cos, sin, None, past)
             k_all, v_all = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-            new_cache.append((k_all[:, :, k_all.shape[2] - keep:], v_all[:, :, v_all.shape[2] - keep:]))
+            start = max(0, k_all.shape[2] - keep)  # never a negative index: that would cut the cache short
+            new_cache.append((k_all[:, :, start:], v_all[:, :, start:]))
         return self.norm(x), new_cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
