@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from posttrain.kernels import sample
+from posttrain.kernels import sample, selective_log_softmax
 
 from .dynamics import DynamicsConfig, DynamicsTransformer
 from .tokenizer import FrameTokenizer, TokenizerConfig
@@ -111,11 +111,10 @@ class TokenWorldModel(nn.Module):
     def score(self, tokens, actions, num_context, temperature=1.0):
         if num_context < 1:
             raise ValueError(f"num_context={num_context} must be at least 1")
-        logits = self.next_frame_logits(tokens, actions, num_context).float()
-        if temperature not in (0, 1.0):
-            logits = logits / temperature
-        targets = tokens[:, num_context:]
-        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logits = self.next_frame_logits(tokens, actions, num_context)  # (B, T-C, N, V)
+        # Greedy (T=0) rollouts report log-probs at temperature 1, as `sample` does.
+        # Through the kernels' dispatch: Triton on CUDA, the torch reference elsewhere.
+        return selective_log_softmax(logits, tokens[:, num_context:], temperature or 1.0)
 
     @torch.no_grad()
     def rollout(self, context, actions, horizon, *, temperature=1.0, top_k=None, top_p=None, seeds=None,
