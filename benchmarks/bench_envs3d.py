@@ -2,8 +2,8 @@
 
     python benchmarks/bench_envs3d.py --out benchmarks/results/envs3d_cpu.json
 
-Raw limit: `getCameraImage` (RGB + depth + segmentation, ER_TINY_RENDERER) on a built
-scene with a moving camera, nothing else. Generation: `iter_episodes` end to end (scene
+Raw limit: `getCameraImage` (RGB + depth + segmentation, ER_TINY_RENDERER) alone, timed on
+the very scenes and camera poses that generation renders, nothing else. Generation: `iter_episodes` end to end (scene
 building, physics, depth linearisation, segmentation mapping, action scripting), with
 1 and 2 worker processes; writing to Arrow is measured separately on the same episodes.
 """
@@ -12,32 +12,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import tempfile
 import time
 
-import numpy as np
-
-from posttrain.envs3d import SceneConfig, generate_dataset, iter_episodes
-from posttrain.envs3d.camera import camera_to_world, gl_view_matrix, invert_pose
-from posttrain.envs3d.scene import Scene
+from posttrain.envs3d import SceneConfig, generate_dataset, generate_episode, iter_episodes
 
 
-def raw_render_rate(size: int, frames: int) -> float:
+def raw_render_rate(size: int, episodes: int, frames: int) -> float:
+    """`getCameraImage` alone on the same scenes and camera poses the generation run renders
+    (scene content sets the render cost: meshes and more objects are slower)."""
     import pybullet
 
-    scene = Scene(SceneConfig(image_size=size))
-    scene.build(np.random.default_rng(0))
-    views = [gl_view_matrix(invert_pose(camera_to_world(np.array([1.6 * math.cos(a), 1.6 * math.sin(a), 0.55]),
-                                                        a + math.pi, -0.38))) for a in np.linspace(0, 6.28, frames)]
-    start = time.perf_counter()
-    for view in views:
-        scene.client.getCameraImage(size, size, view, scene._projection, renderer=pybullet.ER_TINY_RENDERER, shadow=0)
-    rate = frames / (time.perf_counter() - start)
-    scene.close()
-    return rate
+    from posttrain.envs3d import TabletopEnv
+    from posttrain.envs3d.camera import gl_view_matrix
+
+    config = SceneConfig(image_size=size)
+    env = TabletopEnv(config)
+    elapsed, count = 0.0, 0
+    for seed in range(episodes):
+        episode = generate_episode(seed, frames, config)
+        env.reset(seed=seed)
+        scene = env.scene
+        views = [gl_view_matrix(w2c) for w2c in episode["world_to_camera"]]
+        start = time.perf_counter()
+        for view in views:
+            scene.client.getCameraImage(size, size, view, scene._projection, renderer=pybullet.ER_TINY_RENDERER,
+                                        shadow=0)
+        elapsed += time.perf_counter() - start
+        count += len(views)
+    env.close()
+    return count / elapsed
 
 
 def generation_rate(size: int, episodes: int, frames: int, workers: int) -> float:
@@ -65,7 +71,7 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "frames_per_episode": args.frames,
                "episodes": args.episodes, "sizes": {}}
     for size in (64, 128):
-        raw = raw_render_rate(size, 400)
+        raw = raw_render_rate(size, args.episodes, args.frames)
         one = generation_rate(size, args.episodes, args.frames, 1)
         two = generation_rate(size, args.episodes, args.frames, 2)
         written = write_rate(size, args.episodes, args.frames)
