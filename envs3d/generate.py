@@ -203,7 +203,8 @@ def iter_episodes(seeds: Iterable[int], frames: int, config: SceneConfig, worker
                 pending.append((next_seed, pool.submit(_generate_one, (next_seed, frames, config))))
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an existing --out (unless overwrite) and an unwritable parent; errors name the path."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     parent = out.parent if str(out.parent) else Path(".")
@@ -231,7 +232,7 @@ def generate_dataset(
     if not seeds:
         raise ValueError("no seeds to generate")
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output_folder(out, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         arrow_path = staging / "episodes.arrow"

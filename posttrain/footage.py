@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
+from posttrain.envs3d.generate import check_output_folder
 
 NULL_ACTION = NUM_ACTIONS
 """Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
@@ -497,18 +498,6 @@ def _iter_results(jobs: list[tuple], config: FootageConfig, on_frame) -> Iterato
 # --- the dataset ----------------------------------------------------------------------------
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"--out {out}: cannot create parent folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--out {out}: folder {parent} is not writable")
-
-
 def _file_digest(path: Path, digest) -> None:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -524,7 +513,7 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"footage folder {src} does not exist or is not a folder")
-    _check_out(out, config.overwrite)
+    check_output_folder(out, config.overwrite)
     sources, skipped = discover(src, exclude=(out,))
     if not sources:
         raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) or image-sequence folders under {src}")
