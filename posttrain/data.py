@@ -75,13 +75,3 @@ def load_episodes(config: EpisodeDataConfig, columns: tuple[str, ...] = TENSOR_C
         parts = [view[i: i + 64][column] for i in range(0, len(dataset), 64)]
         out[column] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else sum(parts, [])
     return out
-
-
-def episode_dicts(batch: dict, indices) -> list[dict]:
-    """Per-episode numpy dicts (the envs3d episode contract) for the given indices of a loaded batch."""
-    result = []
-    for i in indices:
-        result.append({k: (v[i].numpy() if isinstance(v, torch.Tensor) else v[i]) for k, v in batch.items()})
-    return result
-
-

@@ -7,6 +7,7 @@ holds the plumbing so each method stays one readable file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,7 +222,7 @@ class Trainer:
         for i, start in enumerate(starts):
             index = torch.arange(start, min(start + chunk, len(tokens)))
             sync = i == len(starts) - 1
-            context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _nullcontext()
+            context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
             with context:
                 new_logp = self.model(tokens[index], actions[index], num_context, temperature)
                 loss, stats = loss_fn(new_logp, index)
@@ -421,14 +422,6 @@ class Trainer:
         truth = self.episodes["frames"][index, num_context: num_context + predicted.shape[1]]
         context = self.episodes["frames"][index, :num_context]
         save_rollout_gif(self.out / "videos" / f"step-{step:06d}.gif", context, {"prediction": predicted[0]}, truth)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _launched_distributed() -> bool:
