@@ -2,7 +2,10 @@
 
 The sequence is frames of N tokens each. Frame t's tokens carry the action a_t that
 takes frame t to t+1; the outputs at frame t predict all N tokens of frame t+1 in
-parallel (independent given the context). Attention is block-causal over a sliding
+parallel (independent given the context). With `patch` = p > 1, each transformer
+position holds a p x p block of the token grid (p*p embeddings summed in, p*p output
+heads): a 16x16 token grid costs the transformer what an 8x8 one does, while the
+tokenizer keeps 4-pixel patches that hold small objects. Attention is block-causal over a sliding
 window: a token of frame t sees every token of frames t-W+1 .. t (W = context_frames),
 its own frame included. Time enters through rotary embeddings of the frame index, so
 keys cached at absolute positions stay valid as the window slides; space enters
@@ -13,6 +16,7 @@ through a learned per-cell embedding. `forward` (full sequence, masked) and `ste
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +44,26 @@ class DynamicsConfig:
     """Hidden width of the MLP relative to `width`."""
     context_frames: int = 8
     """Attention window W in frames (the frame itself included)."""
+    patch: int = 1
+    """Token-grid blocks per transformer position (patch x patch tokens share one position)."""
 
     def __post_init__(self) -> None:
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(f"width={self.width} must split into {self.heads} heads of even size")
+        grid = math.isqrt(self.tokens_per_frame)
+        if self.patch < 1 or grid * grid != self.tokens_per_frame or grid % self.patch:
+            raise ValueError(f"patch={self.patch} must divide the side of the square token grid "
+                             f"({self.tokens_per_frame} tokens)")
+
+    @property
+    def grid(self) -> int:
+        """Side of the square token grid."""
+        return math.isqrt(self.tokens_per_frame)
+
+    @property
+    def positions_per_frame(self) -> int:
+        """Transformer positions per frame: tokens_per_frame / patch**2."""
+        return self.tokens_per_frame // (self.patch * self.patch)
 
     @property
     def null_action(self) -> int:
@@ -111,12 +131,15 @@ class DynamicsTransformer(nn.Module):
     def __init__(self, config: DynamicsConfig | None = None):
         super().__init__()
         self.config = config = config or DynamicsConfig()
-        self.token_embed = nn.Embedding(config.vocab_size, config.width)
+        sub = config.patch * config.patch
+        # One table per sub-position of a patch (offset ids), summed: a shared table would lose which is which.
+        self.token_embed = nn.Embedding(config.vocab_size * sub, config.width)
         self.action_embed = nn.Embedding(config.num_actions + 1, config.width)
-        self.spatial_embed = nn.Parameter(torch.randn(config.tokens_per_frame, config.width) * 0.02)
+        self.spatial_embed = nn.Parameter(torch.randn(config.positions_per_frame, config.width) * 0.02)
+        self.register_buffer("sub_offset", torch.arange(sub) * config.vocab_size, persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, config.vocab_size)
+        self.head = nn.Linear(config.width, config.vocab_size * sub)
         self.apply(self._init)
 
     @staticmethod
@@ -126,26 +149,42 @@ class DynamicsTransformer(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def patchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., N) row-major token grid -> (..., P, p*p): the tokens of each position."""
+        p, g = self.config.patch, self.config.grid
+        lead = tokens.shape[:-1]
+        blocks = tokens.reshape(*lead, g // p, p, g // p, p).transpose(-3, -2)
+        return blocks.reshape(*lead, (g // p) ** 2, p * p)
+
+    def unpatchify(self, values: torch.Tensor) -> torch.Tensor:
+        """(..., P, p*p, V) per-position values -> (..., N, V) in row-major token order."""
+        p, g = self.config.patch, self.config.grid
+        lead, last = values.shape[:-3], values.shape[-1]
+        blocks = values.reshape(*lead, g // p, g // p, p, p, last).transpose(-4, -3)
+        return blocks.reshape(*lead, g * g, last)
+
     def _embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T, N), actions (B, T) -> (B, T*N, D)."""
-        x = self.token_embed(tokens) + self.spatial_embed + self.action_embed(actions)[:, :, None, :]
+        """tokens (B, T, N), actions (B, T) -> (B, T*P, D)."""
+        grouped = self.patchify(tokens) + self.sub_offset  # (B, T, P, p*p)
+        x = self.token_embed(grouped).sum(-2) + self.spatial_embed + self.action_embed(actions)[:, :, None, :]
         return x.flatten(1, 2)
 
     def window_mask(self, frames: int, first_frame: int = 0, device=None) -> torch.Tensor:
         """(T*N, T*N) bool mask: True where a query token may attend a key token."""
         frame = torch.arange(first_frame, first_frame + frames, device=device)
         allowed = (frame[None, :] <= frame[:, None]) & (frame[None, :] > frame[:, None] - self.config.context_frames)
-        n = self.config.tokens_per_frame
+        n = self.config.positions_per_frame
         return allowed.repeat_interleave(n, 0).repeat_interleave(n, 1)
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, first_frame: int = 0,
                 return_cache: bool = False):
-        """Hidden states (B, T, N, D) for frames `first_frame ..`; output at frame t predicts frame t+1.
+        """Hidden states (B, T, P, D) for frames `first_frame ..`; output at frame t predicts frame t+1.
 
         tokens: (B, T, N) int64; actions: (B, T) int64, the action taken after each frame.
         With `return_cache`, also returns the per-layer (k, v) of the last W-1 frames, ready for `step`.
         """
-        batch, frames, n = tokens.shape
+        batch, frames = tokens.shape[:2]
+        n = self.config.positions_per_frame
         positions = torch.arange(first_frame, first_frame + frames, device=tokens.device).repeat_interleave(n)
         cos, sin = rotary(positions, self.config.width // self.config.heads)
         mask = self.window_mask(frames, first_frame, tokens.device)
@@ -160,9 +199,9 @@ class DynamicsTransformer(nn.Module):
         return (hidden, cache) if return_cache else hidden
 
     def step(self, tokens: torch.Tensor, actions: torch.Tensor, frame_index: int, cache: list):
-        """One new frame (B, N) with its action (B,) against the cache; returns hidden (B, N, D) and the
+        """One new frame (B, N) with its action (B,) against the cache; returns hidden (B, P, D) and the
         updated cache, trimmed so the next frame again sees exactly the last W-1 frames."""
-        n = self.config.tokens_per_frame
+        n = self.config.positions_per_frame
         positions = torch.full((n,), frame_index, device=tokens.device)
         cos, sin = rotary(positions, self.config.width // self.config.heads)
         x = self._embed(tokens[:, None], actions[:, None])
@@ -176,7 +215,12 @@ class DynamicsTransformer(nn.Module):
         return self.norm(x), new_cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+        """Hidden (..., P, D) -> logits (..., N, V) in row-major token order."""
+        logits = self.head(hidden)
+        if self.config.patch == 1:
+            return logits
+        sub = self.config.patch * self.config.patch
+        return self.unpatchify(logits.unflatten(-1, (sub, self.config.vocab_size)))
 
 
 def num_parameters(module: nn.Module) -> int:

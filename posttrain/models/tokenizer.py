@@ -30,6 +30,9 @@ class TokenizerConfig:
     the decoder). Narrow at high resolution: the full-size layers dominate the cost."""
     levels: tuple[int, ...] = (8, 5, 5, 5)
     """FSQ levels per latent channel; the vocabulary is their product."""
+    decoder_blocks: int = 0
+    """Extra residual blocks after each decoder upsampling (capacity near full resolution, where
+    small objects' edges and colours are drawn)."""
 
     def __post_init__(self) -> None:
         self.channels, self.levels = tuple(self.channels), tuple(self.levels)
@@ -113,6 +116,7 @@ class FrameTokenizer(nn.Module):
         decoder: list[nn.Module] = [nn.Conv2d(len(config.levels), widths[-1], 3, padding=1), _ResBlock(widths[-1])]
         for previous, width in zip(widths[::-1], widths[::-1][1:]):
             decoder += [nn.GELU(), nn.ConvTranspose2d(previous, width, 4, stride=2, padding=1)]
+            decoder += [_ResBlock(width) for _ in range(config.decoder_blocks)]
         decoder += [nn.GELU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*decoder)
         self.fsq = FSQ(config.levels)
