@@ -354,6 +354,7 @@ class Trainer:
             for old in kept[: -max(1, self.settings.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        _fault_point("after_checkpoint", step)
         return final
 
     def load_checkpoint(self) -> list:
@@ -422,6 +423,18 @@ class Trainer:
         truth = self.episodes["frames"][index, num_context: num_context + predicted.shape[1]]
         context = self.episodes["frames"][index, :num_context]
         save_rollout_gif(self.out / "videos" / f"step-{step:06d}.gif", context, {"prediction": predicted[0]}, truth)
+
+
+FAULT_ENV = "POSTTRAIN_FAULT"
+"""Deterministic fault injection for tests: POSTTRAIN_FAULT=after_checkpoint:3 SIGKILLs the process
+right after checkpoint step-000003 is committed (no timers, no polling)."""
+
+
+def _fault_point(name: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _launched_distributed() -> bool:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -166,16 +165,12 @@ def test_sigkill_and_resume_equals_unbroken_run(tiny_model_dir, data_cache, tmp_
                                                 extra=["train.eval_at_end=false"])
     run_recipe(RECIPE, overrides(unbroken))
     killed = tmp_path / "killed"
-    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
+    # Killed from inside, right after checkpoint step-000001 is committed: no timer to race.
+    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1", "POSTTRAIN_FAULT": "after_checkpoint:1"}
     command = [sys.executable, "-m", "posttrain", "run", str(RECIPE), *overrides(killed)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (pointer.exists() and pointer.read_text().strip() == "step-000001") and process.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert process.returncode == -signal.SIGKILL, process.returncode
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000001"
     assert not (killed / "adapter").exists(), "the run should have died before finishing"
     run_recipe(RECIPE, overrides(killed), resume=True)
     a, b = _adapter(unbroken), _adapter(killed)
