@@ -55,6 +55,10 @@ class SceneConfig:
     """Scripted action sequence for generated episodes: random_walk, orbit, loop, push or mixed."""
 
     def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"scene key {item.name!r} must be finite, got {value!r}")
         if not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size={self.image_size} is outside [8, 1024]")
         if not 1.0 <= self.fov_deg <= 170.0:
@@ -73,6 +77,8 @@ class SceneConfig:
             raise ValueError(f"policy={self.policy!r}; choose one of {POLICIES}")
         if self.physics_substeps < 1 or self.move_step <= 0 or self.turn_step_deg <= 0:
             raise ValueError("physics_substeps, move_step and turn_step_deg must be positive")
+        if self.room_half_extent <= 0 or self.checker_size <= 0 or self.push_speed < 0 or self.camera_height <= 0:
+            raise ValueError("room_half_extent, checker_size and camera_height must be positive, push_speed >= 0")
 
     @property
     def focal_length(self) -> float:

@@ -32,6 +32,10 @@ class EpisodeError(RuntimeError):
     """An episode failed to generate; the message names its seed."""
 
 
+MAX_SEED = 2**32 - 1
+"""Largest episode seed (numpy's RandomState accepts 0 .. 2**32 - 1)."""
+
+
 def parse_seeds(spec: str) -> list[int]:
     """'0:64' -> 0..63, '3,5,9' -> [3, 5, 9], '7' -> [7]. Errors name the bad value."""
     spec = spec.strip()
@@ -41,12 +45,18 @@ def parse_seeds(spec: str) -> list[int]:
             start, stop = int(start_text), int(stop_text)
             if stop <= start or start < 0:
                 raise ValueError
+            if stop - 1 > MAX_SEED:
+                raise ValueError(f"bad seed range {spec!r}: a seed may be at most {MAX_SEED} (numpy's seed range)")
             return list(range(start, stop))
         seeds = [int(part) for part in spec.split(",") if part.strip()]
-    except ValueError:
+    except ValueError as exc:
+        if "at most" in str(exc):
+            raise
         raise ValueError(f"bad seed range {spec!r}: use START:STOP with 0 <= START < STOP, or a,b,c") from None
     if not seeds or min(seeds) < 0:
         raise ValueError(f"bad seed list {spec!r}: seeds must be non-negative integers")
+    if max(seeds) > MAX_SEED:
+        raise ValueError(f"bad seeds {spec!r}: a seed may be at most {MAX_SEED} (numpy's seed range)")
     return seeds
 
 

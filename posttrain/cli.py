@@ -25,7 +25,7 @@ def _scenes_generate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from posttrain.runner import run_recipe
 
-    run_recipe(args.recipe, args.overrides, resume=args.resume)
+    run_recipe(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML, e.g. recipes/grpo_tabletop.yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe fields")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a previous run in `out` (only a folder written by a posttrain run)")
     run.set_defaults(func=_run)
 
     from posttrain.footage import add_footage_parser
@@ -90,11 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError, IsADirectoryError) as exc:
         if os.environ.get("POSTTRAIN_DEBUG"):
             raise
-        print(f"posttrain: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"posttrain: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from posttrain.trainer_utils import TrainingDiverged
+
+        if not isinstance(exc, TrainingDiverged) or os.environ.get("POSTTRAIN_DEBUG"):
+            raise
+        print(f"posttrain: training stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

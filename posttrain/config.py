@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +18,30 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load without YAML 1.1's base-60 numbers: `seeds=6:10` must stay the string "6:10"
+    (PyYAML reads it as the integer 370). Exponents without a dot (1e-4) are floats."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(  # also 1e-4 (YAML 1.1 wants 1.0e-4 and reads 1e-4 as a string)
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def safe_load(text: str):
+    """yaml.safe_load, minus base-60 numbers (see _RecipeLoader)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass: no tags are run)
 
 
 class RecipeError(ValueError):
@@ -70,6 +96,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            # .inf / .nan in YAML would train to a NaN model and still exit 0.
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
         if annotation is int and float(value) != int(value):
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return annotation(value)
@@ -95,13 +124,31 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise RecipeError(f"{where or cls.__name__}: {exc}") from None
 
 
+def require(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+            unit: tuple[str, ...] = ()) -> None:
+    """Range checks for a config's numeric fields (called from __post_init__); errors name the field.
+    `unit`: in [0, 1]. Every listed field must also be finite. None values are skipped."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            value = getattr(config, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name}={value!r} must be finite and {what}")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` strings (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.sub=value")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise RecipeError(f"override {dotted!r}: value {raw!r} is not valid YAML ({problem})") from None
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -129,7 +176,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

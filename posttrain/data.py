@@ -37,8 +37,26 @@ class EpisodeDataConfig:
     path: str = ""
     """Use this existing dataset folder instead of generating (a `datasets.load_from_disk` folder)."""
 
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        require(self, positive=("frames", "image_size", "workers"))
+        if not self.path:
+            parse_seeds(self.seeds)  # a bad range fails when the recipe loads, not after other work
+        self.scene_config()  # likewise a bad scene override
+
     def scene_config(self) -> SceneConfig:
         return SceneConfig(image_size=self.image_size).override(dict(self.scene))
+
+
+def check_held_out(train: EpisodeDataConfig, held_out: EpisodeDataConfig, where: str = "eval.data") -> None:
+    """Refuse held-out envs3d seeds that overlap the training seeds (a held-out number would be a lie)."""
+    if train.path or held_out.path:
+        return
+    common = sorted(set(parse_seeds(train.seeds)) & set(parse_seeds(held_out.seeds)))
+    if common:
+        raise ValueError(f"{where}.seeds={held_out.seeds!r} overlaps data.seeds={train.seeds!r} in {len(common)} "
+                         f"seeds (first {common[0]}): held-out episodes must never be trained on")
 
 
 def dataset_path(config: EpisodeDataConfig, progress: bool = True) -> Path:
@@ -47,6 +65,14 @@ def dataset_path(config: EpisodeDataConfig, progress: bool = True) -> Path:
         path = Path(config.path)
         if not (path / "dataset_info.json").is_file():
             raise FileNotFoundError(f"dataset path {path} is not a `datasets` folder (no dataset_info.json)")
+        from datasets import load_from_disk
+
+        try:
+            rows = len(load_from_disk(str(path)))  # memory-mapped: cheap
+        except Exception as exc:  # datasets raises IndexError on an empty folder, OSError on a bad one
+            raise ValueError(f"dataset {path} holds no episodes or cannot be read ({type(exc).__name__})") from None
+        if rows == 0:
+            raise ValueError(f"dataset {path} holds no episodes")
         return path
     scene = config.scene_config()
     key = hashlib.sha256(f"{config.seeds}|{config.frames}|{scene.to_json()}".encode()).hexdigest()[:12]
@@ -63,6 +89,8 @@ def load_episodes(config: EpisodeDataConfig, columns: tuple[str, ...] = TENSOR_C
 
     path = dataset_path(config, progress)
     dataset = load_from_disk(str(path))
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {path} holds no episodes")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise KeyError(f"dataset {path} lacks columns {missing}")

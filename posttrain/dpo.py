@@ -123,8 +123,20 @@ class DPOConfig:
     """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
     resume: bool = False
     """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
+    overwrite: bool = False
+    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
+    holding this toolkit's run marker is ever deleted)."""
 
     def __post_init__(self) -> None:
+        from posttrain.config import require
+        from posttrain.data import check_held_out
+
+        require(self, positive=("num_context", "horizon", "group_size", "prompts_per_step", "steps",
+                                "reward_workers", "top_k"),
+                non_negative=("sample_temperature",), unit=("max_failure_fraction", "top_p"))
+        if any(not t >= 0 for t in self.eval_temperatures):
+            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
+        check_held_out(self.data, self.eval.data)
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type={self.loss_type!r}; choose sigmoid or ipo")
         if self.pairs.source not in ("online", "offline", "jsonl"):
@@ -489,6 +501,7 @@ def dpo_step(trainer: Trainer, config: DPOConfig, cache: ReferenceCache, step: i
         metrics[name] = trainer.reduce_sum(stats[key]) / num_pairs
     if "grad_norm" in stats:
         metrics["grad_norm"] = stats["grad_norm"]
+    metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
     total_time = sum(timings.values())
     metrics.update({f"time_share_{k}": v / total_time for k, v in timings.items()})
     metrics["step_seconds"] = total_time

@@ -48,6 +48,13 @@ class EvalConfig:
     seed: int = 1234
     """Mixed into each episode's rollout seed."""
 
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        require(self, positive=("num_context", "horizon", "batch_size", "top_k"), non_negative=("temperature",))
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
 
 def rollout_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across runs and platforms (splitmix64 chain)."""
@@ -157,14 +164,22 @@ def load_with_adapter(model_name: str, adapter: str | None = None):
 def run_eval_cli(args) -> int:
     from posttrain.envs3d import parse_seeds
 
-    parse_seeds(args.seeds)  # fail early on a bad range
+    # Every check before any work: a bad flag must not cost minutes of episode generation first.
+    parse_seeds(args.seeds)
+    for flag in ("horizon", "context", "batch_size", "size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
+    if Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'eval.json'}")
     config = EvalConfig(
         data=EpisodeDataConfig(seeds=args.seeds, frames=args.context + args.horizon, image_size=args.size,
-                               scene=dict(s.split("=", 1) for s in (args.scene or [])), cache_dir=args.cache_dir),
+                               scene=dict(s.split("=", 1) if "=" in s else (s, None) for s in (args.scene or [])), cache_dir=args.cache_dir),
         num_context=args.context, horizon=args.horizon, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, batch_size=args.batch_size,
     )
     model = load_with_adapter(args.model, args.adapter)
+    if getattr(model, "image_size", args.size) != args.size:
+        raise ValueError(f"--size {args.size} does not match the model's {model.image_size}x{model.image_size} frames")
     episodes = load_episodes(config.data, EPISODE_FIELDS)
     report = evaluate_model(model, episodes, config, description="eval")
     report.update({"model": args.model, "adapter": args.adapter, "seeds": args.seeds})

@@ -102,8 +102,21 @@ class GRPOConfig:
     """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
     resume: bool = False
     """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
+    overwrite: bool = False
+    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
+    holding this toolkit's run marker is ever deleted)."""
 
     def __post_init__(self) -> None:
+        from posttrain.config import require
+        from posttrain.data import check_held_out
+
+        require(self, positive=("num_context", "horizon", "prompts_per_step", "steps", "num_updates",
+                                "reward_workers", "top_k"),
+                non_negative=("temperature", "epsilon_low", "epsilon_high", "kl_coef"),
+                unit=("max_failure_fraction", "top_p"))
+        if any(not t >= 0 for t in self.eval_temperatures):
+            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
+        check_held_out(self.data, self.eval.data)
         if self.loss_type not in ("grpo", "dr_grpo", "dapo", "gspo"):
             raise ValueError(f"loss_type={self.loss_type!r}; choose grpo, dr_grpo, dapo or gspo")
         if self.scale_rewards not in ("group", "none"):
@@ -211,12 +224,15 @@ def grpo_step(trainer: Trainer, config: GRPOConfig, step: int) -> dict:
 
     started = time.perf_counter()
     tokens = torch.cat([context, rollouts.tokens], 1)  # (B, C + H, N)
-    old_logp = rollouts.logprobs.flatten(1)  # (B, H*N)
+    old_logp = rollouts.logprobs.flatten(1)  # (B, H*N): exact in fp32 (score() == rollout log-probs)
+    if trainer.settings.mixed_precision != "no":
+        old_logp = trainer.policy_logprobs(tokens, actions)  # the update's own precision: first ratio == 1
     ref_logp = trainer.reference_logprobs(tokens, actions, config.num_context, config.temperature) \
         if config.kl_coef else None
     valid_flat = valid.view(-1)
     num_sequences = trainer.global_count(valid_flat)
     stats_total = {"clip_fraction": 0.0, "kl": 0.0}
+    skipped = 0
     for _ in range(config.num_updates):
         stats = trainer.update(
             tokens, actions, valid_flat,
@@ -227,6 +243,7 @@ def grpo_step(trainer: Trainer, config: GRPOConfig, step: int) -> dict:
         )
         for key in stats_total:
             stats_total[key] += stats[key] / config.num_updates
+        skipped = max(skipped, stats["skipped_nonfinite"])
     timings["update"] = time.perf_counter() - started
 
     metrics = trainer.reduce_reward_metrics(scores, valid_flat)
@@ -235,7 +252,10 @@ def grpo_step(trainer: Trainer, config: GRPOConfig, step: int) -> dict:
         "kl": trainer.reduce_sum(stats_total["kl"]) / num_sequences,
         "entropy_mc": trainer.reduce_mean(-rollouts.logprobs.mean().item()),
         "advantage_abs_mean": trainer.reduce_mean(advantages.abs().mean().item()),
+        "skipped_nonfinite": skipped,
     })
+    if "grad_norm" in stats:
+        metrics["grad_norm"] = stats["grad_norm"]
     total_time = sum(timings.values())
     metrics.update({f"time_share_{k}": v / total_time for k, v in timings.items()})
     metrics["step_seconds"] = total_time

@@ -51,6 +51,11 @@ class TokenizerTraining:
     """Extra loss weight on object pixels (from the segmentation): whole-frame MSE is dominated by
     floor and walls, and an unweighted tokenizer draws small objects in the floor's grey."""
 
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        require(self, positive=("steps", "batch_size", "lr", "grad_clip"), non_negative=("warmup", "object_weight"))
+
 
 @dataclass
 class DynamicsTraining:
@@ -75,6 +80,13 @@ class DynamicsTraining:
     bf16: bool = True
     """bf16 autocast for matmuls (logits and loss in fp32)."""
 
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        require(self, positive=("steps", "batch_size", "lr", "grad_clip"), non_negative=("warmup", "weight_decay"))
+        if self.clip_frames < 2:
+            raise ValueError(f"clip_frames={self.clip_frames} must be at least 2 (one context, one target)")
+
 
 @dataclass
 class PretrainConfig:
@@ -97,6 +109,19 @@ class PretrainConfig:
     """Held-out episodes with shifted scene settings, reported beside `eval_data`."""
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
+    resume: bool = False
+    """Reuse a finished tokenizer stage in `out` (set by `posttrain run --resume`)."""
+    overwrite: bool = False
+    """Replace a previous pre-training run in `out` (set by `posttrain run --overwrite`)."""
+
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+        from posttrain.data import check_held_out
+
+        require(self, positive=("log_every",), non_negative=("threads",))
+        for held_out in [self.eval_data, *self.shifted_eval_data]:
+            for train in [self.data, *self.extra_data]:
+                check_held_out(train, held_out, "eval_data")
     tokenizer: TokenizerTraining = field(default_factory=TokenizerTraining)
     """Tokenizer stage."""
     dynamics: DynamicsTraining = field(default_factory=DynamicsTraining)
@@ -210,8 +235,11 @@ def tokenizer_report(tokenizer: FrameTokenizer, frames: torch.Tensor, segmentati
 
 
 def run(config: PretrainConfig) -> Path:
+    from posttrain.runfolder import RunLock, prepare_run_folder
+
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite)
+    lock = RunLock(out, "pretrain")  # noqa: F841 (held until the process ends)
     if config.threads:
         torch.set_num_threads(config.threads)
     log = MetricsWriter(out / "metrics.jsonl")
@@ -227,7 +255,7 @@ def run(config: PretrainConfig) -> Path:
     frames = train["frames"]  # (E, T, H, W, 3) uint8
     objects = (train.pop("segmentation") > 0).reshape(-1, *frames.shape[2:4])
     stage_one = out / "tokenizer.safetensors"
-    if stage_one.is_file():
+    if config.resume and stage_one.is_file():
         # The tokenizer stage is the first half of the budget: a rerun into the same folder reuses it.
         from safetensors.torch import load_file
 

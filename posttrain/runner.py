@@ -41,10 +41,12 @@ def build_config(path: str | Path, overrides: list[str] | None = None):
     return module, from_dict(cls, data)
 
 
-def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False):
+def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False,
+               overwrite: bool = False):
     module, config = build_config(path, overrides)
-    if resume:
-        if not hasattr(config, "resume"):
-            raise RecipeError(f"method {config.method!r} does not support --resume")
-        config.resume = True
+    for flag, wanted in (("resume", resume), ("overwrite", overwrite)):
+        if wanted:
+            if not hasattr(config, flag):
+                raise RecipeError(f"method {config.method!r} does not support --{flag}")
+            setattr(config, flag, True)
     return module.run(config)

@@ -76,8 +76,19 @@ class SFTConfig:
     """Temperatures for the final base-vs-fine-tuned rollout comparison (0 = greedy)."""
     resume: bool = False
     """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
+    overwrite: bool = False
+    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
+    holding this toolkit's run marker is ever deleted)."""
 
     def __post_init__(self) -> None:
+        from posttrain.config import require
+        from posttrain.data import check_held_out
+
+        require(self, positive=("clip_frames", "batch_size", "steps"), non_negative=("eval_every",))
+        if any(not t >= 0 for t in self.eval_temperatures):
+            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
+        if not self.heldout_fraction:
+            check_held_out(self.data, self.eval.data)
         if not 1 <= self.num_context < self.clip_frames:
             raise ValueError(f"need 1 <= num_context ({self.num_context}) < clip_frames ({self.clip_frames})")
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -157,7 +168,8 @@ def run(config: SFTConfig):
     from posttrain.models import load_model
 
     base_loss = teacher_forced_loss(load_model(config.model), *heldout, config.num_context)
-    trainer.log.write({"stage": "heldout", "step": -1, "heldout_loss": base_loss})
+    if not config.resume:  # a resumed run's log already holds the base line
+        trainer.log.write({"stage": "heldout", "step": -1, "heldout_loss": base_loss})
     result = trainer.fit(lambda step: sft_step(trainer, config, step, heldout))
     post_loss = teacher_forced_loss(trainer.policy, *heldout, config.num_context)
     if trainer.accelerator.is_main_process:
@@ -209,6 +221,7 @@ def sft_step(trainer: Trainer, config: SFTConfig, step: int, heldout=None) -> di
     metrics = {"loss": trainer.reduce_sum(stats["nll"]) / num_tokens}
     if "grad_norm" in stats:
         metrics["grad_norm"] = stats["grad_norm"]
+    metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
     if heldout is not None and config.eval_every and (step + 1) % config.eval_every == 0:
         metrics["heldout_loss"] = teacher_forced_loss(trainer.policy, *heldout, config.num_context)
     return metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -53,6 +54,19 @@ class TrainerSettings:
     """Evaluate base vs post-trained on held-out seeds and write report/ at the end."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradient is not finite (each is skipped and logged) before the run
+    stops with an error."""
+
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        require(self, positive=("lr", "micro_batch_size", "rollout_batch_size", "log_every", "keep_checkpoints",
+                                "max_nonfinite_steps"),
+                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "checkpoint_every", "video_every",
+                              "threads"))
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose no, bf16 or fp16")
 
 
 def prompt_schedule(num_prompts: int, per_step: int, step: int, seed: int) -> torch.Tensor:
@@ -98,7 +112,6 @@ class Trainer:
         from posttrain.data import load_episodes
         from posttrain.evaluate import EPISODE_FIELDS
         from posttrain.models import load_model, weights_hash
-        from posttrain.models.registry import resolve_model_path
 
         self.config, self.method = config, method
         self.settings: TrainerSettings = config.train
@@ -114,6 +127,20 @@ class Trainer:
             kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if use_cpu and _launched_distributed() else [],
         )
         acc = self.accelerator
+        from posttrain.models.registry import resolve_model_path
+        from posttrain.runfolder import RunLock, check_resume_config, prepare_run_folder
+
+        self.lock = None
+        if acc.is_main_process:
+            # Before anything is written: refuse to clobber, then hold the folder for the run's life.
+            data = getattr(config, "data", None)
+            prepare_run_folder(self.out, resume=config.resume, overwrite=getattr(config, "overwrite", False),
+                               inputs={"model folder": resolve_model_path(config.model),
+                                       "dataset": getattr(data, "path", None)})
+            self.lock = RunLock(self.out, method)
+            if config.resume:
+                check_resume_config(self.out, to_dict(config))
+        acc.wait_for_everyone()
         plugin = acc.state.deepspeed_plugin
         self.deepspeed = plugin is not None
         if plugin is not None:
@@ -194,6 +221,18 @@ class Trainer:
                              frames=torch.cat([p.frames for p in parts]))
 
     @torch.no_grad()
+    def policy_logprobs(self, tokens, actions, align: int = 1) -> torch.Tensor:
+        """Log-probs (B, L) of `tokens` under the current policy, computed exactly as `update` will
+        (same wrapped model, same autocast, same micro-batches). Under mixed precision the sampler's
+        fp32 log-probs differ from the update's bf16 ones by up to ~7e-2, so the first ratio would not
+        be 1; these are the old log-probs to use then."""
+        chunk = len(tokens) if self.deepspeed else max(align, self.settings.micro_batch_size // align * align)
+        num_context = getattr(self.config, "num_context", 1)
+        temperature = getattr(self.config, "temperature", 1.0)
+        return torch.cat([self.model(tokens[i: i + chunk], actions[i: i + chunk], num_context, temperature).float()
+                          for i in range(0, len(tokens), chunk)]).flatten(1)
+
+    @torch.no_grad()
     def reference_logprobs(self, tokens, actions, num_context, temperature):
         chunk = self.settings.micro_batch_size
         if self.reference is not None:
@@ -228,13 +267,24 @@ class Trainer:
                 loss, stats = loss_fn(new_logp, index)
                 # DDP averages gradients over processes; scale so the sum matches one process.
                 acc.backward(loss * acc.num_processes)
+                stats = {**stats, "loss_sum": float(loss.detach())}
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
-        if self.settings.max_grad_norm and not self.deepspeed:  # DeepSpeed clips with its own config
-            totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
+        if not self.deepspeed:  # DeepSpeed clips with its own config and skips overflowing steps itself
+            # The global norm (after DDP's all-reduce the gradients are identical on every rank, so
+            # every rank takes the same decision below); inf clipping only measures it.
+            clip = self.settings.max_grad_norm or float("inf")
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
+            totals["grad_norm"] = grad_norm
+            if not math.isfinite(grad_norm) or not all(math.isfinite(float(v)) for v in totals.values()):
+                # A non-finite loss or gradient would poison the weights (and Adam's moments) for good.
+                self.optimizer.zero_grad(set_to_none=True)
+                totals["skipped_nonfinite"] = 1
+                return totals
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        totals["skipped_nonfinite"] = 0
         return totals
 
     # --- rewards and reductions -----------------------------------------------------------------
@@ -362,6 +412,13 @@ class Trainer:
         self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         self.start_step = state["step"] + 1
+        if self.accelerator.is_main_process:
+            from posttrain.runfolder import truncate_metrics
+
+            # Steps logged after the checkpoint are replayed now: drop them so none appears twice.
+            dropped = truncate_metrics(self.out / "metrics.jsonl", state["step"])
+            if dropped:
+                print(f"resume: dropped {dropped} metrics.jsonl records logged after step {state['step']}")
         return state["history"]
 
     # --- the loop -------------------------------------------------------------------------------
@@ -369,12 +426,25 @@ class Trainer:
         acc = self.accelerator
         config = self.config
         history: list = self.load_checkpoint() if config.resume else []
+        nonfinite_in_a_row = 0
         if acc.is_main_process and acc.log_with:
             acc.init_trackers("posttrain", config={"method": self.method})
         with progress_bar(config.steps - self.start_step, f"{self.method}", enabled=acc.is_main_process) as update:
             for step in range(self.start_step, config.steps):
                 metrics = step_fn(step)
                 metrics.update({"step": step, "lr": self.scheduler.get_last_lr()[0], "processes": acc.num_processes})
+                if metrics.get("skipped_nonfinite"):
+                    nonfinite_in_a_row += 1
+                    print(f"step {step}: non-finite loss or gradient (grad_norm={metrics.get('grad_norm')}); "
+                          f"update skipped ({nonfinite_in_a_row} in a row)")
+                    if nonfinite_in_a_row >= self.settings.max_nonfinite_steps:
+                        self.log.write(metrics)
+                        raise TrainingDiverged(
+                            f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step "
+                            f"{step}); stopped. The last good checkpoint is in {self.out / 'checkpoints'}; lower "
+                            f"train.lr or check the rewards, then --resume or start again")
+                else:
+                    nonfinite_in_a_row = 0
                 history.append({k: v for k, v in metrics.items() if k in ("step", "reward_mean", "loss")})
                 if step % self.settings.log_every == 0 or step == config.steps - 1:
                     self.log.write(metrics)
@@ -391,6 +461,8 @@ class Trainer:
         result = self.finish(history)
         if self.reward is not None:
             self.reward.close()
+        if self.lock is not None:
+            self.lock.release()
         return result
 
     def finish(self, history: list) -> Path:
@@ -423,6 +495,10 @@ class Trainer:
         truth = self.episodes["frames"][index, num_context: num_context + predicted.shape[1]]
         context = self.episodes["frames"][index, :num_context]
         save_rollout_gif(self.out / "videos" / f"step-{step:06d}.gif", context, {"prediction": predicted[0]}, truth)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the CLI reports it in one line (exit code 1)."""
 
 
 FAULT_ENV = "POSTTRAIN_FAULT"

@@ -54,6 +54,10 @@ class RewardSpec:
     key: str | None = None
     """Name of the component in the output; defaults to ``name`` (set it to use one reward twice)."""
 
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight):
+            raise ValueError(f"reward {self.key or self.name!r}: weight={self.weight!r} must be finite")
+
 
 @dataclass
 class SampleFailure:

@@ -23,3 +23,12 @@ def test_recipe_loads(path):
 def test_recipes_found():
     names = {p.name for p in RECIPES}
     assert {"dpo_tabletop.yaml", "sft_tabletop.yaml", "reward_model.yaml"} <= names
+
+
+def test_overrides_keep_seed_ranges_as_strings_and_read_exponents_as_floats():
+    """PyYAML reads `6:10` as the base-60 integer 370 and `1e-4` as a string; recipes must not."""
+    from posttrain.runner import build_config
+
+    _, config = build_config("recipes/grpo_tabletop.yaml", ["data.seeds=6:10", "eval.data.seeds=1:3",
+                                                            "train.lr=1e-4"])
+    assert (config.data.seeds, config.eval.data.seeds, config.train.lr) == ("6:10", "1:3", 1e-4)

@@ -201,7 +201,10 @@ class TokenWorldModel(nn.Module):
             model = cls(TokenizerConfig(**config["tokenizer"]), DynamicsConfig(**config["dynamics"]))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{folder / CONFIG_FILE}: bad model config ({exc})") from None
-        state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
+        try:
+            state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
+        except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt files
+            raise ValueError(f"{folder / WEIGHTS_FILE} cannot be read ({exc}); is the file complete?") from None
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -1,0 +1,175 @@
+"""Who owns a run folder: refuse to clobber, lock for the run's life, and resume honestly.
+
+Rules (the README's "Reliability" section states them for users):
+- a run writes into an empty or new `out`; a non-empty `out` needs `--resume` (continue it) or
+  `--overwrite` (replace it), and `--overwrite` deletes only a folder that holds this toolkit's
+  run marker (`.posttrain-run`), never anything else;
+- `out` may not be, contain, or lie inside an input (the model folder, a dataset path, an adapter);
+- one process (rank 0) holds an exclusive lock on `out/.lock` while the run lives; a second run on
+  the same folder is refused with a message naming the first (its pid, host and start time). The
+  lock is an OS-level `flock`, so it disappears with its process, even after SIGKILL;
+- on `--resume`, the recipe must match the run's `config.json` except for fields that cannot
+  change the trained weights (`RESUMABLE_CHANGES`), and `metrics.jsonl` is cut back to the
+  checkpoint's step so that no step appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+MARKER = ".posttrain-run"
+LOCK = ".lock"
+
+RESUMABLE_CHANGES = ("resume", "overwrite", "steps", "eval", "eval_temperatures", "reward_workers",
+                     "train.threads", "train.tensorboard", "train.eval_at_end", "train.video_every",
+                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.rollout_batch_size", "train.max_nonfinite_steps")
+"""Recipe fields a resumed run may change: they do not alter what the restored state trains."""
+
+
+def check_not_overlapping(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder that is, contains, or lies inside one of `inputs` ({what: path})."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if not path:
+            continue
+        source = Path(path).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise ValueError(f"output folder {out} overlaps the {what} {path}: an output may not be, contain "
+                             f"or lie inside an input (nothing was written)")
+
+
+def prepare_run_folder(out: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True,
+                       inputs: dict[str, str | Path | None] | None = None) -> None:
+    """Check (all ranks) and, on the main process, clear a run folder before anything is written."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    check_not_overlapping(out, inputs or {})
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run folder {out} is a file, not a folder")
+    contents = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if not contents or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(f"run folder {out} is not empty: pass --resume to continue it, --overwrite to "
+                              f"replace it, or choose another out=")
+    if not (out / MARKER).is_file():
+        raise FileExistsError(f"--overwrite: {out} holds no {MARKER} marker, so it was not written by a posttrain "
+                              f"run; refusing to delete it")
+    if main_process:
+        holder = _lock_holder(out)
+        if holder:
+            raise FileExistsError(f"run folder {out} is in use by another run ({holder}); not overwriting it")
+        for path in contents:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+class RunLock:
+    """An exclusive `flock` on `out/.lock`, held until `release()` or process exit."""
+
+    def __init__(self, out: str | Path, method: str):
+        import fcntl
+
+        self.path = Path(out) / LOCK
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise FileExistsError(f"run folder {out} is in use by another run ({_lock_holder(out) or 'unknown'}); "
+                                  f"wait for it to finish or choose another out=") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "method": method,
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        self._file.flush()
+        (Path(out) / MARKER).write_text(json.dumps({"method": method}) + "\n")
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock
+
+
+def _lock_holder(out: Path) -> str | None:
+    """'pid 123 on host, grpo, started ...' when another process holds the lock, else None."""
+    import fcntl
+
+    path = Path(out) / LOCK
+    if not path.is_file():
+        return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                info = json.loads(handle.read() or "{}")
+            except json.JSONDecodeError:
+                info = {}
+            return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('method', '?')}, "
+                    f"started {info.get('started', '?')}")
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resume_changes(saved: dict, current: dict) -> list[str]:
+    """Fields that differ between the run's saved config and the resumed recipe (besides resumable ones)."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            changed.append(f"{key} ({old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r})")
+    return changed
+
+
+def check_resume_config(out: Path, current: dict) -> None:
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return
+    changes = resume_changes(json.loads(path.read_text()), current)
+    if changes:
+        raise ValueError(f"--resume: the recipe differs from {path} in {', '.join(changes)}; the restored "
+                         f"optimizer and data order would not follow it. Resume with the original values or "
+                         f"start a new run (out=...)")
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop metrics.jsonl records logged after `last_step` (they are replayed on resume); returns how many."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except json.JSONDecodeError:
+            dropped += 1  # a line cut by the kill
+            continue
+        if isinstance(step, int) and step > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
+    return dropped

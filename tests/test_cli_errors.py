@@ -1,0 +1,91 @@
+"""Bad inputs end in one line that names the thing, exit code 2, no traceback, before any work.
+
+Each case runs the real CLI entry point (`posttrain.cli.main`) in-process; a case that raised
+instead of returning 2 would fail the test with its traceback. "Before any work" is checked by
+what is absent afterwards: no episodes generated in the case's cache folder, no run folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import tiny_grpo_overrides
+
+from posttrain.cli import main
+
+GRPO = "recipes/grpo_tabletop.yaml"
+SFT = "recipes/sft_tabletop.yaml"
+
+
+def _truncated_model(tiny_model_dir, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def _empty_footage(tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "empty-footage"
+    Dataset.from_dict({"frames": [], "actions": []}).save_to_disk(str(folder))
+    return folder
+
+
+def _eval(model, cache, *extra):
+    return ["eval", "--model", str(model), "--seeds", "0:2", "--size", "32", "--cache-dir", str(cache),
+            "--json", str(cache.parent / "e.json"), *extra]
+
+
+def _grpo(model, cache, out, *extra):
+    return ["run", GRPO, *tiny_grpo_overrides(model, cache, out, extra=list(extra))]
+
+
+# (case id, argv builder (model, cache, out, tmp_path) -> argv, words the one-line message must name)
+CASES = [
+    ("truncated-weights", lambda m, c, o, t: _eval(_truncated_model(m, t), c), ["model.safetensors"]),
+    ("eval-horizon-0", lambda m, c, o, t: _eval(m, c, "--horizon", "0"), ["--horizon"]),
+    ("eval-context-0", lambda m, c, o, t: _eval(m, c, "--context", "0"), ["--context"]),
+    ("eval-batch-size-0", lambda m, c, o, t: _eval(m, c, "--batch-size", "0"), ["--batch-size"]),
+    ("eval-size-mismatch", lambda m, c, o, t: _eval(m, c)[:-2] + ["--size", "64", "--json", str(t / "e.json")],
+     ["--size 64", "32x32"]),
+    ("eval-json-is-a-folder", lambda m, c, o, t: _eval(m, c)[:-1] + [str(t)], ["--json", "folder"]),
+    ("eval-huge-seed", lambda m, c, o, t: ["eval", "--model", str(m), "--seeds", "99999999999999999999",
+                                           "--json", str(t / "e.json")], ["99999999999999999999"]),
+    ("eval-scene-inf", lambda m, c, o, t: _eval(m, c, "--scene", "move_step=inf"), ["move_step"]),
+    ("empty-footage-sft", lambda m, c, o, t: ["run", SFT, f"model={m}", f"out={o}", f"data.path={_empty_footage(t)}",
+                                              "heldout_fraction=0.25", "data.image_size=32"], ["no episodes"]),
+    ("steps-negative", lambda m, c, o, t: _grpo(m, c, o, "steps=-1"), ["steps=-1"]),
+    ("log-every-0", lambda m, c, o, t: _grpo(m, c, o, "train.log_every=0"), ["log_every=0"]),
+    ("prompts-per-step-0", lambda m, c, o, t: _grpo(m, c, o, "prompts_per_step=0"), ["prompts_per_step=0"]),
+    ("lr-inf", lambda m, c, o, t: _grpo(m, c, o, "train.lr=.inf"), ["train.lr", "finite"]),
+    ("reward-weight-nan", lambda m, c, o, t: _grpo(m, c, o, "rewards=[{name: psnr, weight: .nan}]"),
+     ["weight", "finite"]),
+    ("yaml-error-in-override", lambda m, c, o, t: _grpo(m, c, o, "train.lr=[0.1"), ["train.lr", "YAML"]),
+    ("held-out-overlaps-training", lambda m, c, o, t: _grpo(m, c, o, "eval.data.seeds=6:10"),
+     ["eval.data.seeds", "overlaps"]),
+    ("unknown-key", lambda m, c, o, t: _grpo(m, c, o, "train.lrr=0.1"), ["train.lrr", "'lr'"]),
+    ("scene-inf-in-recipe", lambda m, c, o, t: _grpo(m, c, o, "data.scene={move_step: .inf}"), ["data", "move_step"]),
+]
+
+
+@pytest.mark.parametrize("build, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(build, words, tiny_model_dir, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    argv = build(tiny_model_dir, cache, out, tmp_path)
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, (code, err)
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in err.splitlines() if line.startswith("posttrain: error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    # No work was done first: nothing generated, no run folder written (an empty lock is allowed for runs
+    # refused after the folder was claimed, but no metrics or checkpoints).
+    assert not (cache.exists() and any(cache.iterdir())), "episodes were generated before the error"
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
