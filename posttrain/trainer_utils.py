@@ -450,6 +450,7 @@ class Trainer:
                     self.log.write(metrics)
                     if acc.log_with:
                         acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+                _fault_point("after_log", step)
                 every = self.settings.checkpoint_every
                 if (every and (step + 1) % every == 0) or step == config.steps - 1:
                     self.save_checkpoint(step, history)
@@ -503,7 +504,8 @@ class TrainingDiverged(RuntimeError):
 
 FAULT_ENV = "POSTTRAIN_FAULT"
 """Deterministic fault injection for tests: POSTTRAIN_FAULT=after_checkpoint:3 SIGKILLs the process
-right after checkpoint step-000003 is committed (no timers, no polling)."""
+right after checkpoint step-000003 is committed, after_log:3 right after step 3's metrics are
+written (no timers, no polling)."""
 
 
 def _fault_point(name: str, step: int) -> None:
