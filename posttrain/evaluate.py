@@ -70,16 +70,88 @@ def episode_batch(episodes: dict, index) -> EpisodeBatch:
     return EpisodeBatch(**{name: episodes[name][index] for name in EPISODE_FIELDS})
 
 
+BASELINES = ("persistence", "mean_image")
+"""Trivial predictors every model is compared with: repeat the last context frame; the mean frame of
+the training data (a constant image)."""
+
+
+def mean_frame_for(model_name: str | None, episodes: dict) -> tuple[torch.Tensor, str]:
+    """(H, W, 3) float mean frame and where it came from: the model folder's `mean_frame.png` (the mean
+    of its training frames, written by pre-training), else the mean of the evaluated episodes' frames
+    (a slightly stronger baseline than it should be: it has seen the test frames)."""
+    if model_name:
+        from posttrain.models.registry import resolve_model_path
+
+        path = resolve_model_path(model_name) / MEAN_FRAME_FILE
+        if path.is_file():
+            from PIL import Image
+
+            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).float() / 255
+            if image.shape == episodes["frames"].shape[2:]:
+                return image, str(path)
+    return episodes["frames"].float().mean((0, 1)) / 255, "mean of the evaluated episodes' frames"
+
+
+MEAN_FRAME_FILE = "mean_frame.png"
+
+
+def _frame_metrics(predicted, truth, segmentation) -> dict:
+    """Per-episode, per-step metrics (E, H) of predicted frames (E, H, h, w, 3) in [0, 1]."""
+    presence = M.object_presence(predicted, truth, segmentation)  # (E, H, objects), NaN where none
+    return {"mse": M.mse(predicted, truth), "psnr": M.psnr(predicted, truth).clamp(max=60.0),
+            "ssim": M.ssim(predicted, truth), "object_presence": presence}
+
+
+def _summarise(chunks: dict, report: dict, prefix: str = "") -> None:
+    for name, parts in chunks.items():
+        values = torch.cat(parts).double()
+        finite = torch.where(torch.isfinite(values), values, torch.nan)
+        if finite.dim() == 3:  # object presence: mean over objects that are there
+            per_step = torch.nanmean(finite, (0, 2))
+        else:
+            per_step = torch.nanmean(finite, 0)
+        report[f"{prefix}{name}_per_step"] = [None if torch.isnan(v) else round(float(v), 6) for v in per_step]
+        report[f"{prefix}{name}_mean"] = round(float(torch.nanmean(finite)), 6)
+
+
+def skill_scores(model: dict, baseline: dict) -> dict:
+    """Skill of the model against a baseline (positive = the model is better):
+    mse: 1 - MSE_model / MSE_baseline; psnr_db: PSNR_model - PSNR_baseline;
+    ssim: (SSIM_model - SSIM_baseline) / (1 - SSIM_baseline), the share of the baseline's gap to a
+    perfect 1 that the model closes."""
+    mse_b, ssim_b = baseline["mse_mean"], baseline["ssim_mean"]
+    return {"mse": round(1 - model["mse_mean"] / mse_b, 6) if mse_b else None,
+            "psnr_db": round(model["psnr_mean"] - baseline["psnr_mean"], 4),
+            "ssim": round((model["ssim_mean"] - ssim_b) / (1 - ssim_b), 6) if ssim_b < 1 else None}
+
+
+def useful_horizon(model_ssim: list, *baseline_ssims: list) -> int:
+    """Predicted steps, counted from the first, for which the model's mean SSIM beats every baseline's
+    at every step so far (the first step where any baseline is at least as good ends it)."""
+    horizon = 0
+    for step, value in enumerate(model_ssim):
+        if all(value > other[step] for other in baseline_ssims):
+            horizon += 1
+        else:
+            break
+    return horizon
+
+
 @torch.no_grad()
-def evaluate_model(model, episodes: dict, config: EvalConfig, description: str = "eval", progress: bool = True) -> dict:
-    """Per-step and mean metrics of `model` rolled out on `episodes` (a `load_episodes` dict)."""
+def evaluate_model(model, episodes: dict, config: EvalConfig, description: str = "eval", progress: bool = True,
+                   mean_frame: torch.Tensor | None = None, mean_frame_source: str = "") -> dict:
+    """Per-step and mean metrics of `model` rolled out on `episodes` (a `load_episodes` dict), beside the
+    trivial baselines (persistence, mean image), with skill scores and the useful horizon."""
     count, length = episodes["frames"].shape[:2]
     context_len, horizon = config.num_context, config.horizon
     if context_len + horizon > length:
         raise ValueError(f"episodes have {length} frames; need num_context + horizon = {context_len + horizon}")
+    if mean_frame is None:
+        mean_frame, mean_frame_source = mean_frame_for(None, episodes)
     was_training = model.training
     model.eval()
-    per_step: dict[str, list] = {"mse": [], "psnr": [], "ssim": [], "consistency_3d": []}
+    per_step: dict[str, list] = {"consistency_3d": []}
+    baseline_steps: dict[str, dict[str, list]] = {name: {} for name in BASELINES}
     loop_errors: list[float] = []
     consistency = get_reward("consistency_3d")
     loop = get_reward("loop_closure")
@@ -94,9 +166,14 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
                                 top_k=config.top_k, top_p=config.top_p, seeds=seeds)
             predicted = out.frames.float()  # (B, H, h, w, 3) in [0, 1]
             truth = frames[:, context_len: context_len + horizon].float() / 255
-            per_step["mse"].append(M.mse(predicted, truth))
-            per_step["psnr"].append(M.psnr(predicted, truth).clamp(max=60.0))
-            per_step["ssim"].append(M.ssim(predicted, truth))
+            segmentation = episodes["segmentation"][index][:, context_len: context_len + horizon]
+            for name, values in _frame_metrics(predicted, truth, segmentation).items():
+                per_step.setdefault(name, []).append(values)
+            trivial = {"persistence": (frames[:, context_len - 1: context_len].float() / 255).expand_as(truth),
+                       "mean_image": mean_frame.to(truth.dtype).expand_as(truth)}
+            for name, guess in trivial.items():
+                for metric, values in _frame_metrics(guess, truth, segmentation).items():
+                    baseline_steps[name].setdefault(metric, []).append(values)
             batch = episode_batch(episodes, index)
             truncated = EpisodeBatch(**{**batch.__dict__, **{k: getattr(batch, k)[:, : context_len + horizon]
                                         for k in ("frames", "depth", "segmentation", "world_to_camera",
@@ -117,13 +194,18 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
     model.train(was_training)
     report: dict = {"episodes": count, "num_context": context_len, "horizon": horizon,
                     "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
-    for name, chunks in per_step.items():
-        values = torch.cat(chunks).double()  # (E, H)
-        finite = torch.where(torch.isfinite(values), values, torch.nan)
-        report[f"{name}_per_step"] = [round(float(v), 6) for v in torch.nanmean(finite, 0)]
-        report[f"{name}_mean"] = round(float(torch.nanmean(finite)), 6)
+    _summarise(per_step, report)
     report["loop_closure_error_mean"] = round(float(np.mean(loop_errors)), 6) if loop_errors else None
     report["loop_episodes"] = len(loop_errors)
+    report["baselines"] = {}
+    for name, chunks in baseline_steps.items():
+        summary: dict = {}
+        _summarise(chunks, summary)
+        report["baselines"][name] = summary
+    report["baselines"]["mean_image"]["source"] = mean_frame_source
+    report["skill"] = {name: skill_scores(report, report["baselines"][name]) for name in BASELINES}
+    report["useful_horizon"] = useful_horizon(report["ssim_per_step"],
+                                              *[report["baselines"][name]["ssim_per_step"] for name in BASELINES])
     return report
 
 
@@ -147,6 +229,22 @@ def filmstrip(model, episodes: dict, config: EvalConfig, path: str | Path, rows:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return Path(path)
+
+
+def format_eval_summary(report: dict) -> str:
+    """A few lines: the model beside the baselines, skill and useful horizon."""
+    rows = [("model", report)] + [(name, report["baselines"][name]) for name in BASELINES]
+    lines = [f"{'':12} {'MSE':>8} {'PSNR dB':>8} {'SSIM':>7} {'objects':>8}"]
+    for name, values in rows:
+        lines.append(f"{name:12} {values['mse_mean']:8.5f} {values['psnr_mean']:8.2f} {values['ssim_mean']:7.4f} "
+                     f"{values['object_presence_mean']:8.3f}")
+    for name in BASELINES:
+        skill = report["skill"][name]
+        lines.append(f"skill vs {name}: MSE {skill['mse']:+.3f}, PSNR {skill['psnr_db']:+.2f} dB, SSIM "
+                     f"{skill['ssim']:+.3f} (positive = better than the baseline)")
+    lines.append(f"useful horizon: {report['useful_horizon']} of {report['horizon']} steps (model SSIM above both "
+                 f"baselines at every step so far); consistency_3d {report['consistency_3d_mean']:.4f}")
+    return "\n".join(lines)
 
 
 def load_with_adapter(model_name: str, adapter: str | None = None):
@@ -181,12 +279,13 @@ def run_eval_cli(args) -> int:
     if getattr(model, "image_size", args.size) != args.size:
         raise ValueError(f"--size {args.size} does not match the model's {model.image_size}x{model.image_size} frames")
     episodes = load_episodes(config.data, EPISODE_FIELDS)
-    report = evaluate_model(model, episodes, config, description="eval")
+    mean_frame, source = mean_frame_for(args.model, episodes)
+    report = evaluate_model(model, episodes, config, description="eval", mean_frame=mean_frame,
+                            mean_frame_source=source)
     report.update({"model": args.model, "adapter": args.adapter, "seeds": args.seeds})
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     strip = filmstrip(model, episodes, config, out.with_suffix(".png"))
-    print(f"mse {report['mse_mean']:.5f}  psnr {report['psnr_mean']:.2f} dB  ssim {report['ssim_mean']:.4f}  "
-          f"consistency_3d {report['consistency_3d_mean']:.4f}  -> {out} (+ {strip.name})")
+    print(format_eval_summary(report) + f"\n-> {out} (+ {strip.name})")
     return 0

@@ -219,6 +219,21 @@ def train_dynamics(tokens, actions, cfg: DynamicsTraining, generator, log: Metri
     return dynamics.eval()
 
 
+def save_mean_frame(frames: torch.Tensor, folder: Path) -> Path:
+    """The mean training frame as `mean_frame.png` beside the weights: `posttrain eval`'s mean-image baseline."""
+    from PIL import Image
+
+    from posttrain.evaluate import MEAN_FRAME_FILE
+
+    total = torch.zeros(frames.shape[-3:], dtype=torch.float64)
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    for i in range(0, len(flat), 1024):  # chunked: a float copy of every frame would take GBs
+        total += flat[i: i + 1024].double().sum(0)
+    mean = (total / len(flat)).round().clamp(0, 255).to(torch.uint8).numpy()
+    Image.fromarray(mean).save(folder / MEAN_FRAME_FILE)
+    return folder / MEAN_FRAME_FILE
+
+
 @torch.no_grad()
 def tokenizer_report(tokenizer: FrameTokenizer, frames: torch.Tensor, segmentation: torch.Tensor) -> dict:
     """Held-out reconstruction: PSNR, SSIM and object interior presence (share within 0.2 RGB distance)."""
@@ -301,5 +316,6 @@ def run(config: PretrainConfig) -> Path:
     }
     log.write({"stage": "summary", **summary})
     model.save_pretrained(out / "model", metadata={"pretrain": summary})
+    save_mean_frame(frames, out / "model")
     print(f"saved {out / 'model'}: {summary}")
     return out / "model"

@@ -49,19 +49,22 @@ def improvement(base: float, post: float) -> float:
 def write_report(trainer, history: list) -> Path:
     """Evaluate base (adapter disabled) and post-trained on held-out seeds; write report/."""
     from posttrain.data import load_episodes
-    from posttrain.evaluate import EPISODE_FIELDS, evaluate_model, rollout_seed
+    from posttrain.evaluate import EPISODE_FIELDS, evaluate_model, mean_frame_for, rollout_seed
 
     config = trainer.config
     out = trainer.out / "report"
     out.mkdir(parents=True, exist_ok=True)
     episodes = load_episodes(config.eval.data, EPISODE_FIELDS)
     policy = trainer.policy
+    mean_frame, source = mean_frame_for(trainer.base_name, episodes)
     results: dict = {"eval_seeds": config.eval.data.seeds, "horizon": config.eval.horizon, "temperatures": {}}
     for temperature in config.eval_temperatures:
         eval_config = _replace(config.eval, temperature=temperature)
         with _base_model(trainer) as base:
-            base_report = evaluate_model(base, episodes, eval_config, description=f"base T={temperature}")
-        post_report = evaluate_model(policy, episodes, eval_config, description=f"post T={temperature}")
+            base_report = evaluate_model(base, episodes, eval_config, description=f"base T={temperature}",
+                                         mean_frame=mean_frame, mean_frame_source=source)
+        post_report = evaluate_model(policy, episodes, eval_config, description=f"post T={temperature}",
+                                     mean_frame=mean_frame, mean_frame_source=source)
         results["temperatures"][str(temperature)] = {
             "base": base_report, "post": post_report,
             "mse_reduction": improvement(base_report["mse_mean"], post_report["mse_mean"]),
@@ -72,6 +75,7 @@ def write_report(trainer, history: list) -> Path:
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     _plot_rewards(trainer.out / "metrics.jsonl", out / "reward_curve.png")
     _plot_per_step(results, out / "per_step_mse.png")
+    _plot_against_baselines(results, out / "per_step_ssim_objects.png")
     # One before/after/truth rollout on a held-out episode (greedy, so it is representative).
     eval_config = _replace(config.eval, temperature=0.0)
     index = [0]
@@ -166,17 +170,46 @@ def _plot_per_step(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _plot_against_baselines(results: dict, out: Path) -> None:
+    """Per-step SSIM and object presence of base and post-trained, with the trivial baselines drawn on
+    the same axes (a model below a dashed line is worse than doing nothing clever)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = results["temperatures"]
+    fig, axes = plt.subplots(2, len(temps), figsize=(5 * len(temps), 6.5), squeeze=False)
+    for column, (temperature, pair) in enumerate(temps.items()):
+        for row, (metric, title) in enumerate((("ssim", "SSIM"), ("object_presence", "object presence"))):
+            axis = axes[row][column]
+            for name in ("base", "post"):
+                values = pair[name][f"{metric}_per_step"]
+                axis.plot(range(1, len(values) + 1), values, marker="o", label=name)
+            for name, style in (("persistence", "--"), ("mean_image", ":")):
+                values = pair["base"]["baselines"][name][f"{metric}_per_step"]
+                axis.plot(range(1, len(values) + 1), values, style, color="grey", label=name.replace("_", " "))
+            axis.set_title(f"held-out {title} per step, T={temperature}")
+            axis.set_xlabel("predicted frame")
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def write_index_html(folder: Path, results: dict) -> Path:
     """A self-contained page (relative links only, no network) with plots, the GIF and the metrics table."""
     rows = []
     for temperature, pair in results["temperatures"].items():
-        for metric in ("mse_mean", "psnr_mean", "ssim_mean", "consistency_3d_mean", "loop_closure_error_mean"):
+        for metric in ("mse_mean", "psnr_mean", "ssim_mean", "object_presence_mean", "useful_horizon",
+                       "consistency_3d_mean", "loop_closure_error_mean"):
             base, post = pair["base"].get(metric), pair["post"].get(metric)
             fmt = (lambda v: "n/a" if v is None else f"{v:.5g}")
             rows.append(f"<tr><td>{html.escape(temperature)}</td><td>{metric}</td><td>{fmt(base)}</td>"
                         f"<td>{fmt(post)}</td></tr>")
     images = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>'
-                     for name in ("reward_curve.png", "per_step_mse.png", "rollout.gif") if (folder / name).exists())
+                     for name in ("reward_curve.png", "per_step_ssim_objects.png", "per_step_mse.png", "rollout.gif")
+                     if (folder / name).exists())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>posttrain report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
 padding:4px 8px}}figure{{display:inline-block;margin:1em}}img{{image-rendering:pixelated;max-width:100%}}</style>
@@ -189,9 +222,33 @@ padding:4px 8px}}figure{{display:inline-block;margin:1em}}img{{image-rendering:p
     return path
 
 
-def _print_summary(results: dict) -> None:
+def change_phrase(name: str, base: float, post: float, lower_is_better: bool, relative: bool = True,
+                  unit: str = "") -> str:
+    """'MSE 0.0123 -> 0.0111 (-9.8%, better)': the change with its sign and which way it goes."""
+    delta = post - base
+    amount = f"{100 * delta / base:+.1f}%" if relative and base else f"{delta:+.3g}{unit}"
+    if delta == 0:
+        verdict = "unchanged"
+    else:
+        verdict = "better" if (delta < 0) == lower_is_better else "worse"
+    return f"{name} {base:.4g} -> {post:.4g} ({amount}, {verdict})"
+
+
+def result_lines(results: dict) -> list[str]:
+    lines = []
     for temperature, pair in results["temperatures"].items():
-        print(f"T={temperature}: MSE base {pair['base']['mse_mean']:.5f} -> post {pair['post']['mse_mean']:.5f} "
-              f"({100 * pair['mse_reduction']:+.1f}% reduction); 3D-consistency error "
-              f"{pair['base']['consistency_3d_mean']:.4f} -> {pair['post']['consistency_3d_mean']:.4f} "
-              f"({100 * pair['consistency_3d_error_reduction']:+.1f}%)")
+        base, post = pair["base"], pair["post"]
+        parts = [change_phrase("MSE", base["mse_mean"], post["mse_mean"], lower_is_better=True),
+                 change_phrase("SSIM", base["ssim_mean"], post["ssim_mean"], False, relative=False),
+                 change_phrase("object presence", base["object_presence_mean"], post["object_presence_mean"], False,
+                               relative=False),
+                 change_phrase("3D-consistency error", base["consistency_3d_mean"], post["consistency_3d_mean"], True),
+                 f"useful horizon {base['useful_horizon']} -> {post['useful_horizon']} steps"]
+        label = "greedy" if float(temperature) == 0 else f"T={temperature}"
+        lines.append(f"{label}: " + "; ".join(parts))
+    return lines
+
+
+def _print_summary(results: dict) -> None:
+    for line in result_lines(results):
+        print(line)
