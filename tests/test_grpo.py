@@ -130,13 +130,27 @@ def test_grpo_smoke_only_adapter_changes(tiny_model_dir, data_cache, tmp_path):
     assert list((out / "videos").glob("*.gif"))
 
 
-def test_accumulation_1x6_equals_6x1(tiny_model_dir, data_cache, tmp_path):
-    weights = []
+def test_accumulation_1x6_equals_6x1(tiny_model_dir, data_cache, tmp_path, monkeypatch):
+    """Gradients, not weights: one AdamW step from LoRA B = 0 is lr * sign(grad), blind to any
+    constant rescaling of the gradient (see tests/grad_capture.py). The gradient the optimizer
+    receives (before clipping) must be the same with 6 micro-batches of 1 and 1 micro-batch of 6,
+    and equal to ONE backward of the step's loss over the whole batch."""
+    import grad_capture
+
+    records, weights = [], []
+    grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
     for micro in (1, 6):
         out = tmp_path / f"micro{micro}"
         run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=1,
                                                extra=[f"train.micro_batch_size={micro}", "train.eval_at_end=false"]))
         weights.append(_adapter(out))
+    assert len(records) == 2  # one update per run
+    one, six, full = records[0]["step_grads"], records[1]["step_grads"], records[1]["full_batch"]
+    assert any("lora_B" in k and v.abs().max() > 1e-4 for k, v in full.items()), "no gradient reached LoRA B"
+    torch.testing.assert_close(records[0]["full_batch"], full, atol=1e-7, rtol=1e-5)  # the same batch and loss
+    for key in full:
+        torch.testing.assert_close(one[key], full[key], atol=1e-6, rtol=1e-4, msg=f"6x1 vs full batch: {key}")
+        torch.testing.assert_close(six[key], full[key], atol=1e-6, rtol=1e-4, msg=f"1x6 vs full batch: {key}")
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], atol=2e-6, rtol=1e-4)
 
