@@ -96,3 +96,33 @@ def split_changes(policy, base: dict) -> tuple[set, set, set]:
             continue
         (unchanged if torch.equal(value, base[key]) else changed).add(key)
     return changed, unchanged, adapter_changed
+
+
+def sigkill_resume_and_compare(recipe, overrides, tmp_path, kill_after: int = 1) -> tuple[dict, dict]:
+    """Run `recipe` unbroken; run it again in a subprocess SIGKILLed right after checkpoint
+    `kill_after` commits (POSTTRAIN_FAULT, no timers), resume it in-process; return the two runs'
+    final trained weights (adapter, or the full model) as {name: tensor}. `overrides(out)` -> list."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from posttrain.runner import run_recipe
+
+    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
+    run_recipe(recipe, overrides(unbroken))
+    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1", "POSTTRAIN_FAULT": f"after_checkpoint:{kill_after}"}
+    command = [sys.executable, "-m", "posttrain", "run", str(recipe), *overrides(killed)]
+    process = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             timeout=600)
+    assert process.returncode == -signal.SIGKILL, (process.returncode, process.stderr[-2000:])
+    assert (killed / "checkpoints" / "latest").read_text().strip() == f"step-{kill_after:06d}"
+    assert not (killed / "adapter").exists() and not (killed / "model").exists(), "the run died before finishing"
+    run_recipe(recipe, overrides(killed), resume=True)
+
+    def weights(out):
+        path = out / "adapter" / "adapter_model.safetensors"
+        return load_file(str(path if path.is_file() else out / "model" / "model.safetensors"))
+
+    return weights(unbroken), weights(killed)
