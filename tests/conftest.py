@@ -9,6 +9,37 @@ import torch
 
 os.environ.setdefault("POSTTRAIN_NO_PROGRESS", "1")
 
+# Text of `_triton_interp.needs_triton`'s skip reason: the kernel tests that need a runnable Triton.
+TRITON_SKIP_REASON = "Triton kernels cannot run here"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-kernels", action="store_true",
+        help="fail (instead of skip) the Triton kernel tests when triton is installed but cannot run them "
+             "(e.g. a test module imported peft/trl, hence triton.language in compiled mode, before the "
+             "kernel tests set up the interpreter). `make test` passes it.")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With --require-kernels, a `needs_triton` skip on a machine where triton is installed is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and item.config.getoption("--require-kernels")):
+        return
+    if TRITON_SKIP_REASON not in str(report.longrepr):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return  # triton not installed: the skip is honest
+    report.outcome = "failed"
+    report.longrepr = (f"--require-kernels: {item.nodeid} was skipped ({TRITON_SKIP_REASON}) although triton "
+                       "is installed. Something imported triton.language in compiled mode before "
+                       "tests/_triton_interp.py (a module collected earlier that imports peft or trl at its "
+                       "top?): import those inside the tests instead.")
+
 
 def make_tiny_model(seed: int = 0, context_frames: int = 4):
     from posttrain.models import DynamicsConfig, TokenizerConfig, TokenWorldModel
