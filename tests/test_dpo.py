@@ -146,6 +146,22 @@ def test_sigkill_and_resume_equals_unbroken_run(tiny_model, data_cache, tmp_path
             assert a[step][key] == b[step][key] or (math.isnan(a[step][key]) and math.isnan(b[step][key])), (step, key)
 
 
+def test_micro_batches_sum_to_the_full_batch_gradient(tiny_model, data_cache, tmp_path, monkeypatch):
+    """Online DPO, 2 pairs in micro-batches of one pair (2 rows): the gradient handed to the optimizer
+    equals one backward over both pairs (gradients, not weights: see tests/grad_capture.py)."""
+    import grad_capture
+
+    records: list = []
+    grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
+    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, tmp_path / "dpo-micro") + SMALL + [
+        "steps=1", "train.micro_batch_size=2", "train.eval_at_end=false"])
+    assert [r["pairs"] for r in read_metrics(tmp_path / "dpo-micro" / "metrics.jsonl") if "step" in r] == [2]
+    (record,) = records
+    assert any("lora_B" in k and v.abs().max() > 1e-4 for k, v in record["full_batch"].items())
+    for key, value in record["full_batch"].items():
+        torch.testing.assert_close(record["step_grads"][key], value, atol=1e-6, rtol=1e-4, msg=key)
+
+
 def test_offline_full_finetune_ipo_reuses_cache_on_resume(tiny_model, data_cache, tmp_path, captured_trainer):
     out = tmp_path / "dpo-offline"
     overrides = tiny_overrides(tiny_model, data_cache, out) + SMALL + [

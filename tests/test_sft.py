@@ -59,6 +59,21 @@ def test_sigkill_and_resume_equals_unbroken_run(tiny_model, data_cache, tmp_path
     assert all(losses[r["step"]] == r["loss"] for r in steps_of(tmp_path / "killed"))
 
 
+def test_micro_batches_sum_to_the_full_batch_gradient(tiny_model, data_cache, tmp_path, monkeypatch):
+    """4 clips in micro-batches of 1: the gradient handed to the optimizer equals one backward over
+    all 4 (gradients, not weights: see tests/grad_capture.py)."""
+    import grad_capture
+
+    records: list = []
+    grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
+    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, tmp_path / "sft-micro") + SMALL + [
+        "steps=1", "train.micro_batch_size=1", "train.eval_at_end=false", "eval_every=0"])
+    (record,) = records
+    assert any("lora_B" in k and v.abs().max() > 1e-4 for k, v in record["full_batch"].items())
+    for key, value in record["full_batch"].items():
+        torch.testing.assert_close(record["step_grads"][key], value, atol=1e-6, rtol=1e-4, msg=key)
+
+
 def test_overfitting_one_clip_lowers_the_loss(tiny_model, data_cache, tmp_path):
     out = tmp_path / "sft-overfit"
     run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out, frames=4, train_seeds="0:1") + [
