@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_grpo_overrides
+from conftest import base_state, split_changes, tiny_grpo_overrides
 from safetensors.torch import load_file
 
 from posttrain.grpo import policy_loss
@@ -66,6 +66,153 @@ def test_per_frame_advantages_by_hand():
         policy_loss(new, old, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), valid, "gspo", 0.2, 0.28)
 
 
+# Per-frame rewards of the 2 prompts x 3 samples x 4 frames handed to grpo_step by the test below.
+FRAME_REWARDS = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0],
+                 [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, -2.0]]
+
+
+class _TRLGRPOStub:
+    """The state TRL 1.16's `GRPOTrainer._compute_loss` reads, for calling it without a trainer:
+    one process, no gradient accumulation, no vLLM, no entropy bonus/mask, no off-policy mask.
+    Its model call is replaced by the given per-token log-probs (what the method computes them from
+    is not the point: the loss on top of them is)."""
+
+    def __init__(self, loss_type, epsilon_low, epsilon_high, beta, level, new_logp, completion_length):
+        from collections import defaultdict
+        from types import SimpleNamespace
+
+        self.loss_type, self.epsilon_low, self.epsilon_high, self.beta = loss_type, epsilon_low, epsilon_high, beta
+        self.importance_sampling_level = level
+        self.args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+        self.top_entropy_quantile, self.off_policy_mask_threshold = 1.0, None
+        self.use_vllm, self._entropy_bonus_enabled, self.aux_loss_enabled = False, False, False
+        self.model = SimpleNamespace(training=True)
+        self.current_gradient_accumulation_steps = 1
+        self.max_completion_length = completion_length
+        self.accelerator = SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                           reduce=lambda x, reduction: x, sync_gradients=True)
+        self._metrics = defaultdict(lambda: defaultdict(list))
+        self._new_logp = new_logp
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        return self._new_logp, torch.zeros_like(self._new_logp), None
+
+
+TRL_GRPO_CASES = [  # (our loss_type, TRL loss_type, TRL importance_sampling_level, eps low, eps high, kl coef)
+    ("grpo", "grpo", "token", 0.2, 0.28, 0.0),
+    ("dr_grpo", "dr_grpo", "token", 0.2, 0.28, 0.0),
+    ("dapo", "dapo", "token", 0.2, 0.28, 0.0),
+    ("grpo", "grpo", "token", 0.1, 0.15, 0.04),
+    ("gspo", "grpo", "sequence", 3e-4, 4e-4, 0.0),  # GSPO: TRL's sequence-level ratio, grpo normalisation
+]
+
+
+@pytest.mark.parametrize("ours, trl_type, level, eps_low, eps_high, kl_coef, per_frame", [
+    (*case, per_frame) for case in TRL_GRPO_CASES for per_frame in (False, True)
+    if not (per_frame and case[0] == "gspo")  # gspo takes one advantage per rollout
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_policy_loss_matches_trl_compute_loss(ours, trl_type, level, eps_low, eps_high, kl_coef, per_frame):
+    """`policy_loss` against TRL 1.16's own `GRPOTrainer._compute_loss` (trl/trainer/grpo_trainer.py),
+    called on a stub trainer (`_TRLGRPOStub`) with the same per-token log-probs: loss value, gradient
+    with respect to the new log-probs, and the clipped-region fraction (TRL's clip_ratio/region_mean).
+    Log-ratios are spread wide (std 0.4), so many tokens fall outside [1 - eps_low, 1 + eps_high] on
+    the side of their advantage's sign: there the gradient must be exactly zero. All sequences are
+    valid and have the same length, where grpo, dr_grpo and dapo normalisations coincide (grpo.py)."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    generator = torch.Generator().manual_seed(0)
+    batch, frames, per_frame_tokens = 6, 3, 4
+    length = frames * per_frame_tokens
+    old = -3 * torch.rand(batch, length, generator=generator, dtype=torch.float64)
+    new_leaf = (old + 0.4 * torch.randn(batch, length, generator=generator, dtype=torch.float64)).requires_grad_()
+    ref = old + 0.1 * torch.randn(batch, length, generator=generator, dtype=torch.float64)
+    if per_frame:
+        advantages = torch.randn(batch, frames, generator=generator, dtype=torch.float64)
+        token_advantages = advantages.repeat_interleave(per_frame_tokens, dim=1)  # (B, L): what TRL takes
+    else:
+        advantages = torch.tensor([1.5, -1.0, 0.7, -0.3, 2.0, -2.0], dtype=torch.float64)
+        token_advantages = advantages
+    valid = torch.ones(batch, dtype=torch.bool)
+    loss, stats = policy_loss(new_leaf, old, advantages, valid, ours, eps_low, eps_high, ref_logp=ref, kl_coef=kl_coef)
+    (grad,) = torch.autograd.grad(loss, new_leaf)
+
+    trl_leaf = new_leaf.detach().clone().requires_grad_()
+    stub = _TRLGRPOStub(trl_type, eps_low, eps_high, kl_coef, level, trl_leaf, length)
+    mask = torch.ones(batch, length)
+    inputs = {"prompt_ids": torch.zeros(batch, 1, dtype=torch.long), "prompt_mask": torch.ones(batch, 1),
+              "completion_ids": torch.zeros(batch, length, dtype=torch.long), "completion_mask": mask,
+              "advantages": token_advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    trl_loss = trl_grpo.GRPOTrainer._compute_loss(stub, None, inputs)
+    (trl_grad,) = torch.autograd.grad(trl_loss, trl_leaf)
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, trl_grad, rtol=1e-10, atol=1e-12)
+    region = stub._metrics["train"]["clip_ratio/region_mean"][0]
+    assert stats["clip_fraction"] / batch == pytest.approx(region, abs=1e-6)
+    assert 0.05 < region < 0.95, region  # clipping really happens, and not everywhere
+    # Clipped tokens (ratio past the bound on the advantage's side) get no gradient; others do.
+    if ours == "gspo":
+        ratio = (new_leaf - old).mean(-1, keepdim=True).exp().detach().expand(batch, length)
+    else:
+        ratio = (new_leaf - old).exp().detach()
+    token_advantages = token_advantages if per_frame else token_advantages[:, None].expand(batch, length)
+    clipped = ((ratio < 1 - eps_low) & (token_advantages < 0)) | ((ratio > 1 + eps_high) & (token_advantages > 0))
+    assert clipped.any() and (~clipped).any()
+    if kl_coef == 0:
+        assert torch.all(grad[clipped] == 0)
+        assert torch.all(grad[~clipped] != 0)
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_frame_credit_returns_to_go_and_group_advantages_by_hand(tiny_model_dir, data_cache, tmp_path, monkeypatch,
+                                                                 scale):
+    """credit=frame through grpo_step, with the per-frame rewards replaced by FRAME_REWARDS.
+
+    Returns-to-go (sum of the rewards from frame f to the end):
+      prompt 0: [1,0,0,1] -> [2,1,1,1];  [0,0,1,0] -> [1,1,1,0];  [0,1,0,0] -> [1,1,0,0]
+      prompt 1: [0,0,0,0] -> [0,0,0,0];  [0,0,0,2] -> [2,2,2,2];  [0,0,0,-2] -> [-2,-2,-2,-2]
+    Per frame, across each prompt's 3 samples: centred = rtg - group mean ("none" stops here),
+    "group" divides by (unbiased std + 1e-4):
+      prompt 0, frame 0: [2,1,1]: mean 4/3, centred [2/3,-1/3,-1/3], std sqrt((4+1+1)/9/2) = 0.57735
+                         -> [1.15450, -0.57725, -0.57725]
+                frame 1: [1,1,1]: centred 0 -> 0 (0 / (0 + 1e-4))
+                frame 2: [1,1,0]: centred [1/3,1/3,-2/3], std 0.57735 -> [0.57725, 0.57725, -1.15450]
+                frame 3: [1,0,0]: like frame 0 -> [1.15450, -0.57725, -0.57725]
+      prompt 1, every frame: [0,2,-2]: mean 0, std 2 -> [0, 0.99995, -0.99995]; "none": [0, 2, -2].
+    """
+    import posttrain.grpo as grpo
+    from posttrain.trainer_utils import Trainer
+
+    totals = torch.tensor(FRAME_REWARDS)
+
+    def hand_rewards(self, frames, episode_index, sample_ids, tokens=None):
+        assert frames.shape[:2] == totals.shape
+        return totals.clone(), {"hand": totals.clone()}, torch.ones(len(totals), dtype=torch.bool), []
+
+    seen = []
+    original = grpo.policy_loss
+
+    def recording_loss(new_logp, old_logp, advantages, *args, **kwargs):
+        seen.append(advantages.clone())
+        return original(new_logp, old_logp, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "score_frame_rewards", hand_rewards)
+    monkeypatch.setattr(grpo, "policy_loss", recording_loss)
+    run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "frame", steps=1, extra=[
+        "credit=frame", f"scale_rewards={scale}", "train.micro_batch_size=6", "train.eval_at_end=false",
+        "train.checkpoint_every=0"]))
+    assert len(seen) == 1 and seen[0].shape == (6, 4)  # one micro-batch of 6 rollouts x 4 frames
+    if scale == "none":
+        third = 1 / 3
+        expected = [[2 / 3, 0, third, 2 / 3], [-third, 0, third, -third], [-third, 0, -2 / 3, -third],
+                    [0, 0, 0, 0], [2, 2, 2, 2], [-2, -2, -2, -2]]
+    else:
+        big, small, one = 2 / 3 / (0.57735027 + 1e-4), 1 / 3 / (0.57735027 + 1e-4), 2 / (2 + 1e-4)
+        expected = [[big, 0, small, big], [-small, 0, small, -small], [-small, 0, -big, -small],
+                    [0, 0, 0, 0], [one] * 4, [-one] * 4]
+        assert big == pytest.approx(1.15450, abs=1e-5) and small == pytest.approx(0.57725, abs=1e-5)
+    torch.testing.assert_close(seen[0], torch.tensor(expected), atol=1e-5, rtol=0)
+
+
 def test_invalid_samples_are_masked_not_zeroed():
     new, old = torch.tensor(LOG), torch.zeros(2, 2)
     loss, stats = policy_loss(new, old, torch.tensor([1.0, -1.0]), torch.tensor([True, False]), "grpo", 0.2, 0.28)
@@ -97,9 +244,7 @@ def _adapter(out: Path) -> dict:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_grpo_smoke_only_adapter_changes(tiny_model_dir, data_cache, tmp_path):
-    from posttrain.models import load_model
-
+def test_grpo_smoke_only_adapter_changes(tiny_model_dir, data_cache, tmp_path, captured_trainer):
     out = tmp_path / "run"
     run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=2,
                                            extra=["train.eval_at_end=true", "train.video_every=1", "credit=frame"]))
@@ -113,30 +258,36 @@ def test_grpo_smoke_only_adapter_changes(tiny_model_dir, data_cache, tmp_path):
         assert key in record and record[key] is not None and math.isfinite(record[key]), key
     adapter = _adapter(out)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items()), "LoRA B must have moved from 0"
-    # The base weights are untouched: the adapter-disabled model equals the base on disk.
-    from peft import PeftModel
-
-    base = load_model(tiny_model_dir)
-    reloaded = PeftModel.from_pretrained(load_model(tiny_model_dir), str(out / "adapter"))
-    base_params = dict(base.named_parameters())
-    compared = 0
-    for name, param in reloaded.get_base_model().named_parameters():
-        if "lora_" not in name:
-            assert torch.equal(param, base_params[name.replace(".base_layer", "")]), name
-            compared += 1
-    assert compared == len(base_params)
+    # The base weights are untouched: the trained in-memory policy's base weights equal the file's.
+    base = base_state(tiny_model_dir)
+    changed, unchanged, adapter_changed = split_changes(captured_trainer["trainer"].policy, base)
+    assert unchanged == set(base) and not changed and adapter_changed
     for name in ("metrics.json", "reward_curve.png", "per_step_mse.png", "rollout.gif", "index.html"):
         assert (out / "report" / name).is_file(), name
     assert list((out / "videos").glob("*.gif"))
 
 
-def test_accumulation_1x6_equals_6x1(tiny_model_dir, data_cache, tmp_path):
-    weights = []
+def test_accumulation_1x6_equals_6x1(tiny_model_dir, data_cache, tmp_path, monkeypatch):
+    """Gradients, not weights: one AdamW step from LoRA B = 0 is lr * sign(grad), blind to any
+    constant rescaling of the gradient (see tests/grad_capture.py). The gradient the optimizer
+    receives (before clipping) must be the same with 6 micro-batches of 1 and 1 micro-batch of 6,
+    and equal to ONE backward of the step's loss over the whole batch."""
+    import grad_capture
+
+    records, weights = [], []
+    grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
     for micro in (1, 6):
         out = tmp_path / f"micro{micro}"
         run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=1,
                                                extra=[f"train.micro_batch_size={micro}", "train.eval_at_end=false"]))
         weights.append(_adapter(out))
+    assert len(records) == 2  # one update per run
+    one, six, full = records[0]["step_grads"], records[1]["step_grads"], records[1]["full_batch"]
+    assert any("lora_B" in k and v.abs().max() > 1e-4 for k, v in full.items()), "no gradient reached LoRA B"
+    torch.testing.assert_close(records[0]["full_batch"], full, atol=1e-7, rtol=1e-5)  # the same batch and loss
+    for key in full:
+        torch.testing.assert_close(one[key], full[key], atol=1e-6, rtol=1e-4, msg=f"6x1 vs full batch: {key}")
+        torch.testing.assert_close(six[key], full[key], atol=1e-6, rtol=1e-4, msg=f"1x6 vs full batch: {key}")
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], atol=2e-6, rtol=1e-4)
 

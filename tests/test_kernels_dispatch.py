@@ -115,3 +115,17 @@ def test_interpreter_set_after_posttrain_import_still_runs_kernels():
         print(K.triton_available(x), bool((a.tokens == b.tokens).all()))
     """)
     assert out == "True True"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA a compiled-mode triton.language is the right mode: no skip")
+def test_require_kernels_fails_a_kernel_test_that_would_silently_skip():
+    """`make test` runs pytest with --require-kernels (tests/conftest.py). Here peft is loaded as a
+    plugin (-p peft), i.e. before collection, as a test module collected earlier that imports peft or
+    trl at its top would: triton.language is frozen in compiled mode, the kernel test's skip must
+    then turn into a failure that says why."""
+    node = f"{__file__}::test_interpreter_env_enables_triton_on_cpu"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "peft", node]
+    strict = subprocess.run([*command, "--require-kernels"], capture_output=True, text=True, env=env, timeout=300)
+    assert strict.returncode != 0 and "--require-kernels:" in strict.stdout and "imports peft or trl" in strict.stdout, \
+        strict.stdout[-3000:]

@@ -7,7 +7,8 @@ import json
 import math
 
 import numpy as np
-from conftest import base_state, split_changes, tiny_overrides
+import torch
+from conftest import base_state, sigkill_resume_and_compare, split_changes, tiny_overrides
 
 from posttrain.logging_utils import read_metrics
 from posttrain.runner import run_recipe
@@ -43,6 +44,34 @@ def test_full_finetune_changes_dynamics_not_tokenizer(tiny_model, data_cache, tm
     assert all(k.startswith("dynamics.") for k in changed)
     assert {k for k in base if k.startswith("tokenizer.")} <= unchanged
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_sigkill_and_resume_equals_unbroken_run(tiny_model, data_cache, tmp_path):
+    """Killed right after checkpoint 1 of 4 and resumed: bit-identical adapter, every step logged."""
+    overrides = lambda out: tiny_overrides(tiny_model, data_cache, out) + SMALL + [  # noqa: E731
+        "steps=4", "train.checkpoint_every=1", "train.eval_at_end=false"]
+    unbroken, resumed = sigkill_resume_and_compare(RECIPE, overrides, tmp_path)
+    assert unbroken.keys() == resumed.keys() and any("lora_B" in k and v.abs().max() > 0 for k, v in unbroken.items())
+    for key in unbroken:
+        assert torch.equal(unbroken[key], resumed[key]), key
+    assert [r["step"] for r in steps_of(tmp_path / "killed")][-2:] == [2, 3]
+    losses = {r["step"]: r["loss"] for r in steps_of(tmp_path / "unbroken")}
+    assert all(losses[r["step"]] == r["loss"] for r in steps_of(tmp_path / "killed"))
+
+
+def test_micro_batches_sum_to_the_full_batch_gradient(tiny_model, data_cache, tmp_path, monkeypatch):
+    """4 clips in micro-batches of 1: the gradient handed to the optimizer equals one backward over
+    all 4 (gradients, not weights: see tests/grad_capture.py)."""
+    import grad_capture
+
+    records: list = []
+    grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
+    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, tmp_path / "sft-micro") + SMALL + [
+        "steps=1", "train.micro_batch_size=1", "train.eval_at_end=false", "eval_every=0"])
+    (record,) = records
+    assert any("lora_B" in k and v.abs().max() > 1e-4 for k, v in record["full_batch"].items())
+    for key, value in record["full_batch"].items():
+        torch.testing.assert_close(record["step_grads"][key], value, atol=1e-6, rtol=1e-4, msg=key)
 
 
 def test_overfitting_one_clip_lowers_the_loss(tiny_model, data_cache, tmp_path):
