@@ -206,11 +206,12 @@ def heldout_rollout_gif(trainer: Trainer, config: SFTConfig, tokens: torch.Tenso
 def sft_step(trainer: Trainer, config: SFTConfig, step: int, heldout=None) -> dict:
     """One optimizer step of teacher-forced cross-entropy on this step's clips."""
     acc = trainer.accelerator
-    # Seeded by (seed, step, rank): a resumed run draws the clips an unbroken run would.
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + acc.process_index)
-    local = max(1, config.batch_size // acc.num_processes)
-    tokens, actions = sample_clips(trainer.episode_tokens, trainer.episodes["actions"], local,
+    # The global batch is seeded by (seed, step) alone and each process takes every num_processes-th clip:
+    # a resumed run draws the clips an unbroken run would, and N processes train on what 1 process would.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
+    tokens, actions = sample_clips(trainer.episode_tokens, trainer.episodes["actions"], config.batch_size,
                                    config.clip_frames, generator)
+    tokens, actions = tokens[acc.process_index:: acc.num_processes], actions[acc.process_index:: acc.num_processes]
     num_tokens = trainer.reduce_sum((config.clip_frames - config.num_context) * tokens.shape[-1] * len(tokens))
 
     def loss_fn(new_logp, index):
