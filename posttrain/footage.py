@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
-from posttrain.envs3d.generate import check_output_folder
+from posttrain.envs3d.jobs import check_output_folder, die_with_parent, fault_point, staging_folder
 
 NULL_ACTION = NUM_ACTIONS
 """Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
@@ -487,10 +486,12 @@ def _iter_results(jobs: list[tuple], config: FootageConfig, on_frame) -> Iterato
             yield ingest_source(kind, rel, path, shard, cfg, on_frame)
         return
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+    with cf.ProcessPoolExecutor(config.workers, mp_context=context, initializer=die_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_ingest_one, job) for job in jobs]
         for future in futures:
             result = future.result()
+            fault_point("ingest_after_first_source", pool._processes or {})
             on_frame(result.source_frames)
             yield result
 
@@ -513,11 +514,12 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"footage folder {src} does not exist or is not a folder")
-    check_output_folder(out, config.overwrite)
+    # Only a folder holding our manifest may be replaced; --out may not overlap the footage (it would be deleted).
+    check_output_folder(out, config.overwrite, inputs=(src,), owned_markers=("manifest.json",))
     sources, skipped = discover(src, exclude=(out,))
     if not sources:
         raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) or image-sequence folders under {src}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_folder(out)
     try:
         shards = staging / "shards"
         shards.mkdir()
