@@ -199,3 +199,49 @@ def test_only_staging_folders_of_provably_dead_owners_are_removed(tmp_path):
     assert not any(p.exists() for p in expected)
     assert ours.is_dir() and legacy.is_dir() and elsewhere.is_dir()
     assert (out / "manifest.json").read_text() == "{}"
+
+
+# --- 3. adapters are checked before they are applied ------------------------------------------------
+
+
+@pytest.fixture
+def saved_adapter(tiny_model, tmp_path) -> Path:
+    """A rank-4 LoRA adapter of the tiny model, saved as training saves it (with posttrain_adapter.json)."""
+    from posttrain.adapters import LoraSettings, apply_lora, save_adapter
+    from posttrain.models import load_model, weights_hash
+
+    peft_model = apply_lora(load_model(tiny_model), LoraSettings(r=4, alpha=8))
+    return save_adapter(peft_model, tmp_path / "adapter", str(tiny_model), weights_hash(tiny_model))
+
+
+def _eval_argv(tiny_model, adapter, tmp_path) -> list[str]:
+    return ["eval", "--model", str(tiny_model), "--adapter", str(adapter), "--seeds", "0:1", "--size", "32",
+            "--context", "1", "--horizon", "1", "--batch-size", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--json", str(tmp_path / "eval.json")]
+
+
+def test_adapter_without_its_base_record_needs_force(tiny_model, saved_adapter, tmp_path, capsys):
+    from posttrain.adapters import load_adapter
+    from posttrain.models import load_model
+
+    (saved_adapter / "posttrain_adapter.json").unlink()
+    with pytest.raises(ValueError, match="posttrain_adapter.json.*--force-adapter"):
+        load_adapter(load_model(tiny_model), saved_adapter, base_name=str(tiny_model))
+    assert load_adapter(load_model(tiny_model), saved_adapter, base_name=str(tiny_model), force=True) is not None
+
+    argv = _eval_argv(tiny_model, saved_adapter, tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(saved_adapter) in err and "--force-adapter" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--force-adapter"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["adapter"] == str(saved_adapter)
+
+
+def test_edited_adapter_rank_is_a_one_line_error(tiny_model, saved_adapter, tmp_path, capsys):
+    config_path = saved_adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "r": 8}))
+    assert main(_eval_argv(tiny_model, saved_adapter, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{config_path}: r=8, but adapter_model.safetensors holds rank-4 weights" in err
