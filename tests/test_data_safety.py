@@ -245,3 +245,30 @@ def test_edited_adapter_rank_is_a_one_line_error(tiny_model, saved_adapter, tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{config_path}: r=8, but adapter_model.safetensors holds rank-4 weights" in err
+
+
+# --- 4. a truncated video is flagged, not passed off as ok --------------------------------------------
+
+
+def test_half_a_video_is_marked_partial(tmp_path, capsys):
+    src = tmp_path / "src"
+    # 6 s at 24 fps = 144 frames; faststart puts the index first, so half the file still opens and
+    # (with frame threading) decodes cleanly up to where it was cut.
+    full = _video(tmp_path / "full.mp4", 6, rate=24, faststart=True)
+    data = full.read_bytes()
+    src.mkdir()
+    (src / "half.mp4").write_bytes(data[: len(data) // 2])
+    (src / "whole.mp4").write_bytes(data)
+    out = tmp_path / "clips"
+    assert main(["footage", "ingest", str(src), "--out", str(out), "--clip-frames", "4", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries = {e["path"]: e for e in manifest["sources"]}
+    half, whole = entries["half.mp4"], entries["whole.mp4"]
+    assert whole["status"] == "ok" and whole["source_frames"] == whole["expected_frames"] == 144
+    assert half["status"] == "partial" and half["expected_frames"] == 144 and 0 < half["source_frames"] < 144
+    assert half["reason"].startswith(f"read {half['source_frames']} of the 144 frames")
+    assert half["clips"] > 0  # what was read is kept
+    assert manifest["counts"]["partial"] == 1
+    assert f"warning: partial: half.mp4: read {half['source_frames']} of the 144 frames" in captured.err
+    assert "1 partial" in captured.out
