@@ -272,3 +272,38 @@ def test_half_a_video_is_marked_partial(tmp_path, capsys):
     assert manifest["counts"]["partial"] == 1
     assert f"warning: partial: half.mp4: read {half['source_frames']} of the 144 frames" in captured.err
     assert "1 partial" in captured.out
+
+
+# --- 5. no start-up noise from PyBullet or DeepSpeed ------------------------------------------------
+
+NOISE = ("pybullet build time", "argv[0]=", "Setting accelerator to CPU")
+
+
+def _posttrain(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "posttrain", *argv], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_scenes_generate_prints_no_pybullet_lines(tmp_path, workers):
+    done = _posttrain(["scenes", "generate", "--seeds", "0:2", "--frames", "2", "--size", "16", "--quiet",
+                       "--workers", workers, "--out", str(tmp_path / "scenes")])
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 episodes" in done.stdout
+    for line in NOISE:
+        assert line not in done.stdout + done.stderr
+
+
+def test_a_run_without_deepspeed_does_not_import_it(tiny_model, tmp_path):
+    """A plain (non-DeepSpeed) SFT run: deepspeed's import prints its accelerator warning, so it must not happen."""
+    overrides = [f"model={tiny_model}", f"out={tmp_path / 'run'}", "data.seeds=0:2", "data.frames=4",
+                 "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}", "data.workers=1",
+                 "eval.data.seeds=500:501", "eval.data.frames=4", "eval.data.image_size=32",
+                 f"eval.data.cache_dir={tmp_path / 'cache'}", "eval.data.workers=1", "clip_frames=4", "batch_size=2",
+                 "train.micro_batch_size=2", "eval.horizon=2", "steps=1", "eval_every=0", "train.eval_at_end=false",
+                 "train.checkpoint_every=1", "train.tensorboard=false"]
+    done = _posttrain(["run", "recipes/sft_tabletop.yaml", *overrides])
+    assert done.returncode == 0, done.stderr
+    for line in NOISE:
+        assert line not in done.stdout + done.stderr
