@@ -5,7 +5,8 @@
 Each worker process owns one PyBullet client. Episodes are produced in seed order
 whatever the worker count, so the written dataset is byte-identical for 1 or N
 workers and for repeated runs. Output is written to a temporary folder next to
-`--out` and renamed into place only when complete.
+`--out` and renamed into place only when complete; `--overwrite` replaces only a
+folder this command wrote (see `jobs`), and workers die with a killed parent.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def iter_episodes(seeds: Iterable[int], frames: int, config: SceneConfig, worker
                 episode = future.result()
             except cf.process.BrokenProcessPool as exc:
                 raise EpisodeError(f"a worker process died while generating episode seed {seed}") from exc
+            # Test hook (POSTTRAIN_FAULT): the pool's private pid table is the only list of its workers.
             fault_point("generate_after_first_episode", pool._processes or {})
             yield episode
             next_seed = next(queue, None)

@@ -526,6 +526,7 @@ def _iter_results(jobs: list[tuple], config: FootageConfig, on_frame) -> Iterato
         futures = [pool.submit(_ingest_one, job) for job in jobs]
         for future in futures:
             result = future.result()
+            # Test hook (POSTTRAIN_FAULT): the pool's private pid table is the only list of its workers.
             fault_point("ingest_after_first_source", pool._processes or {})
             on_frame(result.source_frames)
             yield result
