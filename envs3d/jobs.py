@@ -160,6 +160,8 @@ def die_with_parent(parent_pid: int) -> None:
     A killed parent never tells its pool to stop, and spawn workers keep the call queue's write end
     open themselves, so they would wait on it forever. On Linux the kernel delivers SIGKILL on the
     parent's death (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls os.getppid().
+    PR_SET_PDEATHSIG fires when the parent *thread* that started the worker exits: our pools start
+    workers from the thread that submits and reads results, which outlives the pool.
     """
     if sys.platform.startswith("linux"):
         import ctypes
