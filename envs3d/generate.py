@@ -5,7 +5,8 @@
 Each worker process owns one PyBullet client. Episodes are produced in seed order
 whatever the worker count, so the written dataset is byte-identical for 1 or N
 workers and for repeated runs. Output is written to a temporary folder next to
-`--out` and renamed into place only when complete.
+`--out` and renamed into place only when complete; `--overwrite` replaces only a
+folder this command wrote (see `jobs`), and workers die with a killed parent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import hashlib
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from .actions import INVERSE, NUM_CAMERA_ACTIONS, scripted_actions
 from .config import MAX_OBJECTS, SceneConfig
+from .jobs import check_output_folder, die_with_parent, fault_point, staging_folder, write_output_marker
 
 MAX_FRAMES = 4096
 
@@ -194,7 +195,8 @@ def iter_episodes(seeds: Iterable[int], frames: int, config: SceneConfig, worker
             yield _generate_one((seed, frames, config))
         return
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         window = 4 * workers
         pending: list[tuple[int, cf.Future]] = []
         queue = iter(seeds)
@@ -205,25 +207,15 @@ def iter_episodes(seeds: Iterable[int], frames: int, config: SceneConfig, worker
         while pending:
             seed, future = pending.pop(0)
             try:
-                yield future.result()
+                episode = future.result()
             except cf.process.BrokenProcessPool as exc:
                 raise EpisodeError(f"a worker process died while generating episode seed {seed}") from exc
+            # Test hook (POSTTRAIN_FAULT): the pool's private pid table is the only list of its workers.
+            fault_point("generate_after_first_episode", pool._processes or {})
+            yield episode
             next_seed = next(queue, None)
             if next_seed is not None:
                 pending.append((next_seed, pool.submit(_generate_one, (next_seed, frames, config))))
-
-
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an existing --out (unless overwrite) and an unwritable parent; errors name the path."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"--out {out}: cannot create parent folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--out {out}: folder {parent} is not writable")
 
 
 def generate_dataset(
@@ -243,7 +235,7 @@ def generate_dataset(
         raise ValueError("no seeds to generate")
     out = Path(out)
     check_output_folder(out, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_folder(out)
     try:
         arrow_path = staging / "episodes.arrow"
         feats = features(frames, config.image_size)
@@ -258,6 +250,7 @@ def generate_dataset(
         final_tmp = staging / "dataset"
         dataset.save_to_disk(str(final_tmp))
         del dataset
+        write_output_marker(final_tmp, "posttrain scenes generate")
         if out.exists():
             shutil.rmtree(out)
         os.replace(final_tmp, out)

@@ -9,16 +9,48 @@ segmentation (0 = floor/walls/sky, 1..N = objects).
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
+import sys
 import tempfile
 
 import numpy as np
-import pybullet
 import pybullet_data
-from pybullet_utils import bullet_client
 
 from .camera import gl_view_matrix, linearize_depth
 from .config import MAX_OBJECTS, SceneConfig
+
+
+@contextlib.contextmanager
+def _c_output_silenced():
+    """Send the process's stdout and stderr (fds 1 and 2) to /dev/null while PyBullet's C code runs.
+
+    PyBullet prints "pybullet build time: ..." to stderr on import and "argv[0]=" to stdout on
+    connect, from C, so redirecting sys.stdout would not catch them: every command showed both.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        # C stdio is block-buffered on a pipe: flush it into /dev/null before the real fds come back.
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+with _c_output_silenced():
+    import pybullet
+    from pybullet_utils import bullet_client
 
 _PLANE_OBJ = os.path.join(pybullet_data.getDataPath(), "plane.obj")  # 30 m quad, UVs tiled 15x
 _MESHES = {"duck": ("duck.obj", 0.8), "teddy": ("teddy2_VHACD_CHs.obj", 0.9)}
@@ -39,7 +71,8 @@ class Scene:
 
     def __init__(self, config: SceneConfig):
         self.config = config
-        self.client = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+        with _c_output_silenced():
+            self.client = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
         self._texture_dir = tempfile.mkdtemp(prefix="envs3d-tex-")
         self._textures: dict[tuple, int] = {}
         self.body_ids: list[int] = []

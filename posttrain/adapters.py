@@ -2,11 +2,15 @@
 
 PEFT records no base model for a custom module (`base_model_name_or_path` is None), so
 `save_adapter` writes `posttrain_adapter.json` beside PEFT's files with the base model's
-name and weights hash, and `load_adapter` refuses an adapter made for another base.
+name and weights hash, and `load_adapter` refuses an adapter made for another base, one
+without that file (unless forced: `posttrain eval --force-adapter`) and one whose
+adapter_config.json no longer matches its weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +59,29 @@ def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str,
     return folder
 
 
-def load_adapter(model, folder: str | Path, base_name: str = "default", merge: bool = False):
-    """Apply a saved adapter to `model` (its base). Errors name both bases when they differ."""
+_ALLOW_UNCHECKED = contextvars.ContextVar("allow_unchecked_adapters", default=False)
+
+
+@contextlib.contextmanager
+def allow_unchecked_adapters(allowed: bool = True):
+    """Within this block `load_adapter` applies adapters that lack posttrain_adapter.json (--force-adapter).
+
+    For callers that cannot pass `force=` down (the eval CLI reaches load_adapter through evaluate.py).
+    """
+    token = _ALLOW_UNCHECKED.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOW_UNCHECKED.reset(token)
+
+
+def load_adapter(model, folder: str | Path, base_name: str = "default", merge: bool = False, force: bool = False):
+    """Apply a saved adapter to `model` (its base). Errors name both bases when they differ.
+
+    An adapter without posttrain_adapter.json (e.g. trained elsewhere) has no record of its base, so
+    it is refused unless `force` (or `allow_unchecked_adapters()`): applied to the wrong base it would
+    give a silently wrong model.
+    """
     from peft import PeftModel
 
     from posttrain.models import weights_hash
@@ -73,8 +98,38 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
         if expected and expected != actual:
             raise ValueError(f"adapter {folder} was made for base model {info.get('base_model')!r} "
                              f"(weights sha256 {expected[:12]}), not for {base_name!r} (sha256 {actual[:12]})")
-    peft_model = PeftModel.from_pretrained(model, str(folder))
+    elif not (force or _ALLOW_UNCHECKED.get()):
+        raise ValueError(f"adapter {folder} has no {ADAPTER_INFO}, so its base model cannot be checked against "
+                         f"{base_name!r}; pass --force-adapter (load_adapter(..., force=True)) to apply it anyway")
+    _check_rank(folder)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+    except RuntimeError as exc:
+        # PEFT's load_state_dict reports every mismatched tensor; the first line says enough.
+        if "size mismatch" not in str(exc):
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ValueError(f"adapter {folder} does not fit base model {base_name!r} "
+                         f"(adapter_config.json or the weights were changed?): {detail}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _check_rank(folder: Path) -> None:
+    """adapter_config.json's `r` must be the rank the saved lora_A weights have (an edited r otherwise
+    surfaces as a long size-mismatch traceback from PEFT)."""
+    from safetensors import safe_open
+
+    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    config = json.loads(config_path.read_text())
+    if config.get("rank_pattern") or not weights.is_file():
+        return  # per-module ranks, or .bin weights: left to the size-mismatch check above
+    with safe_open(str(weights), framework="pt") as tensors:
+        for key in tensors.keys():
+            if ".lora_A." in key:
+                rank = tensors.get_slice(key).get_shape()[0]
+                if rank != config.get("r"):
+                    raise ValueError(f"{config_path}: r={config.get('r')!r}, but {weights.name} holds rank-{rank} "
+                                     f"weights ({key}); set r back to {rank} or retrain the adapter")
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

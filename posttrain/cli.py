@@ -30,15 +30,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from posttrain.adapters import allow_unchecked_adapters
     from posttrain.evaluate import run_eval_cli
 
-    return run_eval_cli(args)
+    with allow_unchecked_adapters(args.force_adapter):
+        return run_eval_cli(args)
 
 
 def add_eval_parser(sub) -> None:
     parser = sub.add_parser("eval", help="roll a model out on envs3d episodes and score it against the simulator")
     parser.add_argument("--model", default="default", help="'default' or a save_pretrained folder")
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply")
+    parser.add_argument("--force-adapter", action="store_true",
+                        help="apply an adapter that lacks posttrain_adapter.json (its base model cannot be checked)")
     parser.add_argument("--seeds", default="2000000:2000048", help="held-out episode seeds START:STOP")
     parser.add_argument("--scene", action="append", metavar="KEY=VALUE", help="SceneConfig override")
     parser.add_argument("--horizon", type=int, default=12, help="frames to predict (default 12)")

@@ -13,7 +13,9 @@ end_time, has_actions. Actions come from an optional sidecar beside the source
 (`video.actions.csv` with columns frame,action, or `video.actions.json`, a list; ids or
 names from `posttrain.envs3d.actions.ACTION_NAMES`, one per source frame); without one
 every action is NULL_ACTION. `manifest.json` in the output lists every file with its
-status ("ok", "failed", "skipped"), the reason, its clips and their time ranges.
+status ("ok", "partial", "failed", "skipped"), the reason, its clips and their time ranges.
+"partial" is a video that decodes fewer frames than its container declares (e.g. a copy cut
+short): its clips are kept, and the command warns.
 
 Each source is written to its own Arrow shard as its clips complete (memory stays bounded
 for long videos; a file that fails half-way leaves no clips behind), and the shards are
@@ -35,7 +37,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
-from posttrain.envs3d.generate import check_output_folder
+from posttrain.envs3d.jobs import check_output_folder, die_with_parent, fault_point, staging_folder
 
 NULL_ACTION = NUM_ACTIONS
 """Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
@@ -57,6 +58,9 @@ SIDECAR_SUFFIXES = (".actions.csv", ".actions.json")
 _TIME_EPS = 1e-6
 # Rows the Arrow writer buffers before flushing: bounded in bytes so large --size stays bounded too.
 _WRITER_BUFFER_BYTES = 2 << 20
+# A video is "partial" when it decodes fewer frames than declared by more than this: edit lists and
+# rounding of duration x rate legitimately cost a frame or two, a truncated copy loses far more.
+_MISSING_FRAMES_TOLERANCE = 2
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class SourceResult:
     """Frames kept after subsampling."""
     source_frames: int = 0
     """Frames decoded (videos) or images read (sequences)."""
+    expected_frames: int | None = None
+    """Frames the video container declares (its frame count, else duration x frame rate); None if unknown."""
     has_actions: bool = False
     time_ranges: list[list[float]] = field(default_factory=list)
     shard: str | None = None
@@ -143,6 +149,10 @@ class IngestReport:
     @property
     def failed(self) -> list[SourceResult]:
         return [s for s in self.sources if s.status == "failed"]
+
+    @property
+    def partial(self) -> list[SourceResult]:
+        return [s for s in self.sources if s.status == "partial"]
 
     @property
     def exit_code(self) -> int:
@@ -292,12 +302,30 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:197] + "..."
 
 
-def video_frames(path: Path, size: int) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
-    """(time in seconds from the first frame, lazy RGB getter) per decoded frame; only kept frames get converted."""
+def declared_frames(container, stream) -> int | None:
+    """Frames the container says the stream has: its frame count, else duration x average rate."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and stream.time_base and rate:
+        return round(float(stream.duration * stream.time_base * rate))
+    if container.duration and rate:  # container.duration is in microseconds
+        return round(container.duration / 1_000_000 * float(rate))
+    return None
+
+
+def video_frames(path: Path, size: int, result: SourceResult | None = None,
+                 ) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
+    """(time in seconds from the first frame, lazy RGB getter) per decoded frame; only kept frames get converted.
+
+    Sets `result.expected_frames` to the frame count the container declares.
+    """
     import av
     from av.video.reformatter import VideoReformatter
 
     container, stream = open_video(path)
+    if result is not None:
+        result.expected_frames = declared_frames(container, stream)
     # One reformatter per video keeps swscale's context cached: frame.to_ndarray(width=...) builds
     # a new one per call, which costs 15x the scaling itself.
     reformatter = VideoReformatter()
@@ -425,7 +453,8 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
         sidecar = _sidecar_for(path)
         actions = load_actions(sidecar) if sidecar else None
         result.has_actions = actions is not None
-        frames = video_frames(path, config.size) if kind == "video" else image_frames(path, config.size, config.image_fps)
+        frames = (video_frames(path, config.size, result) if kind == "video"
+                  else image_frames(path, config.size, config.image_fps))
         window: collections.deque = collections.deque(maxlen=config.clip_frames)
         period, stride = 1.0 / config.fps, config.clip_stride
         with ArrowWriter(features=features(config), path=str(shard),
@@ -458,6 +487,11 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
                               f"{result.source_frames} source frames")
         if result.clips == 0:
             raise SourceError(f"too short: {result.frames} frames at {config.fps:g} fps, need {config.clip_frames}")
+        # A cut-short file (a half-copied faststart mp4) decodes cleanly up to where it ends.
+        if result.expected_frames and result.source_frames < result.expected_frames - _MISSING_FRAMES_TOLERANCE:
+            result.status = "partial"
+            result.reason = (f"read {result.source_frames} of the {result.expected_frames} frames the container "
+                             "declares (file cut short?)")
     except SourceError as exc:
         result.status, result.reason = "failed", str(exc)
         result.clips, result.time_ranges = 0, []
@@ -487,10 +521,13 @@ def _iter_results(jobs: list[tuple], config: FootageConfig, on_frame) -> Iterato
             yield ingest_source(kind, rel, path, shard, cfg, on_frame)
         return
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+    with cf.ProcessPoolExecutor(config.workers, mp_context=context, initializer=die_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_ingest_one, job) for job in jobs]
         for future in futures:
             result = future.result()
+            # Test hook (POSTTRAIN_FAULT): the pool's private pid table is the only list of its workers.
+            fault_point("ingest_after_first_source", pool._processes or {})
             on_frame(result.source_frames)
             yield result
 
@@ -513,11 +550,12 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"footage folder {src} does not exist or is not a folder")
-    check_output_folder(out, config.overwrite)
+    # Only a folder holding our manifest may be replaced; --out may not overlap the footage (it would be deleted).
+    check_output_folder(out, config.overwrite, inputs=(src,), owned_markers=("manifest.json",))
     sources, skipped = discover(src, exclude=(out,))
     if not sources:
         raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) or image-sequence folders under {src}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_folder(out)
     try:
         shards = staging / "shards"
         shards.mkdir()
@@ -549,7 +587,7 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
             "config": json.loads(config.content_key()),
             "null_action": NULL_ACTION,
             "clips": sum(r.clips for r in results),
-            "counts": {s: sum(r.status == s for r in all_results) for s in ("ok", "failed", "skipped")},
+            "counts": {s: sum(r.status == s for r in all_results) for s in ("ok", "partial", "failed", "skipped")},
             "sources": [r.manifest_entry() for r in all_results],
         }
         text = json.dumps(manifest, indent=2)
@@ -637,10 +675,12 @@ def _footage_ingest(args: argparse.Namespace) -> int:
         return 2
     for result in report.failed:
         print(f"failed: {result.path}: {result.reason}", file=sys.stderr)
-    ok = sum(r.status == "ok" for r in report.sources)
+    for result in report.partial:
+        print(f"warning: partial: {result.path}: {result.reason}", file=sys.stderr)
+    used = sum(r.status in ("ok", "partial") for r in report.sources)
     skipped = sum(r.status == "skipped" for r in report.sources)
-    print(f"wrote {report.clips} clips from {ok} sources to {report.out} "
-          f"({len(report.failed)} failed, {skipped} skipped; see {report.out / 'manifest.json'})")
+    print(f"wrote {report.clips} clips from {used} sources to {report.out} ({len(report.failed)} failed, "
+          f"{len(report.partial)} partial, {skipped} skipped; see {report.out / 'manifest.json'})")
     return report.exit_code
 
 

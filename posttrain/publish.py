@@ -17,11 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.adapters import ADAPTER_INFO
+from posttrain.envs3d.jobs import (
+    OUTPUT_MARKER,
+    STAGING_OWNER,
+    check_output_folder,
+    staging_folder,
+    write_output_marker,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_INFO)
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -52,10 +58,9 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
     if not (adapter / "adapter_config.json").is_file() and not (model / "config.json").is_file():
         raise FileNotFoundError(f"run folder {run_dir} has no adapter/ (LoRA run) or model/ (full fine-tune) to "
                                 f"export: expected {adapter / 'adapter_config.json'} or {model / 'config.json'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"export folder {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # The run is an input: an --out that is, holds or sits in it would be deleted by --overwrite or the rename.
+    check_output_folder(out, overwrite, inputs=(run_dir,), owned_markers=(OUTPUT_MARKER,))
+    staging = staging_folder(out)
     notes: list[str] = []
     try:
         if (adapter / "adapter_config.json").is_file():
@@ -84,6 +89,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
         if gif is not None:
             shutil.copy2(gif, staging / "rollout.gif")
         (staging / CARD).write_text(model_card(run_dir, kind, base_name, base_hash, staging))
+        (staging / STAGING_OWNER).unlink()  # the staging folder becomes the export itself
+        write_output_marker(staging, "posttrain adapter export")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -168,7 +168,10 @@ class Trainer:
         warmup = self.settings.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.policy = acc.unwrap_model(self.model)
+        # accelerate's unwrap_model imports deepspeed whenever it is installed, and deepspeed's import prints
+        # "Setting accelerator to CPU" on every run; only a DeepSpeed engine needs it, DDP is one .module away.
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        self.policy = acc.unwrap_model(self.model) if self.deepspeed else self.model.module if ddp else self.model
         self.tokenizer = self._core(self.policy).tokenizer
         self.episodes = load_episodes(config.data, columns or EPISODE_FIELDS, progress=acc.is_main_process) \
             if hasattr(config, "data") else None

@@ -1,0 +1,190 @@
+"""Safety for every command that writes a folder of results (scenes generate, footage ingest, adapter export).
+
+- `check_output_folder`: --out must not be, contain or lie inside an input, and --overwrite
+  replaces only a folder that holds our marker (so a typo never deletes footage or a run).
+- `staging_folder`: the `.OUT.partial-*` folder a job writes into before renaming it into place;
+  it records its owner process, and staging folders whose owner is provably dead are removed.
+- `die_with_parent`: a pool worker's initializer, so workers do not outlive a SIGKILLed parent.
+
+It lives in envs3d because envs3d is the lowest layer (posttrain -> rewards -> envs3d) and
+`scenes generate` uses it too; it imports nothing from posttrain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+OUTPUT_MARKER = "posttrain_output.json"
+"""A small JSON file naming the command that wrote an output folder; --overwrite replaces only such folders."""
+STAGING_OWNER = ".owner.json"
+"""Inside a staging folder: pid, host, boot id and process start time of the job writing it."""
+FAULT_ENV = "POSTTRAIN_FAULT"
+"""Deterministic fault injection for tests (the trainers use the same variable): see `fault_point`."""
+
+
+# --- output folders ---------------------------------------------------------------------------
+
+
+def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                        owned_markers: Iterable[str] = (OUTPUT_MARKER,)) -> None:
+    """Refuse an --out that overlaps an input, an existing --out without overwrite, a folder we did not
+    write (no file named in `owned_markers`) even with overwrite, and an unwritable parent. Errors name paths."""
+    out = Path(out)
+    # resolve() follows symlinks, so a link to the footage folder is caught as the footage folder itself.
+    resolved_out = out.resolve()
+    for source in inputs:
+        resolved_in = Path(source).resolve()
+        if resolved_out == resolved_in:
+            relation = "is"
+        elif resolved_in in resolved_out.parents:
+            relation = "lies inside"
+        elif resolved_out in resolved_in.parents:
+            relation = "contains"
+        else:
+            continue
+        raise ValueError(f"--out {out} {relation} the input {source} (resolved: {resolved_out} vs {resolved_in}); "
+                         "writing there could delete the input, choose a folder outside it")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+        markers = tuple(owned_markers)
+        if not out.is_dir() or not any((out / name).is_file() for name in markers):
+            raise FileExistsError(f"--overwrite refuses to replace {out}: it holds no {' or '.join(markers)}, so "
+                                  "posttrain did not write it; delete it yourself or choose another --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"--out {out}: cannot create parent folder {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out}: folder {parent} is not writable")
+
+
+def write_output_marker(folder: Path, command: str) -> None:
+    """Mark `folder` as written by `command` (no time or host in it: re-runs stay byte-identical)."""
+    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"written_by": command}) + "\n")
+
+
+# --- staging folders --------------------------------------------------------------------------
+
+
+def staging_folder(out: Path) -> Path:
+    """A fresh `.OUT.partial-*` folder beside `out` recording its owner; stale ones of dead owners go first."""
+    out = Path(out)
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (staging / STAGING_OWNER).write_text(json.dumps(_process_identity(os.getpid())))
+    return staging
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove `.OUT.partial-*` folders whose owner process is provably dead; returns what was removed.
+
+    A folder without an owner record (an older version, or a job that has not written it yet), of
+    another host, or whose owner may still run is left alone. A killed footage ingest may have set
+    the previous dataset aside in `previous/` just before renaming the new one in: that is put back.
+    """
+    out = Path(out)
+    removed = []
+    for staging in sorted(out.parent.glob(f".{out.name}.partial-*")):
+        try:
+            owner = json.loads((staging / STAGING_OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(owner, dict) or not _owner_is_dead(owner):
+            continue
+        previous = staging / "previous"
+        if previous.is_dir() and not out.exists():
+            os.replace(previous, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    return removed
+
+
+def _process_identity(pid: int) -> dict:
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start_time": _start_time(pid)}
+
+
+def _owner_is_dead(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False  # another machine on a shared disk: its processes cannot be seen from here
+    if owner.get("boot_id") and _boot_id() and owner["boot_id"] != _boot_id():
+        return True  # the machine rebooted since: every process of that boot is gone
+    pid = owner["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    # A live pid may be a new process that reuses the number: compare start times where /proc has them.
+    recorded, current = owner.get("start_time"), _start_time(pid)
+    return recorded is not None and current is not None and recorded != current
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (Linux /proc), None elsewhere or if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses, so split after its last ')'.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+# --- pool workers -----------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_WATCHDOG_SECONDS = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: end this worker when the parent process dies (e.g. SIGKILL).
+
+    A killed parent never tells its pool to stop, and spawn workers keep the call queue's write end
+    open themselves, so they would wait on it forever. On Linux the kernel delivers SIGKILL on the
+    parent's death (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls os.getppid().
+    PR_SET_PDEATHSIG fires when the parent *thread* that started the worker exits: our pools start
+    workers from the thread that submits and reads results, which outlives the pool.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            # The parent may have died before prctl ran: then we are already someone else's child.
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(_WATCHDOG_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def fault_point(name: str, worker_pids: Iterable[int] = ()) -> None:
+    """POSTTRAIN_FAULT=NAME SIGKILLs this process here (tests of killed jobs); it first prints the
+    worker pids to stderr so a test can check that they die too."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    print(f"fault {name}: pid {os.getpid()} workers {sorted(worker_pids)}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
