@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from posttrain.data import EpisodeDataConfig, load_episodes
-    from posttrain.models import DynamicsConfig, DynamicsTransformer, TokenizerConfig, TokenWorldModel
+    from posttrain.models import DynamicsConfig, TokenizerConfig, TokenWorldModel
     from posttrain.pretrain import TokenizerTraining, tokenizer_report, train_tokenizer
 
     class _NoLog:

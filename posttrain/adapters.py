@@ -9,8 +9,6 @@ adapter_config.json no longer matches its weights.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,27 +57,11 @@ def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str,
     return folder
 
 
-_ALLOW_UNCHECKED = contextvars.ContextVar("allow_unchecked_adapters", default=False)
-
-
-@contextlib.contextmanager
-def allow_unchecked_adapters(allowed: bool = True):
-    """Within this block `load_adapter` applies adapters that lack posttrain_adapter.json (--force-adapter).
-
-    For callers that cannot pass `force=` down (the eval CLI reaches load_adapter through evaluate.py).
-    """
-    token = _ALLOW_UNCHECKED.set(allowed)
-    try:
-        yield
-    finally:
-        _ALLOW_UNCHECKED.reset(token)
-
-
 def load_adapter(model, folder: str | Path, base_name: str = "default", merge: bool = False, force: bool = False):
     """Apply a saved adapter to `model` (its base). Errors name both bases when they differ.
 
     An adapter without posttrain_adapter.json (e.g. trained elsewhere) has no record of its base, so
-    it is refused unless `force` (or `allow_unchecked_adapters()`): applied to the wrong base it would
+    it is refused unless `force`: applied to the wrong base it would
     give a silently wrong model.
     """
     from peft import PeftModel
@@ -98,7 +80,7 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
         if expected and expected != actual:
             raise ValueError(f"adapter {folder} was made for base model {info.get('base_model')!r} "
                              f"(weights sha256 {expected[:12]}), not for {base_name!r} (sha256 {actual[:12]})")
-    elif not (force or _ALLOW_UNCHECKED.get()):
+    elif not force:
         raise ValueError(f"adapter {folder} has no {ADAPTER_INFO}, so its base model cannot be checked against "
                          f"{base_name!r}; pass --force-adapter (load_adapter(..., force=True)) to apply it anyway")
     _check_rank(folder)

@@ -30,11 +30,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from posttrain.adapters import allow_unchecked_adapters
     from posttrain.evaluate import run_eval_cli
 
-    with allow_unchecked_adapters(args.force_adapter):
-        return run_eval_cli(args)
+    return run_eval_cli(args)
 
 
 def add_eval_parser(sub) -> None:

@@ -247,15 +247,16 @@ def format_eval_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_with_adapter(model_name: str, adapter: str | None = None):
-    """Load a model by name/path and, optionally, a PEFT adapter folder on top (merged for speed)."""
+def load_with_adapter(model_name: str, adapter: str | None = None, force: bool = False):
+    """Load a model by name/path and, optionally, a PEFT adapter folder on top (merged for speed).
+    `force` applies an adapter that lacks posttrain_adapter.json (its base cannot be checked)."""
     from posttrain.models import load_model
 
     model = load_model(model_name)
     if adapter:
         from posttrain.adapters import load_adapter
 
-        model = load_adapter(model, adapter, base_name=model_name, merge=True)
+        model = load_adapter(model, adapter, base_name=model_name, merge=True, force=force)
     return model.eval()
 
 
@@ -275,7 +276,7 @@ def run_eval_cli(args) -> int:
         num_context=args.context, horizon=args.horizon, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, batch_size=args.batch_size,
     )
-    model = load_with_adapter(args.model, args.adapter)
+    model = load_with_adapter(args.model, args.adapter, force=getattr(args, "force_adapter", False))
     if getattr(model, "image_size", args.size) != args.size:
         raise ValueError(f"--size {args.size} does not match the model's {model.image_size}x{model.image_size} frames")
     episodes = load_episodes(config.data, EPISODE_FIELDS)
