@@ -30,23 +30,29 @@ class LoraSettings:
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
-    """Module names to adapt (the dynamics transformer's linear layers)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty: the model's own choice (its `lora_target_modules`, e.g. the dynamics
+    transformer's q/k/v/o projections and MLP layers for the built-in model)."""
 
 
 def apply_lora(model, settings: LoraSettings):
     """Wrap `model` in a PEFT LoRA model; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 
+    targets = list(settings.target_modules) or list(getattr(model, "lora_target_modules", []))
+    if not targets:
+        raise ValueError(f"{type(model).__name__} names no lora_target_modules; set lora.target_modules in the recipe")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules))
+                        target_modules=targets)
     return get_peft_model(model, config)
 
 
 def freeze_for_full_finetune(model) -> None:
-    """Full fine-tuning trains the dynamics transformer; the tokenizer stays frozen (rewards decode with it)."""
+    """Full fine-tuning trains every parameter except those under the model's `frozen_modules` (for the
+    built-in model, the tokenizer: rewards and reports decode with it, so it must not move)."""
+    frozen = tuple(f"{prefix}." for prefix in getattr(model, "frozen_modules", ()))
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith("dynamics."))
+        parameter.requires_grad_(not name.startswith(frozen))
 
 
 def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str, extra: dict | None = None) -> Path:

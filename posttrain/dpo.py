@@ -313,14 +313,14 @@ def _load_rollout_tokens(trainer: Trainer, file: Path, horizon: int, tokens_per_
         tokens = torch.from_numpy(array.astype(np.int64))
     elif array.ndim == 4 and array.dtype == np.uint8 and array.shape[-1] == 3:
         with torch.no_grad():
-            tokens = trainer.tokenizer.encode(torch.from_numpy(array))
+            tokens = trainer.world.encode(torch.from_numpy(array))
     else:
         raise ValueError(f"{where}: {file} must be (H, N) integer token ids or (H, h, w, 3) uint8 frames, "
                          f"got {array.dtype} {array.shape}")
     if tokens.shape != (horizon, tokens_per_frame):
         raise ValueError(f"{where}: {file} gives tokens {tuple(tokens.shape)}, expected ({horizon}, "
                          f"{tokens_per_frame}) = (horizon, tokens per frame)")
-    vocab = trainer.tokenizer.config.vocab_size
+    vocab = trainer.world.vocab_size
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         raise ValueError(f"{where}: {file} has token ids outside [0, {vocab})")
     return tokens
@@ -507,7 +507,7 @@ def dpo_step(trainer: Trainer, config: DPOConfig, cache: ReferenceCache, step: i
     metrics["step_seconds"] = total_time
     if trainer.should_save_video(step) and weight[0] > 0:
         with torch.no_grad():  # the first pair's chosen rollout beside the truth
-            frames = trainer.tokenizer.decode(pairs.chosen[:1, config.num_context:])
+            frames = trainer.world.decode(pairs.chosen[:1, config.num_context:])
         trainer.save_video(step, pairs.chosen[:1, : config.num_context], frames, pairs.episode_index[:1])
     return metrics
 

@@ -137,7 +137,7 @@ def heldout_clips(trainer: Trainer, config: SFTConfig) -> tuple[torch.Tensor, to
     episodes = load_episodes(config.eval.data, FOOTAGE_COLUMNS, progress=False)
     frames = episodes["frames"][:, : config.clip_frames]
     with torch.no_grad():
-        tokens = torch.stack([trainer.tokenizer.encode(clip) for clip in frames])
+        tokens = torch.stack([trainer.world.encode(clip) for clip in frames])
     return tokens, episodes["actions"][:, : config.clip_frames - 1]
 
 
@@ -198,7 +198,7 @@ def heldout_rollout_gif(trainer: Trainer, config: SFTConfig, tokens: torch.Tenso
     with _base_model(trainer) as base:
         before = base.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
     after = policy.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
-    recon = trainer.tokenizer.decode(tokens[0])
+    recon = trainer.world.decode(tokens[0])
     return save_rollout_gif(trainer.out / "report" / "rollout.gif", recon[:num_context],
                             {"base": before.frames[0], "post-trained": after.frames[0]}, recon[num_context:])
 

@@ -172,7 +172,8 @@ class Trainer:
         # "Setting accelerator to CPU" on every run; only a DeepSpeed engine needs it, DDP is one .module away.
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         self.policy = acc.unwrap_model(self.model) if self.deepspeed else self.model.module if ddp else self.model
-        self.tokenizer = self._core(self.policy).tokenizer
+        # Trainers see the world model only through its protocol (encode, decode, score, rollout).
+        self.world = self._core(self.policy)
         self.episodes = load_episodes(config.data, columns or EPISODE_FIELDS, progress=acc.is_main_process) \
             if hasattr(config, "data") else None
         # The rollout report needs simulator ground truth; a method trained on footage switches it off.
@@ -205,7 +206,7 @@ class Trainer:
         with torch.no_grad():
             frames = self.episodes["frames"]
             flat = frames.reshape(-1, *frames.shape[2:])
-            tokens = torch.cat([self.tokenizer.encode(flat[i: i + 256]) for i in range(0, len(flat), 256)])
+            tokens = torch.cat([self.world.encode(flat[i: i + 256]) for i in range(0, len(flat), 256)])
         self.episode_tokens = tokens.view(*frames.shape[:2], -1)  # (E, T, N)
         self.prompt_tokens = self.episode_tokens
         self.prompt_actions = self.episodes["actions"]
@@ -345,7 +346,7 @@ class Trainer:
         missing = sorted({int(i) for i in episode_index} - set(self._recon_cache))
         if missing:
             with torch.no_grad():
-                recon = self.tokenizer.decode(self.episode_tokens[missing, num_context:])
+                recon = self.world.decode(self.episode_tokens[missing, num_context:])
             for i, frames in zip(missing, recon):
                 self._recon_cache[i] = frames
         return torch.stack([self._recon_cache[int(i)] for i in episode_index])

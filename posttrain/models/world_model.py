@@ -51,6 +51,13 @@ class WorldModel(Protocol):
     """What trainers, rewards and `posttrain eval` need from a world model."""
 
     tokens_per_frame: int
+    """N: tokens per frame."""
+    vocab_size: int
+    """Token ids are in [0, vocab_size)."""
+    lora_target_modules: list[str]
+    """Module names a LoRA adapter targets by default (recipes may override `lora.target_modules`)."""
+    frozen_modules: tuple[str, ...]
+    """Submodules a full fine-tune keeps frozen (e.g. the frame tokenizer that rewards decode with)."""
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, H, W, 3) uint8 or [0, 1] float frames -> (B, T, N) int64 tokens."""
@@ -84,9 +91,17 @@ class TokenWorldModel(nn.Module):
         self.dynamics = DynamicsTransformer(dynamics_config)
 
     # --- protocol ---------------------------------------------------------------------------
+    lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    """The dynamics transformer's linear layers (the tokenizer has no module of these names)."""
+    frozen_modules = ("tokenizer",)
+
     @property
     def tokens_per_frame(self) -> int:
         return self.dynamics.config.tokens_per_frame
+
+    @property
+    def vocab_size(self) -> int:
+        return self.dynamics.config.vocab_size
 
     @property
     def image_size(self) -> int:
