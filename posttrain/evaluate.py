@@ -86,7 +86,7 @@ def mean_frame_for(model_name: str | None, episodes: dict) -> tuple[torch.Tensor
         if path.is_file():
             from PIL import Image
 
-            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).float() / 255
+            image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float() / 255
             if image.shape == episodes["frames"].shape[2:]:
                 return image, str(path)
     return episodes["frames"].float().mean((0, 1)) / 255, "mean of the evaluated episodes' frames"
