@@ -25,11 +25,15 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 
 def model_architecture(folder: Path) -> str | None:
-    """config.json's "architecture", or None when it cannot be read (the loader then says why)."""
-    try:
-        return json.loads((folder / "config.json").read_text()).get("architecture")
-    except (OSError, ValueError, AttributeError):
+    """config.json's "architecture"; None without a config.json (the loader then names what is missing)."""
+    path = folder / "config.json"
+    if not path.is_file():
         return None
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    return config.get("architecture") if isinstance(config, dict) else None
 
 
 def load_model(name_or_path: str | Path = "default", map_location: str = "cpu"):
