@@ -239,7 +239,7 @@ def test_pretrain_recipe_full_finetune_trains_backbone_not_tokenizer(tiny_hf_dir
 def test_dpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer):
     out = tmp_path / "dpo"
     run_recipe("recipes/dpo_tabletop.yaml", tiny_overrides(tiny_hf_dir, data_cache, out) + [
-        "horizon=2", "steps=2", "prompts_per_step=2", "train.micro_batch_size=2", "train.video_every=0",
+        "horizon=4", "steps=2", "prompts_per_step=2", "train.micro_batch_size=2", "train.video_every=0",
         "eval.horizon=2", "train.eval_at_end=false"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [0, 1]
@@ -250,10 +250,10 @@ def test_dpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer
 def test_grpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer):
     out = tmp_path / "grpo"
     run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(tiny_hf_dir, data_cache, out, steps=2, extra=[
-        "horizon=2", "eval.horizon=2", "train.eval_at_end=false", "train.checkpoint_every=0"]))
+        "eval.horizon=2", "train.eval_at_end=false", "train.checkpoint_every=0"]))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in records)
+    assert all(math.isfinite(r["reward_mean"]) and math.isfinite(r["grad_norm"]) for r in records)
     _assert_only_adapter_changed(captured_trainer["trainer"].policy, tiny_hf_dir)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert adapter and all("q_proj" in k or "v_proj" in k for k in adapter)
