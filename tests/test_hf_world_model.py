@@ -257,3 +257,98 @@ def test_grpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_traine
     _assert_only_adapter_changed(captured_trainer["trainer"].policy, tiny_hf_dir)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert adapter and all("q_proj" in k or "v_proj" in k for k in adapter)
+
+
+def test_trl_grpo_trainer_trains_the_backbone_through_rollout_func(tmp_path):
+    """TRL 1.16's own GRPOTrainer on HFWorldModel's Llama, with our sampler (`rollout_func`) and our
+    `neg_mse` reward as a `reward_funcs` entry (the episode seed is a dataset column). Three pieces of
+    glue make it work: a WordLevel tokenizer over the LM ids (TRL requires a PreTrainedTokenizerBase with
+    pad/eos: the null action plays both), `env_mask` = 0 on the action ids (they are inputs, not samples),
+    and an LM-head bias of -1e4 on the action ids so TRL's full-vocabulary log-probs are our frame-code
+    log-probs (checked below: equal to the rollout's to 1e-5, and TRL's logged entropy <= log(16))."""
+    import os
+
+    import numpy as np
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+
+    from posttrain.envs3d import SceneConfig, generate_episode
+    from posttrain.rewards import EpisodeBatch, RolloutBatch, get_reward
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    world = make_tiny_hf_model()
+    codes, n, num_context, horizon = world.vocab_size, world.tokens_per_frame, 2, 2
+    # TRL's fused LM head reads lm_head.weight/.bias directly (trl/trainer/utils.py add_fused_lm_head), so a
+    # forward hook would not reach it: the frame-code restriction goes into a frozen bias instead (-1e4 on the
+    # action ids underflows to probability 0 in fp32; 0 on frame codes, so our own score/rollout are unchanged).
+    head = world.backbone.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[codes:] = -1e4
+    world.backbone.lm_head = biased
+    vocab = {**{f"f{i}": i for i in range(codes)}, **{f"a{a}": codes + a for a in range(NUM_ACTIONS + 1)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token=f"a{NUM_ACTIONS}")),
+                                        pad_token=f"a{NUM_ACTIONS}", eos_token=f"a{NUM_ACTIONS}")
+    episodes = {seed: generate_episode(seed, num_context + horizon, SceneConfig(image_size=32)) for seed in range(4)}
+    split, seen = num_context * (n + 1), {}
+
+    def rollout_func(prompts, trainer):
+        seeds = [int(p) for p in prompts]  # the prompt text is the episode seed (RepeatSampler repeats it)
+        seen.setdefault("batches", []).append(seeds)
+        frames = torch.stack([torch.as_tensor(episodes[s]["frames"]) for s in seeds])
+        actions = torch.stack([torch.as_tensor(episodes[s]["actions"]) for s in seeds]).long()
+        context = world.encode(frames[:, :num_context])
+        step = trainer.state.global_step  # rollout seeds from (step, row): replayable
+        out = world.rollout(context, actions, horizon, seeds=[step * 1000 + i for i in range(len(seeds))],
+                            decode=False)
+        ids = world.interleave(torch.cat([context, out.tokens], 1), actions[:, : num_context + horizon - 1])
+        completion = ids[:, split:]  # [frame C][a_C][frame C+1]
+        logprobs, mask = torch.zeros(completion.shape), torch.ones(completion.shape, dtype=torch.long)
+        for h in range(horizon):
+            logprobs[:, h * (n + 1): h * (n + 1) + n] = out.logprobs[:, h]
+            mask[:, h * (n + 1) + n:(h + 1) * (n + 1)] = 0  # the action id after the frame was not sampled
+        with torch.no_grad():  # what TRL's loss computes: log_softmax over the (hooked) LM vocabulary
+            logits = world.backbone(input_ids=ids).logits[:, split - 1:-1]
+        trl_logp = trl_selective_log_softmax(logits, completion)
+        seen["max_logp_gap"] = max(seen.get("max_logp_gap", 0.0), float(((trl_logp - logprobs) * mask).abs().max()))
+        return {"prompt_ids": ids[:, :split].tolist(), "completion_ids": completion.tolist(),
+                "logprobs": logprobs.tolist(), "env_mask": mask.tolist()}
+
+    reward = get_reward("neg_mse")
+
+    def neg_mse(prompts, completions, completion_ids, seed, **kwargs):
+        ids = torch.tensor(completion_ids)  # (B, H*(N+1) - 1)
+        frames = world.decode(torch.stack([ids[:, h * (n + 1): h * (n + 1) + n] for h in range(horizon)], 1))
+        batch = EpisodeBatch.from_episodes([episodes[int(s)] for s in seed])
+        return reward(RolloutBatch(frames=frames, num_context=num_context), batch).tolist()
+
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=2,
+                      max_steps=2, max_completion_length=horizon * (n + 1), learning_rate=1e-2, logging_steps=1,
+                      report_to=[], bf16=False, use_cpu=True, save_strategy="no", beta=0.0)
+    data = Dataset.from_dict({"prompt": [str(s) for s in range(4)], "seed": list(range(4))})
+    base = {k: v.clone() for k, v in world.backbone.state_dict().items()}
+    trainer = GRPOTrainer(model=world.backbone, reward_funcs=[neg_mse], args=args, train_dataset=data,
+                          processing_class=tokenizer, rollout_func=rollout_func,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer.model.get_base_model() is world.backbone  # our rollouts sample from the policy TRL trains
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2 and all(math.isfinite(r["loss"]) and r["reward"] < 0 for r in logs)
+    assert seen["max_logp_gap"] < 1e-5
+    # rollout_func gets each prompt num_generations times already (one completion per row to return).
+    assert all(len(b) == 4 and all(b.count(x) == 2 for x in b) for b in seen["batches"]), seen["batches"]
+    assert all(r["entropy"] <= math.log(codes) + 1e-4 for r in logs), [r["entropy"] for r in logs]
+    state = trainer.model.state_dict()
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in state.items())
+    for name, value in state.items():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(value, base[key]), key
+    assert np.isfinite(logs[-1]["grad_norm"])
