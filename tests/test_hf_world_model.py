@@ -215,6 +215,14 @@ def test_sft_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer
     _assert_only_adapter_changed(captured_trainer["trainer"].policy, tiny_hf_dir)
     info = json.loads((out / "adapter" / "posttrain_adapter.json").read_text())
     assert info["base_weights_sha256"] == weights_hash(tiny_hf_dir)
+    from posttrain.adapters import load_adapter
+
+    merged = load_adapter(load_model(tiny_hf_dir), out / "adapter", str(tiny_hf_dir), merge=True)
+    assert isinstance(merged, HFWorldModel)  # the adapter applies to (and merges into) its checked base
+    with pytest.raises(ValueError, match="was made for base model"):
+        other = tmp_path / "other-base"
+        make_tiny_hf_model(seed=1).save_pretrained(other)
+        load_adapter(load_model(other), out / "adapter", str(other))
 
 
 def test_pretrain_recipe_full_finetune_trains_backbone_not_tokenizer(tiny_hf_dir, data_cache, tmp_path,
@@ -234,6 +242,10 @@ def test_pretrain_recipe_full_finetune_trains_backbone_not_tokenizer(tiny_hf_dir
     summary = json.loads((out / "report" / "heldout_loss.json").read_text())
     assert summary["heldout_loss_post"] < summary["heldout_loss_base"]  # lr 1e-3 on a fresh model: it learns
     assert (out / "report" / "metrics.json").is_file()
+    from posttrain.publish import export_run
+
+    exported = export_run(out, tmp_path / "export").out  # a full fine-tune exports the HF folder whole
+    assert isinstance(load_model(exported), HFWorldModel) and weights_hash(exported) == weights_hash(out / "model")
 
 
 def test_dpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer):
