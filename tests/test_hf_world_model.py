@@ -364,3 +364,12 @@ def test_trl_grpo_trainer_trains_the_backbone_through_rollout_func(tmp_path):
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(value, base[key]), key
     assert np.isfinite(logs[-1]["grad_norm"])
+
+
+def test_posttrain_eval_runs_on_it(tiny_hf_dir, data_cache, tmp_path):
+    from posttrain.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_hf_dir), "--seeds", "500:502", "--horizon", "2", "--size", "32",
+                 "--batch-size", "2", "--cache-dir", str(data_cache), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())
