@@ -1,6 +1,7 @@
 """The `posttrain` command line: one entry point with subcommands.
 
     posttrain scenes generate --seeds 0:64 --frames 16 --size 64 --workers 2 --out data/tabletop
+    posttrain models init --arch llama --layers 4 --width 128 --out models/llama-wm
     posttrain --help
 """
 
@@ -26,6 +27,25 @@ def _run(args: argparse.Namespace) -> int:
     from posttrain.runner import run_recipe
 
     run_recipe(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _models_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from posttrain.models.hf_world_model import init_model
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty folder; choose a new one")
+    model = init_model(args.arch, args.layers, args.width, args.heads, args.tokenizer,
+                       max_frames=args.max_frames, seed=args.seed)
+    model.save_pretrained(out, metadata={"init": {"arch": args.arch, "layers": args.layers, "width": args.width,
+                                                  "heads": model.backbone.config.num_attention_heads,
+                                                  "tokenizer": str(args.tokenizer), "seed": args.seed}})
+    params = sum(p.numel() for p in model.backbone.parameters())
+    print(f"wrote an untrained {args.arch} world model ({params / 1e6:.2f} M backbone parameters, "
+          f"{model.tokens_per_frame} tokens/frame, up to {model.max_frames} frames) to {out}")
     return 0
 
 
@@ -71,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_scenes_generate)
+
+    models = sub.add_parser("models", help="world-model folders")
+    models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    init = models_sub.add_parser("init", help="write a fresh (untrained) transformers world model folder")
+    init.add_argument("--arch", default="llama", help="backbone architecture (built in: llama)")
+    init.add_argument("--layers", type=int, required=True, help="transformer blocks")
+    init.add_argument("--width", type=int, required=True, help="hidden size")
+    init.add_argument("--heads", type=int, default=None, help="attention heads (default width // 64, at least 1)")
+    init.add_argument("--tokenizer", default="default",
+                      help="'default' (the embedded model's frame tokenizer) or a model folder to copy it from")
+    init.add_argument("--max-frames", type=int, default=16,
+                      help="frames (context + generated) the position range holds (default 16)")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--out", required=True, help="new or empty output folder")
+    init.set_defaults(func=_models_init)
 
     run = sub.add_parser("run", help="run a recipe (pretrain, sft, dpo, grpo, reward_model)")
     run.add_argument("recipe", help="recipe YAML, e.g. recipes/grpo_tabletop.yaml")

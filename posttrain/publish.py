@@ -31,6 +31,8 @@ from posttrain.envs3d.jobs import (
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_INFO)
 MODEL_FILES = ("config.json", "model.safetensors")
+HF_MODEL_FILES = ("config.json", "tokenizer.safetensors", "backbone")
+"""A posttrain.HFWorldModel folder (backbone/ is the causal LM's save_pretrained folder)."""
 CARD = "README.md"
 
 
@@ -81,8 +83,11 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
             if merge:
                 notes.append(f"{run_dir} is a full fine-tune (model/, no adapter/): nothing to merge, "
                              "exporting the model as it is")
-            for name in MODEL_FILES:
-                shutil.copy2(model / name, staging / name)
+            for name in MODEL_FILES if (model / "model.safetensors").is_file() else HF_MODEL_FILES:
+                if (model / name).is_dir():
+                    shutil.copytree(model / name, staging / name)
+                else:
+                    shutil.copy2(model / name, staging / name)
             base_name = json.loads((model / "config.json").read_text()).get("metadata", {}).get("base")
             base_hash = _hash_if_found(base_name)
         gif = _sample_gif(run_dir)

@@ -234,5 +234,19 @@ class TokenWorldModel(nn.Module):
 
 
 def weights_hash(folder: str | Path) -> str:
-    """sha256 of a model folder's weights file (identifies the base model of an adapter)."""
-    return hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    """sha256 identifying a model folder's weights (adapters record their base's).
+
+    The built-in format: the sha256 of model.safetensors (unchanged, so recorded hashes stay valid).
+    The HFWorldModel format: the sha256 over backbone/*.safetensors and tokenizer.safetensors, each
+    file's relative path then its bytes, in sorted order (a sharded backbone hashes every shard)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_FILE).is_file():
+        return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    files = sorted(folder.glob("backbone/*.safetensors")) + sorted(folder.glob("tokenizer.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model folder {folder} has neither {WEIGHTS_FILE} nor backbone/*.safetensors")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
