@@ -1,6 +1,6 @@
 """Tokenizer trade-off: token grid and FSQ levels -> reconstruction quality, rollout speed, GRPO update cost.
 
-    python benchmarks/bench_tokenizer.py --out benchmarks/results/tokenizer_cpu.json [--steps 600]
+    python benchmarks/bench_tokenizer.py --out benchmarks/results/tokenizer_cpu.json [--steps 400]
 
 Every variant trains a tokenizer for the same number of steps on the same envs3d frames (the
 new base's recipe: object-weighted MSE, bf16 autocast, cosine schedule), then is scored on
@@ -36,7 +36,7 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/tokenizer_cpu.json")
-    parser.add_argument("--steps", type=int, default=600, help="tokenizer training steps per variant")
+    parser.add_argument("--steps", type=int, default=400, help="tokenizer training steps per variant")
     parser.add_argument("--train-seeds", default="0:200")
     parser.add_argument("--eval-seeds", default="900000:900016")
     parser.add_argument("--cache-dir", default="data")
@@ -57,14 +57,17 @@ def main() -> None:
     held = load_episodes(EpisodeDataConfig(seeds=args.eval_seeds, cache_dir=args.cache_dir), columns)
     frames = train["frames"].reshape(-1, 64, 64, 3)
     objects = (train["segmentation"] > 0).reshape(-1, 64, 64)
-    results = []
+    results, trained = [], {}
     for name, variant in VARIANTS.items():
         tokenizer_config = TokenizerConfig(**{k: v for k, v in variant.items() if k != "patch"})
-        started = time.perf_counter()
-        tokenizer = train_tokenizer(frames, TokenizerTraining(model=tokenizer_config, steps=args.steps, warmup=50),
-                                    torch.Generator().manual_seed(0), _NoLog(), objects=objects)
-        train_seconds = time.perf_counter() - started
-        quality = tokenizer_report(tokenizer, held["frames"], held["segmentation"])
+        key = json.dumps({k: v for k, v in variant.items() if k != "patch"}, sort_keys=True)
+        if key not in trained:  # variants that differ only in the dynamics' patch share one tokenizer
+            started = time.perf_counter()
+            tokenizer = train_tokenizer(frames, TokenizerTraining(model=tokenizer_config, steps=args.steps, warmup=50),
+                                        torch.Generator().manual_seed(0), _NoLog(), objects=objects)
+            train_seconds = time.perf_counter() - started
+            trained[key] = (tokenizer, train_seconds, tokenizer_report(tokenizer, held["frames"], held["segmentation"]))
+        tokenizer, train_seconds, quality = trained[key]
         model = TokenWorldModel(tokenizer_config, DynamicsConfig(width=192, layers=4, heads=6, patch=variant["patch"]))
         model.tokenizer.load_state_dict(tokenizer.state_dict())
         model.eval()
