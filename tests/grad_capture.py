@@ -10,7 +10,7 @@ lr * sign(grad). The invariants are therefore checked on gradients:
    "full_batch": the gradients of ONE backward of `loss_fn` over the whole local batch}
   to `records` (full_batch only on request);
 * `tests/grad_dump_main.py` does the same under `accelerate launch` and saves the first
-  update's gradients of each rank to `$POSTTRAIN_GRAD_DUMP/rank<k>.pt`.
+  update's gradients of each rank to `$POSTTRAIN_GRAD_DUMP/rank<k>.safetensors`.
 
 Gradients are keyed by parameter name (the unwrapped policy's names).
 """

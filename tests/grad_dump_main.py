@@ -4,7 +4,7 @@
         tests/grad_dump_main.py run RECIPE [overrides]
 
 saves the gradients of the first optimizer step (after the last micro-batch's backward, so
-after DDP's all-reduce, before clipping) of rank k to DIR/rank<k>.pt.
+after DDP's all-reduce, before clipping) of rank k to DIR/rank<k>.safetensors.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import grad_capture  # tests/ is sys.path[0]: this script's own folder
-import torch
+from safetensors.torch import save_file
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
     code = cli_main(sys.argv[1:])
     dump.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    torch.save(records[0]["step_grads"], dump / f"rank{rank}.pt")
+    save_file({k: v.contiguous() for k, v in records[0]["step_grads"].items()}, str(dump / f"rank{rank}.safetensors"))
     return code
 
 

@@ -11,7 +11,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +111,22 @@ def test_overwrite_replaces_only_folders_posttrain_wrote(videos, tmp_path, capsy
 # --- 2. killed jobs leave no workers running and no staging folders behind ------------------------
 
 
+def _wait_for_exit(pid: int, guard_seconds: float = 120) -> None:
+    """Block until `pid` exits, woken by the kernel (a pidfd becomes readable when the process exits):
+    no sleeping or polling. The guard only stops a test whose bug leaves the worker alive from hanging
+    forever; a worker that dies wakes this at once."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        select.select([fd], [], [], guard_seconds)
+    finally:
+        os.close(fd)
+
+
 def _process_gone(pid: int) -> bool:
     """True once `pid` has exited (a zombie waiting for a reaper counts as gone)."""
     try:
@@ -149,9 +164,8 @@ def test_workers_die_with_a_killed_parent_and_staging_is_cleaned_next_run(videos
     assert found, log.read_text()
     workers = [int(pid) for pid in found.group(1).split(",")]
     assert len(workers) == 2
-    deadline = time.monotonic() + 60  # generous: the workers only need to notice that their parent died
-    while not all(_process_gone(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    for pid in workers:
+        _wait_for_exit(pid)
     alive = [pid for pid in workers if not _process_gone(pid)]
     for pid in alive:  # do not leave them behind when the test fails
         os.kill(pid, 9)
