@@ -38,7 +38,7 @@ from torch import nn
 from posttrain.kernels import sample, selective_log_softmax
 
 from .tokenizer import FrameTokenizer, TokenizerConfig
-from .world_model import CONFIG_FILE, RolloutOutput
+from .world_model import CONFIG_FILE, RolloutOutput, read_model_config, read_safetensors
 
 ARCHITECTURE = "posttrain.HFWorldModel"
 BACKBONE_DIR = "backbone"
@@ -252,34 +252,19 @@ class HFWorldModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> HFWorldModel:
         """Load a `save_pretrained` folder. Errors name the folder and what is wrong; nothing is unpickled."""
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
         folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
-        for name in (CONFIG_FILE, TOKENIZER_FILE, f"{BACKBONE_DIR}/{CONFIG_FILE}"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"model folder {folder} has no {name}")
+        config = read_model_config(folder, ARCHITECTURE, (CONFIG_FILE, TOKENIZER_FILE, f"{BACKBONE_DIR}/{CONFIG_FILE}"))
         if not list((folder / BACKBONE_DIR).glob("*.safetensors")):
             raise FileNotFoundError(f"{folder / BACKBONE_DIR} holds no *.safetensors weights "
                                     "(only safetensors are read: pickled .bin files can run code)")
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
-        if config.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"{folder / CONFIG_FILE}: unknown architecture {config.get('architecture')!r}; "
-                             f"this loader reads {ARCHITECTURE!r}")
         try:
             tokenizer = FrameTokenizer(TokenizerConfig(**config["tokenizer"]))
             num_actions = int(config.get("num_actions", DEFAULT_NUM_ACTIONS))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{folder / CONFIG_FILE}: bad model config ({exc})") from None
-        try:
-            state = load_file(str(folder / TOKENIZER_FILE), device=map_location)
-        except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            raise ValueError(f"{folder / TOKENIZER_FILE} cannot be read ({exc}); is the file complete?") from None
+        state = read_safetensors(folder / TOKENIZER_FILE, map_location)
         try:
             tokenizer.load_state_dict(state)
         except RuntimeError as exc:

@@ -197,29 +197,13 @@ class TokenWorldModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> TokenWorldModel:
         """Load a `save_pretrained` folder. Errors name the folder and what is wrong; nothing is unpickled."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"model folder {folder} has no {name}")
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
-        if config.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"{folder / CONFIG_FILE}: unknown architecture {config.get('architecture')!r}; "
-                             f"this loader reads {ARCHITECTURE!r}")
+        config = read_model_config(folder, ARCHITECTURE, (CONFIG_FILE, WEIGHTS_FILE))
         try:
             model = cls(TokenizerConfig(**config["tokenizer"]), DynamicsConfig(**config["dynamics"]))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{folder / CONFIG_FILE}: bad model config ({exc})") from None
-        try:
-            state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
-        except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            raise ValueError(f"{folder / WEIGHTS_FILE} cannot be read ({exc}); is the file complete?") from None
+        state = read_safetensors(folder / WEIGHTS_FILE, map_location)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -231,6 +215,34 @@ class TokenWorldModel(nn.Module):
         model.load_state_dict(state)
         model.metadata = config.get("metadata", {})
         return model.eval()
+
+
+def read_model_config(folder: Path, architecture: str, required: tuple[str, ...]) -> dict:
+    """A model folder's config.json, after checking the folder, its `required` files and that the config
+    names `architecture`. Errors name the folder or file and what is wrong."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    for name in required:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"model folder {folder} has no {name}")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if config.get("architecture") != architecture:
+        raise ValueError(f"{folder / CONFIG_FILE}: unknown architecture {config.get('architecture')!r}; "
+                         f"this loader reads {architecture!r}")
+    return config
+
+
+def read_safetensors(path: Path, map_location: str = "cpu") -> dict:
+    """load_file with a one-line error for truncated or corrupt files (never unpickles)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=map_location)
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated/corrupt files
+        raise ValueError(f"{path} cannot be read ({exc}); is the file complete?") from None
 
 
 def weights_hash(folder: str | Path) -> str:
