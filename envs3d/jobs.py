@@ -34,6 +34,19 @@ FAULT_ENV = "POSTTRAIN_FAULT"
 # --- output folders ---------------------------------------------------------------------------
 
 
+def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """How output folder `out` overlaps input `source` after resolving symlinks: "is", "lies inside",
+    "contains", or None when they are apart."""
+    resolved_out, resolved_in = Path(out).resolve(), Path(source).resolve()
+    if resolved_out == resolved_in:
+        return "is"
+    if resolved_in in resolved_out.parents:
+        return "lies inside"
+    if resolved_out in resolved_in.parents:
+        return "contains"
+    return None
+
+
 def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
                         owned_markers: Iterable[str] = (OUTPUT_MARKER,)) -> None:
     """Refuse an --out that overlaps an input, an existing --out without overwrite, a folder we did not
@@ -43,13 +56,8 @@ def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[str | os.Pa
     resolved_out = out.resolve()
     for source in inputs:
         resolved_in = Path(source).resolve()
-        if resolved_out == resolved_in:
-            relation = "is"
-        elif resolved_in in resolved_out.parents:
-            relation = "lies inside"
-        elif resolved_out in resolved_in.parents:
-            relation = "contains"
-        else:
+        relation = overlap(out, source)
+        if relation is None:
             continue
         raise ValueError(f"--out {out} {relation} the input {source} (resolved: {resolved_out} vs {resolved_in}); "
                          "writing there could delete the input, choose a folder outside it")

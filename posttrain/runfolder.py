@@ -34,12 +34,10 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "steps", "eval", "eval_temperatures"
 
 def check_not_overlapping(out: Path, inputs: dict[str, str | Path | None]) -> None:
     """Refuse an output folder that is, contains, or lies inside one of `inputs` ({what: path})."""
-    target = Path(out).resolve()
+    from posttrain.envs3d.jobs import overlap
+
     for what, path in inputs.items():
-        if not path:
-            continue
-        source = Path(path).resolve()
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        if path and overlap(out, path):
             raise ValueError(f"output folder {out} overlaps the {what} {path}: an output may not be, contain "
                              f"or lie inside an input (nothing was written)")
 

@@ -506,17 +506,13 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the CLI reports it in one line (exit code 1)."""
 
 
-FAULT_ENV = "POSTTRAIN_FAULT"
-"""Deterministic fault injection for tests: POSTTRAIN_FAULT=after_checkpoint:3 SIGKILLs the process
-right after checkpoint step-000003 is committed, after_log:3 right after step 3's metrics are
-written (no timers, no polling)."""
-
-
 def _fault_point(name: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
-        import signal
+    """Deterministic fault injection for tests: POSTTRAIN_FAULT=after_checkpoint:3 SIGKILLs the process
+    right after checkpoint step-000003 is committed, after_log:3 right after step 3's metrics are
+    written (no timers, no polling). The same switch as envs3d's jobs use."""
+    from posttrain.envs3d.jobs import fault_point
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault_point(f"{name}:{step}")
 
 
 def _launched_distributed() -> bool:
