@@ -113,6 +113,10 @@ class PretrainConfig:
     """Reuse a finished tokenizer stage in `out` (set by `posttrain run --resume`)."""
     overwrite: bool = False
     """Replace a previous pre-training run in `out` (set by `posttrain run --overwrite`)."""
+    init: str = ""
+    """Continue pre-training from this model ('default' or a model folder): its tokenizer is kept (no
+    tokenizer stage) and the dynamics starts from its weights. Its architecture replaces
+    `tokenizer.model` and `dynamics.model`. Empty: train both from scratch."""
 
     def __post_init__(self) -> None:
         from posttrain.config import require
@@ -197,8 +201,12 @@ def teacher_forced_loss(dynamics: DynamicsTransformer, tokens: torch.Tensor, act
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
-def train_dynamics(tokens, actions, cfg: DynamicsTraining, generator, log: MetricsWriter, log_every: int = 50):
+def train_dynamics(tokens, actions, cfg: DynamicsTraining, generator, log: MetricsWriter, log_every: int = 50,
+                   init: dict[str, torch.Tensor] | None = None):
+    """Teacher-forced next-frame cross-entropy on random clips; `init`: a dynamics state dict to start from."""
     dynamics = DynamicsTransformer(cfg.model)
+    if init is not None:
+        dynamics.load_state_dict(init)
     decay = [p for n, p in dynamics.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in dynamics.named_parameters() if p.ndim < 2 or "embed" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -253,7 +261,21 @@ def run(config: PretrainConfig) -> Path:
     from posttrain.runfolder import RunLock, prepare_run_folder
 
     out = Path(config.out)
-    prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite)
+    start_model = None
+    if config.init:
+        from posttrain.models import load_model
+        from posttrain.models.registry import resolve_model_path
+
+        prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite,
+                           inputs={"init model": resolve_model_path(config.init)})
+        start_model = load_model(config.init)
+        if not isinstance(start_model, TokenWorldModel):
+            raise ValueError(f"init={config.init}: pre-training continues only the built-in token world model, "
+                             f"not {type(start_model).__name__}")
+        config.tokenizer.model = start_model.tokenizer.config
+        config.dynamics.model = start_model.dynamics.config
+    else:
+        prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite)
     lock = RunLock(out, "pretrain")  # noqa: F841 (held until the process ends)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -270,7 +292,10 @@ def run(config: PretrainConfig) -> Path:
     frames = train["frames"]  # (E, T, H, W, 3) uint8
     objects = (train.pop("segmentation") > 0).reshape(-1, *frames.shape[2:4])
     stage_one = out / "tokenizer.safetensors"
-    if config.resume and stage_one.is_file():
+    if start_model is not None:
+        tokenizer = start_model.tokenizer.eval()
+        print(f"continuing from {config.init}: its tokenizer is kept, its dynamics trained further")
+    elif config.resume and stage_one.is_file():
         # The tokenizer stage is the first half of the budget: a rerun into the same folder reuses it.
         from safetensors.torch import load_file
 
@@ -296,7 +321,8 @@ def run(config: PretrainConfig) -> Path:
     dyn_cfg = config.dynamics
     dyn_cfg.model.vocab_size = tokenizer.config.vocab_size
     dyn_cfg.model.tokens_per_frame = tokenizer.config.tokens_per_frame
-    dynamics = train_dynamics(tokens, train["actions"], dyn_cfg, generator, log, config.log_every)
+    dynamics = train_dynamics(tokens, train["actions"], dyn_cfg, generator, log, config.log_every,
+                              init=start_model.dynamics.state_dict() if start_model is not None else None)
     with torch.no_grad():
         eval_tokens = encode_all(tokenizer, held_out["frames"])
         clip = min(dyn_cfg.clip_frames, eval_tokens.shape[1])
@@ -313,6 +339,7 @@ def run(config: PretrainConfig) -> Path:
         "tokenizer_minutes": round(tokenizer_minutes, 1),
         "total_minutes": round((time.time() - started) / 60, 1),
         "seed": config.seed,
+        "init": config.init or None,
     }
     log.write({"stage": "summary", **summary})
     model.save_pretrained(out / "model", metadata={"pretrain": summary})

@@ -44,7 +44,8 @@ def batch():
 def test_registry_lists_and_suggests():
     names = list_rewards()
     for n in ["fidelity", "psnr", "ssim", "neg_mse", "neg_mae", "consistency_3d", "loop_closure",
-              "object_permanence", "stability", "color_drift", "hf_noise", "frozen_frames", "learned"]:
+              "object_permanence", "object_presence", "stability", "color_drift", "hf_noise", "frozen_frames",
+              "learned"]:
         assert n in names
     with pytest.raises(UnknownRewardError, match=r"unknown reward 'consistency3d'; did you mean 'consistency_3d'"):
         get_reward("consistency3d")

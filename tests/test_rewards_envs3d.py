@@ -166,3 +166,28 @@ def test_object_permanence_notices_an_object_painted_over_with_the_floor(walk):
         erased = _with(erased, _paint_over(erased, episodes, obj))
     result = reward.evaluate(erased, episodes)
     assert (result.extras["presence"] < 0.25).all() and not result.success.any(), result.extras["presence"]
+
+
+def test_object_presence_is_one_for_the_truth_and_zero_for_blur_toward_the_floor(walk):
+    """The eval's object-presence metric as a reward: the truth keeps every interior pixel (1.0
+    exactly), an object painted over with its floor colour drops out of the per-frame mean, and the
+    mean image of a frame (the limit of blur) keeps almost nothing - unlike -MSE, which it beats."""
+    episodes, truth = walk
+    reward = get_reward("object_presence")
+    result = reward.evaluate(truth, episodes)
+    seen = result.mask
+    assert seen.any()
+    assert torch.equal(result.reward[seen], torch.ones(int(seen.sum())))
+    assert torch.equal(result.reward[~seen], torch.zeros(int((~seen).sum())))
+    # With object 1 erased, the score drops below 1 exactly on the episodes where object 1 shows.
+    erased = _with(truth, _paint_over(truth, episodes, 0))
+    after = reward.evaluate(erased, episodes).reward
+    shows = (episodes.segmentation[:, CONTEXT:] == 1).flatten(1).any(1)
+    assert (after[shows & seen] < 1).all() and torch.equal(after[~shows & seen], result.reward[~shows & seen])
+    flat = truth.frames.mean(dim=(2, 3), keepdim=True).expand_as(truth.frames)  # each frame's mean colour
+    blurred = reward.evaluate(_with(truth, flat), episodes).reward
+    assert (blurred[seen] < 0.3).all(), blurred
+    # Aggregates: 'last' scores the last frame that shows an object; 'discounted' stays in [0, 1].
+    assert torch.equal(get_reward("object_presence", aggregate="last").evaluate(truth, episodes).reward, result.reward)
+    with pytest.raises(ValueError, match="aggregate"):
+        get_reward("object_presence", aggregate="median").evaluate(truth, episodes)
