@@ -247,11 +247,12 @@ class Trainer:
             return torch.cat([self.policy(tokens[i: i + chunk], actions[i: i + chunk], num_context, temperature)
                               for i in range(0, len(tokens), chunk)]).flatten(1)
 
-    def update(self, tokens, actions, valid, loss_fn, align: int = 1) -> dict:
+    def update(self, tokens, actions, valid, loss_fn, align: int = 1, targets=None) -> dict:
         """One optimizer step accumulated over micro-batches. `loss_fn(new_logp, index) -> (loss, stats)`
         must return micro-batch losses normalised by the GLOBAL batch, so their sum is the batch loss.
         `align`: micro-batches hold a multiple of this many rows (DPO: 2, so a chosen/rejected pair
-        is never split across micro-batches)."""
+        is never split across micro-batches). `targets`: frames to score instead of the inputs' own
+        (`WorldModel.score(..., targets=)`, simulator-forcing)."""
         acc = self.accelerator
         self.model.train()
         chunk = max(align, self.settings.micro_batch_size // align * align)
@@ -267,7 +268,8 @@ class Trainer:
             sync = i == len(starts) - 1
             context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
             with context:
-                new_logp = self.model(tokens[index], actions[index], num_context, temperature)
+                extra = {} if targets is None else {"targets": targets[index]}
+                new_logp = self.model(tokens[index], actions[index], num_context, temperature, **extra)
                 loss, stats = loss_fn(new_logp, index)
                 # DDP averages gradients over processes; scale so the sum matches one process.
                 acc.backward(loss * acc.num_processes)

@@ -38,7 +38,14 @@ from torch import nn
 from posttrain.kernels import sample, selective_log_softmax
 
 from .tokenizer import FrameTokenizer, TokenizerConfig
-from .world_model import CONFIG_FILE, RolloutOutput, read_model_config, read_safetensors
+from .world_model import (
+    CONFIG_FILE,
+    RolloutOutput,
+    check_targets,
+    forced_score_by_prefix,
+    read_model_config,
+    read_safetensors,
+)
 
 ARCHITECTURE = "posttrain.HFWorldModel"
 BACKBONE_DIR = "backbone"
@@ -127,9 +134,10 @@ class HFWorldModel(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(tokens)
 
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0):
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0,
+                targets: torch.Tensor | None = None):
         """`score`, as `forward`: DDP and PEFT wrappers only see calls that go through forward."""
-        return self.score(tokens, actions, num_context, temperature)
+        return self.score(tokens, actions, num_context, temperature, targets)
 
     def interleave(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(B, T, N) frame codes + (B, T - 1) actions -> (B, T * (N + 1) - 1) LM ids."""
@@ -138,8 +146,15 @@ class HFWorldModel(nn.Module):
         body = torch.cat([tokens[:, :-1], action_ids], 2).reshape(batch, -1)  # (B, (T-1)*(N+1))
         return torch.cat([body, tokens[:, -1]], 1)
 
-    def score(self, tokens, actions, num_context, temperature=1.0):
-        """Log-probs (B, T - C, N) of frames C.. under the tempered distribution over frame codes."""
+    def score(self, tokens, actions, num_context, temperature=1.0, targets=None):
+        """Log-probs (B, T - C, N) of frames C.. under the tempered distribution over frame codes
+        (`targets`: see `WorldModel.score`; a frame's tokens are read token by token, so other
+        targets cost one pass per frame)."""
+        if targets is not None:
+            if not 1 <= num_context < tokens.shape[1]:
+                raise ValueError(f"num_context={num_context} must be in [1, T={tokens.shape[1]})")
+            return forced_score_by_prefix(self, tokens, actions, num_context, temperature,
+                                          check_targets(tokens, num_context, targets))
         batch, frames, n = tokens.shape
         if not 1 <= num_context < frames:
             raise ValueError(f"num_context={num_context} must be in [1, T={frames})")

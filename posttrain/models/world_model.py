@@ -66,15 +66,41 @@ class WorldModel(Protocol):
         """(B, T, N) tokens -> (B, T, H, W, 3) float frames in [0, 1]."""
 
     def score(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int,
-              temperature: float = 1.0) -> torch.Tensor:
+              temperature: float = 1.0, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probs (B, T - num_context, N) of frames num_context.. given earlier frames and actions.
-        actions: (B, T - 1); actions[:, t] takes frame t to t + 1. Differentiable."""
+        actions: (B, T - 1); actions[:, t] takes frame t to t + 1. Differentiable.
+
+        `targets` (B, T - num_context, N), optional: score `targets[:, t]` instead of `tokens[:, C + t]`
+        as the frame after `tokens[:, :C + t]` (the inputs stay `tokens`). Simulator-forcing uses it:
+        the model's own frames as inputs, the simulator's true frames as targets. Models whose frames
+        depend only on earlier frames (block-causal) do this in one pass; `forced_score_by_prefix`
+        is the generic fallback (one pass per target frame)."""
 
     def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seeds: list[int] | None = None,
                 generator: torch.Generator | None = None, decode: bool = True) -> RolloutOutput:
         """Sample `horizon` frames after context tokens (B, C, N); actions (B, >= C + horizon - 1)
         (extra trailing actions are ignored)."""
+
+
+def check_targets(tokens: torch.Tensor, num_context: int, targets: torch.Tensor | None) -> torch.Tensor:
+    """`score`'s targets: `tokens[:, num_context:]` when None, else checked to have that shape."""
+    if targets is None:
+        return tokens[:, num_context:]
+    expected = tokens[:, num_context:].shape
+    if targets.shape != expected:
+        raise ValueError(f"targets must be (B, T - num_context, N) = {tuple(expected)}, got {tuple(targets.shape)}")
+    return targets
+
+
+def forced_score_by_prefix(model, tokens: torch.Tensor, actions: torch.Tensor, num_context: int,
+                           temperature: float, targets: torch.Tensor) -> torch.Tensor:
+    """`score(tokens, ..., targets=targets)` for any model: one `score` call per target frame, on the
+    prefix `tokens[:, :C + t]` followed by `targets[:, t]` (for models that read a frame's own earlier
+    tokens while scoring it, e.g. token-by-token language-model backbones)."""
+    return torch.cat([model.score(torch.cat([tokens[:, :num_context + t], targets[:, t: t + 1]], 1),
+                                  actions[:, :num_context + t], num_context + t, temperature)
+                      for t in range(targets.shape[1])], 1)
 
 
 class TokenWorldModel(nn.Module):
@@ -113,9 +139,10 @@ class TokenWorldModel(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(tokens)
 
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0):
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0,
+                targets: torch.Tensor | None = None):
         """`score`, as `forward`: DDP and PEFT wrappers only see calls that go through forward."""
-        return self.score(tokens, actions, num_context, temperature)
+        return self.score(tokens, actions, num_context, temperature, targets)
 
     def next_frame_logits(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int) -> torch.Tensor:
         """Logits (B, T - num_context, N, V) for frames num_context.. (teacher forcing)."""
@@ -123,13 +150,15 @@ class TokenWorldModel(nn.Module):
         hidden = self.dynamics(tokens[:, :-1], actions)  # (B, T-1, N, D): frame t predicts t+1
         return self.dynamics.logits(hidden[:, num_context - 1:])
 
-    def score(self, tokens, actions, num_context, temperature=1.0):
+    def score(self, tokens, actions, num_context, temperature=1.0, targets=None):
         if num_context < 1:
             raise ValueError(f"num_context={num_context} must be at least 1")
+        targets = check_targets(tokens, num_context, targets)
+        # Block-causal: frame t's logits see frames < t only, so any targets are scored in one pass.
         logits = self.next_frame_logits(tokens, actions, num_context)  # (B, T-C, N, V)
         # Greedy (T=0) rollouts report log-probs at temperature 1, as `sample` does.
         # Through the kernels' dispatch: Triton on CUDA, the torch reference elsewhere.
-        return selective_log_softmax(logits, tokens[:, num_context:], temperature or 1.0)
+        return selective_log_softmax(logits, targets, temperature or 1.0)
 
     @torch.no_grad()
     def rollout(self, context, actions, horizon, *, temperature=1.0, top_k=None, top_p=None, seeds=None,

@@ -1,0 +1,170 @@
+"""Simulator-forcing: train next-frame prediction on the model's OWN rollouts, with the simulator's
+true next frames as targets.
+
+    posttrain run recipes/forcing_tabletop.yaml
+
+One step: take `clips_per_step` training episodes; from each one's `num_context` true frames, roll
+the current model out for R frames (no gradient, KV cache, `context_temperature`; 0 = greedy);
+then train the cross-entropy of the TRUE frames num_context .. num_context + R under the model,
+with the context made of the true context frames followed by the model's own frames:
+
+    inputs   true_0 .. true_{C-1}  own_1 .. own_R
+    targets                 true_C  true_{C+1} .. true_{C+R}
+
+Target frame C is predicted from the true context alone (teacher forcing); every later one from
+the model's own earlier frames. Because the actions are the episode's, the simulator knows what
+each frame should have been: the model is taught to pull back toward the truth from wherever its
+own errors took it. This is scheduled sampling / DAgger with an exact oracle (Bengio et al. 2015;
+Ross et al. 2011); Self Forcing (arXiv 2506.08009) trains on own rollouts too, with a teacher's
+distribution instead of exact targets.
+
+Options (what the issue's trial showed matters):
+- `own_frames` R, with a linear curriculum from `own_frames_start` over `curriculum_steps`;
+  R may exceed the model's window, so later targets see only generated frames.
+- `context_temperature`: a noisy (T = 1) context with exact targets teaches the model to ignore
+  its context; greedy or low-temperature own frames are the default.
+- `teacher_forced_fraction`: that share of each step's clips uses the true frames as context (an
+  anchor to the base's teacher-forced skill).
+- LoRA (the default) or full fine-tuning, as every method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.adapters import LoraSettings
+from posttrain.data import EpisodeDataConfig
+from posttrain.evaluate import EvalConfig, rollout_seed
+from posttrain.trainer_utils import Trainer, TrainerSettings
+
+
+@dataclass
+class ForcingConfig:
+    """Simulator-forcing recipe: model, data, own-rollout context, optimisation, evaluation."""
+
+    method: str = "forcing"
+    """Recipe kind (fixed)."""
+    out: str = "runs/forcing"
+    """Run folder (metrics.jsonl, checkpoints/, adapter/ or model/, report/)."""
+    model: str = "default"
+    """Base model: 'default' (embedded) or a save_pretrained folder."""
+    seed: int = 0
+    """Seed for the clip order and the own rollouts' sampling seeds."""
+    data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="40000:40512", frames=12))
+    """Training episodes; frames must be at least num_context + own_frames + 1."""
+    num_context: int = 2
+    """True context frames at the start of every clip."""
+    own_frames: int = 6
+    """R: the model's own frames in the context at the end of the curriculum (targets: R + 1 frames)."""
+    own_frames_start: int = 1
+    """R at step 0; it grows linearly to `own_frames` over `curriculum_steps`."""
+    curriculum_steps: int = 0
+    """Steps over which R grows (0: `own_frames` from the start)."""
+    context_temperature: float = 0.0
+    """Sampling temperature of the own rollouts (0 = greedy)."""
+    teacher_forced_fraction: float = 0.25
+    """Share of each step's clips trained with the true frames as context (plain teacher forcing)."""
+    clips_per_step: int = 16
+    """Clips per optimizer step (split across processes; accumulated over train.micro_batch_size)."""
+    steps: int = 100
+    """Optimizer steps."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (enabled=False: full fine-tuning of the dynamics)."""
+    train: TrainerSettings = field(default_factory=TrainerSettings)
+    """Optimiser, precision, micro-batching, checkpoints and logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation of base vs post-trained at the end."""
+    eval_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
+    overwrite: bool = False
+    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`)."""
+
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+        from posttrain.data import check_held_out
+
+        require(self, positive=("num_context", "own_frames", "own_frames_start", "clips_per_step", "steps"),
+                non_negative=("curriculum_steps", "context_temperature"), unit=("teacher_forced_fraction",))
+        if any(not t >= 0 for t in self.eval_temperatures):
+            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
+        if self.own_frames_start > self.own_frames:
+            raise ValueError(f"own_frames_start={self.own_frames_start} exceeds own_frames={self.own_frames}")
+        if self.data.frames < self.num_context + self.own_frames + 1 and not self.data.path:
+            raise ValueError(f"data.frames={self.data.frames} must be at least num_context + own_frames + 1 = "
+                             f"{self.num_context + self.own_frames + 1}")
+        check_held_out(self.data, self.eval.data)
+
+
+def own_frames_at(step: int, config: ForcingConfig) -> int:
+    """R for `step`: linear from own_frames_start to own_frames over curriculum_steps (then constant)."""
+    if not config.curriculum_steps or step >= config.curriculum_steps:
+        return config.own_frames
+    span = config.own_frames - config.own_frames_start
+    return config.own_frames_start + math.floor(span * step / config.curriculum_steps + 0.5)
+
+
+def forcing_inputs(true_tokens: torch.Tensor, own_tokens: torch.Tensor, num_context: int,
+                   teacher_forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for `score(inputs, ..., targets=targets)`.
+
+    true_tokens: (B, C + R + 1, N) the simulator's frames, tokenised; own_tokens: (B, R, N) the model's
+    own rollout from the true context; teacher_forced: (B,) bool rows that keep the true frames as
+    context. inputs (B, C + R + 1, N) = true context, then own (or true) frames 1..R, then a last frame
+    that no prediction reads (the true one); targets (B, R + 1, N) = true frames C..C + R."""
+    context, future = true_tokens[:, :num_context], true_tokens[:, num_context:]
+    own = torch.where(teacher_forced[:, None, None], future[:, :-1], own_tokens)
+    return torch.cat([context, own, future[:, -1:]], 1), future
+
+
+def forcing_loss(logp: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+    """Summed cross-entropy of the targets' log-probs `logp` (b, R + 1, N), divided by the GLOBAL token
+    count so micro-batch losses add up to the batch's mean per-token cross-entropy."""
+    total = -logp.sum()
+    return total / num_tokens, {"nll": float(total.detach())}
+
+
+def run(config: ForcingConfig):
+    trainer = Trainer(config, method="forcing")
+    return trainer.fit(lambda step: forcing_step(trainer, config, step))
+
+
+def forcing_step(trainer: Trainer, config: ForcingConfig, step: int) -> dict:
+    """Roll out own frames, then one optimizer step of cross-entropy toward the true frames."""
+    from posttrain.rewards.metrics import psnr
+
+    acc = trainer.accelerator
+    # The global batch is a function of (seed, step) alone; each process takes every num_processes-th clip.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
+    episodes = torch.randint(trainer.num_prompts, (config.clips_per_step,), generator=generator)
+    teacher_forced = torch.rand(config.clips_per_step, generator=generator) < config.teacher_forced_fraction
+    episodes = episodes[acc.process_index:: acc.num_processes]
+    teacher_forced = teacher_forced[acc.process_index:: acc.num_processes]
+    own = own_frames_at(step, config)
+    frames = config.num_context + own + 1
+    true_tokens = trainer.episode_tokens[episodes, :frames]
+    actions = trainer.prompt_actions[episodes, : frames - 1]
+    seeds = [rollout_seed(config.seed, step, int(e)) for e in episodes.tolist()]
+    trainer.model.eval()
+    with torch.no_grad():
+        rollout = trainer.generate(true_tokens[:, : config.num_context], actions, own, seeds,
+                                   config.context_temperature, None, None)
+    inputs, targets = forcing_inputs(true_tokens, rollout.tokens, config.num_context, teacher_forced)
+    num_tokens = trainer.reduce_sum(targets.numel())
+    stats = trainer.update(inputs, actions, None, lambda logp, index: forcing_loss(logp, num_tokens),
+                           targets=targets)
+    # How far the own context had drifted: PSNR of the own frames against the simulator's.
+    truth = trainer.episodes["frames"][episodes, config.num_context: config.num_context + own].float() / 255
+    metrics = {"loss": trainer.reduce_sum(stats["nll"]) / num_tokens, "own_frames": own,
+               "own_context_psnr": trainer.reduce_mean(float(psnr(rollout.frames, truth).mean())),
+               "teacher_forced_clips": int(trainer.reduce_sum(float(teacher_forced.sum()))),
+               "skipped_nonfinite": stats["skipped_nonfinite"]}
+    if "grad_norm" in stats:
+        metrics["grad_norm"] = stats["grad_norm"]
+    if trainer.should_save_video(step):
+        trainer.save_video(step, true_tokens[:1, : config.num_context], rollout.frames[:1], episodes[:1])
+    return metrics
