@@ -1,0 +1,156 @@
+"""Bake-off: post-training methods on one wall-clock budget, judged on held-out and shifted scenes.
+
+    python benchmarks/bench_methods.py --split val  --minutes 5 --out benchmarks/results/methods_val.json
+    python benchmarks/bench_methods.py --split test --minutes 5 --out benchmarks/results/methods_test.json
+
+Each method is a recipe in recipes/ run for `--minutes` of wall-clock training (`train.max_minutes`,
+so every method gets the same CPU time, whatever its step cost), with LoRA on the same base. Every
+result (and the base) is then rolled out 32 frames on the split's episodes, greedy and at
+temperature 1, and scored with `posttrain eval`'s code: MSE, SSIM, object presence and the useful
+horizon (steps whose SSIM beats both trivial baselines: persistence and the mean image). The
+12-frame columns are the first 12 steps of the same rollouts (a rollout's first 12 frames do not
+depend on how long it goes on). A second block repeats this on shifted scenes.
+
+Choices (which variant of each method, its learning rate, ...) were made with `--split val`
+(seeds 2000000+, 2100000+); the final table is `--split test` (seeds 3000000+, 3100000+), run once.
+Run it alone on the machine: a method's step count depends on the CPU it gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (recipe, overrides). The recipes hold the documented choices; overrides only shape the bake-off.
+METHODS = {
+    "grpo": ("recipes/grpo_tabletop.yaml", []),
+    "grpo_branch": ("recipes/grpo_drift.yaml", []),
+    "forcing": ("recipes/forcing_tabletop.yaml", []),
+    "dpo": ("recipes/dpo_tabletop.yaml", []),
+}
+SPLITS = {
+    "val": {"seeds": "2000000:2000032", "shifted_seeds": "2100000:2100024"},
+    "test": {"seeds": "3000000:3000048", "shifted_seeds": "3100000:3100032"},
+}
+SHIFTS = {
+    "more objects, small checkers": {"min_objects": 5, "max_objects": 6, "checker_size": 0.15},
+    "meshes only, no walls": {"object_types": ["duck", "teddy"], "walls": False},
+}
+HORIZON, SHORT, CONTEXT = 32, 12, 2
+
+
+def train(name: str, recipe: str, overrides: list[str], model: str, minutes: float, out: Path) -> dict:
+    """Run one method's recipe for `minutes` in a subprocess; return its folder and timing."""
+    command = [sys.executable, "-m", "posttrain", "run", str(ROOT / recipe), f"out={out}", f"model={model}",
+               f"train.max_minutes={minutes}", "train.eval_at_end=false", "train.tensorboard=false",
+               "steps=100000", *overrides]
+    started = time.time()
+    process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "POSTTRAIN_NO_PROGRESS": "1"})
+    if process.returncode:
+        raise SystemExit(f"{name}: `{' '.join(command)}` failed:\n{process.stderr[-3000:]}")
+    from posttrain.logging_utils import read_metrics
+
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "step" in r and "lr" in r]
+    return {"recipe": recipe, "overrides": overrides, "steps": len(steps),
+            "train_seconds": round(time.time() - started, 1)}
+
+
+def summarise(report: dict, upto: int) -> dict:
+    """Means over the first `upto` steps of a 32-step eval report, and the useful horizon within them."""
+    def mean(values):
+        values = [v for v in values[:upto] if v is not None]
+        return round(sum(values) / len(values), 5) if values else None
+
+    return {"mse": mean(report["mse_per_step"]), "ssim": mean(report["ssim_per_step"]),
+            "objects": mean(report["object_presence_per_step"]), "useful_horizon": min(report["useful_horizon"], upto),
+            "ssim_last8": mean(report["ssim_per_step"][upto - 8: upto]) if upto >= 8 else None}
+
+
+def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str) -> dict:
+    from posttrain.data import EpisodeDataConfig, load_episodes
+    from posttrain.evaluate import EPISODE_FIELDS, EvalConfig, evaluate_model, load_with_adapter, mean_frame_for
+
+    config = EvalConfig(data=EpisodeDataConfig(seeds=seeds, frames=CONTEXT + HORIZON, scene=scene, cache_dir=cache),
+                        num_context=CONTEXT, horizon=HORIZON, temperature=temperature, batch_size=16)
+    episodes = load_episodes(config.data, EPISODE_FIELDS, progress=False)
+    model = load_with_adapter(model_name, adapter)
+    mean_frame, source = mean_frame_for(model_name, episodes)
+    report = evaluate_model(model, episodes, config, progress=False, mean_frame=mean_frame, mean_frame_source=source)
+    return {"12": summarise(report, SHORT), "32": summarise(report, HORIZON),
+            "baselines": {name: {k: report["baselines"][name][f"{m}_mean"] for k, m in
+                                 (("mse", "mse"), ("ssim", "ssim"), ("objects", "object_presence"))}
+                          for name in ("persistence", "mean_image")}}
+
+
+def table(results: dict, scene: str) -> str:
+    """Markdown: one row per (model, temperature), columns at 12 and 32 frames, relative MSE vs the base."""
+    lines = ["| model | T | 12f MSE | 12f SSIM | 12f objects | 12f horizon | 32f MSE | 32f SSIM | 32f SSIM last 8 | "
+             "32f objects | 32f horizon |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for temperature in ("0.0", "1.0"):
+        base = results["base"]["eval"][scene][temperature]
+        for name, entry in results.items():
+            row = entry["eval"][scene][temperature]
+            cells = []
+            for horizon in ("12", "32"):
+                r, b = row[horizon], base[horizon]
+                change = "" if name == "base" else f" ({100 * (r['mse'] / b['mse'] - 1):+.1f}%)"
+                cells += [f"{r['mse']:.4f}{change}", f"{r['ssim']:.3f}", f"{r['objects']:.3f}"]
+                if horizon == "32":
+                    cells.insert(-1, f"{r['ssim_last8']:.3f}")
+                cells.append(str(r["useful_horizon"]))
+            lines.append(f"| {name} | {'greedy' if temperature == '0.0' else '1'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", choices=sorted(SPLITS), default="val")
+    parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget per method")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--runs", default="runs/bakeoff", help="folder for the methods' run folders")
+    parser.add_argument("--cache-dir", default="data")
+    parser.add_argument("--reuse", action="store_true", help="evaluate existing run folders instead of training")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    names = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    split = SPLITS[args.split]
+    out_json = Path(args.out or f"benchmarks/results/methods_{args.split}.json")
+    runs = Path(args.runs) / args.split
+    scenes = {"default": ({}, split["seeds"]), **{k: (v, split["shifted_seeds"]) for k, v in SHIFTS.items()}}
+    results: dict = {"base": {"adapter": None}}
+    for name in names:
+        out = runs / name
+        info = {"reused": True} if args.reuse else train(name, *METHODS[name], args.model, args.minutes, out)
+        results[name] = {"adapter": str(out / "adapter"), **info}
+        print(f"{name}: {info}", flush=True)
+    for name, entry in results.items():
+        entry["eval"] = {}
+        for scene, (settings, seeds) in scenes.items():
+            entry["eval"][scene] = {str(t): evaluate(args.model, entry["adapter"], seeds, settings, t, args.cache_dir)
+                                    for t in (0.0, 1.0)}
+        print(f"evaluated {name}", flush=True)
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
+              "split": args.split, "minutes_per_method": args.minutes, "model": args.model, "horizon": HORIZON,
+              "scenes": {k: {"scene": v[0], "seeds": v[1]} for k, v in scenes.items()}, "results": results,
+              "tables": {scene: table(results, scene) for scene in scenes}}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=2))
+    for scene, text in report["tables"].items():
+        print(f"\n### {scene} ({scenes[scene][1]})\n{text}")
+    print(f"-> {out_json}")
+
+
+if __name__ == "__main__":
+    main()
