@@ -76,6 +76,9 @@ class HeadlessChromium:
             connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=self.timeout))
         self.call("Page.enable")
         self.call("Runtime.enable")
+        # The viewport is exactly width x height (--window-size counts the window, not the page).
+        self.call("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
+                  deviceScaleFactor=1, mobile=False)
 
     def _devtools_endpoint(self) -> str:
         """Chromium prints 'DevTools listening on ws://...' on stderr once the port is open."""

@@ -76,12 +76,14 @@ class ModelPanel:
 
     @torch.inference_mode()
     def step(self, action: int, temperature: float) -> tuple[np.ndarray, dict]:
-        """The next frame after `action`, as uint8 (H, W, 3), and how long sampling and decoding took."""
-        start = time.perf_counter()
+        """The next frame after `action`, as uint8 (H, W, 3), and how long sampling and decoding took
+        (wall, and this thread's CPU time: on a loaded machine the difference is time spent waiting)."""
+        start, cpu = time.perf_counter(), time.thread_time()
         tokens, _ = self.model.rollout_step(self.state, torch.tensor([action]), temperature=temperature)
         sampled = time.perf_counter()
         frame = to_uint8(self.model.decode(tokens[:, None]))[0, 0]
-        return frame, {"step_ms": 1000 * (sampled - start), "decode_ms": 1000 * (time.perf_counter() - sampled)}
+        return frame, {"step_ms": 1000 * (sampled - start), "decode_ms": 1000 * (time.perf_counter() - sampled),
+                       "cpu_ms": 1000 * (time.thread_time() - cpu)}
 
 
 @dataclass
@@ -180,7 +182,7 @@ class PlaySession:
             action = self._check_action(action)
             blocked = bool(0 < action < NUM_CAMERA_ACTIONS and self.env.rig.blocked(action))
             model_action = 0 if blocked else action
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             futures = [self.pool.submit(panel.step, model_action, self.temperature) for panel in self.panels]
             obs, *_ = self.env.step(action)  # meanwhile, on this thread
             env_done = time.perf_counter()
@@ -195,6 +197,7 @@ class PlaySession:
             shot.action, shot.model_action, shot.blocked = action, model_action, blocked
             shot.timings_ms = {"env_ms": 1000 * (env_done - start), "models_ms": 1000 * (models_done - start),
                                "metrics_ms": 1000 * (time.perf_counter() - models_done),
+                               "driver_cpu_ms": 1000 * (time.thread_time() - cpu),
                                **{f"{name}_{i}": value for i, (_, timing) in enumerate(results)
                                   for name, value in timing.items()}}
             self.record.append((shot.truth, *predictions))

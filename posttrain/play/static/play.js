@@ -17,8 +17,9 @@ const LATENCY_WINDOW = 30;
 const play = {
   frames: 0,             // shots drawn since the page opened
   header: null,          // the last shot's header (names, metrics, timings)
-  latencies: [],         // key-to-frame ms of the last LATENCY_WINDOW answered requests
+  latencies: [],         // key-to-frame ms of the last 1000 answered requests
   frameTimes: [],        // performance.now() of step frames in the last second
+  drawTimes: [],         // performance.now() after drawing each of the last 1000 step frames
   waiters: [],
   waitFrames(n, timeoutMs = 120000) {  // resolves once `n` shots have been drawn
     return new Promise((resolve, reject) => {
@@ -75,9 +76,10 @@ function answered(replySeq) {
   if (!inflight || replySeq !== inflight.seq) return;
   const latency = performance.now() - inflight.t0;
   play.latencies.push(latency);
-  if (play.latencies.length > LATENCY_WINDOW) play.latencies.shift();
+  if (play.latencies.length > 1000) play.latencies.shift();
   $("latency").textContent = latency.toFixed(0);
-  const mean = play.latencies.reduce((a, b) => a + b, 0) / play.latencies.length;
+  const recent = play.latencies.slice(-LATENCY_WINDOW);
+  const mean = recent.reduce((a, b) => a + b, 0) / recent.length;
   $("latency-mean").textContent = mean.toFixed(0);
   inflight = null;
   pump();
@@ -134,6 +136,7 @@ function draw(header, payload) {
   $("status").textContent = `connected · temperature ${temperatureText(header.temperature)}`;
   if (header.kind === "step") { play.frameTimes.push(performance.now()); $("message").textContent = ""; }
   updateFps();
+  if (header.kind === "step") { play.drawTimes.push(performance.now()); if (play.drawTimes.length > 1000) play.drawTimes.shift(); }
   play.header = header;
   play.frames += 1;
   play.waiters = play.waiters.filter((check) => !check());
