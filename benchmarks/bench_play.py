@@ -88,7 +88,7 @@ def bare_model(model_name: str, frames: int) -> dict:
     return {"threads": 1, "batch": 1, "frames": frames, **results}
 
 
-def two_panels(model_name: str, frames: int) -> dict:
+def two_panels(model_name: str, frames: int, default_threads: int) -> dict:
     """Two panels' step + decode per frame: one after the other with torch's default intra-op threads,
     vs side by side in two threads with one intra-op thread each (what the server does)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +97,6 @@ def two_panels(model_name: str, frames: int) -> dict:
 
     from posttrain.models import load_model
 
-    default_threads = torch.get_num_threads()
     models = [load_model(model_name).eval(), load_model(model_name).eval()]
     context = torch.randint(0, models[0].vocab_size, (1, 2, models[0].tokens_per_frame),
                             generator=torch.Generator().manual_seed(0))
@@ -233,7 +232,11 @@ def main() -> None:
     parser.add_argument("--no-browser", action="store_true")
     args = parser.parse_args()
 
+    import torch
+
     from posttrain.play.browser import find_chromium
+
+    default_threads = torch.get_num_threads()  # before anything here sets it to 1
 
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "nice": os.nice(0)},
                "model": args.model, "adapter": args.adapter, "frames": args.frames,
@@ -242,7 +245,7 @@ def main() -> None:
     results["loadavg_start"] = load()
     results["bare_model"] = bare_model(args.model, args.frames)
     print("bare", results["bare_model"], flush=True)
-    results["two_panels_in_process"] = two_panels(args.model, max(20, args.frames // 5))
+    results["two_panels_in_process"] = two_panels(args.model, max(20, args.frames // 5), default_threads)
     print("two panels", results["two_panels_in_process"], flush=True)
     server = Server(args.model, args.adapter)
     try:

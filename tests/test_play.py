@@ -132,13 +132,13 @@ def test_server_serves_the_page_and_nothing_else(server):
         assert response.status == 200 and response.headers["Content-Type"].startswith("text/html")
         page = response.read().decode()
     assert "posttrain play" in page and 'src="play.js"' in page and 'href="play.css"' in page
+    served = {}
     for name in ("play.js", "play.css"):
         with urllib.request.urlopen(server.url + name, timeout=TIMEOUT) as response:
-            body = response.read().decode()
+            served[name] = response.read().decode()
         # No build step and no CDN: nothing the page loads comes from elsewhere.
-        assert not re.search(r"https?://", body), name
-    assert "image-rendering: pixelated" in Path(__file__).parent.parent.joinpath(
-        "posttrain/play/static/play.css").read_text()
+        assert not re.search(r"https?://", served[name]), name
+    assert "image-rendering: pixelated" in served["play.css"]  # 64x64 frames upscaled nearest-neighbour
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(server.url + "secrets.txt", timeout=TIMEOUT)
     assert missing.value.code == 404
@@ -279,6 +279,7 @@ def test_record_new_scene_and_bad_messages(server):
                           ({"type": "push", "object": 5}, "no object 6"),
                           ({"type": "temperature", "value": -1}, "temperature"),
                           ({"type": "record", "format": "avi"}, "gif or mp4"),
+                          ({"type": "new_scene", "seed": -5}, "outside"),
                           ({"type": "fly"}, "unknown message type")]:
             reply = request_text(ws, **bad, seq=7)
             assert reply["type"] == "error" and says in reply["message"] and reply["seq"] == 7
@@ -351,6 +352,8 @@ def test_bad_adapters_and_scenes_are_one_line_errors(tiny_model_dir, tmp_path, c
     assert "unknown scene key 'colour'" in err
     err = _one_line_error(capsys, ["play", "--model", model, "--scene", "image_size=64", "--port", "0"])
     assert "32x32" in err
+    err = _one_line_error(capsys, ["play", "--model", model, "--seed", "-1", "--port", "0"])
+    assert "--seed -1" in err
     err = _one_line_error(capsys, ["play", "--model", str(tmp_path / "missing"), "--port", "0"])
     assert "neither 'default' nor an existing folder" in err
 

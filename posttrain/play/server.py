@@ -255,8 +255,12 @@ def scene_for(model, overrides: list[str] | None):
 def run_play_cli(args: argparse.Namespace) -> int:
     import torch
 
+    from .session import MAX_SEED
+
     if args.context < 1:
         raise ValueError(f"--context {args.context}: need at least 1 true context frame")
+    if not 0 <= args.seed < MAX_SEED:
+        raise ValueError(f"--seed {args.seed} is outside [0, {MAX_SEED})")
     # One intra-op thread: the two model panels run in parallel threads instead. With torch's default
     # (2 threads on 2 cores) each op's threads spin against the other panel's and against any other
     # job: measured 230-690 ms of CPU per frame on the loaded 2-core machine vs 40 ms this way.

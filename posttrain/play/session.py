@@ -41,6 +41,8 @@ RECORD_SCALE = 3
 """Nearest-neighbour upscaling of each panel in recordings (64 px -> 192 px)."""
 RECORD_FPS = 10
 """Playback rate of recordings, frames per second."""
+MAX_SEED = 2**32
+"""Scene seeds are in [0, MAX_SEED) (numpy's seed range)."""
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -140,8 +142,11 @@ class PlaySession:
     def new_scene(self, seed: int | None = None) -> Shot:
         """Reset the simulator with `seed` (default: the next one), take num_context - 1 noops for the
         context, and sync the models to it."""
+        seed = (self.seed + 1) % MAX_SEED if seed is None else int(seed)
+        if not 0 <= seed < MAX_SEED:
+            raise ValueError(f"scene seed {seed} is outside [0, {MAX_SEED})")
         with self._lock:
-            self.seed = self.seed + 1 if seed is None else int(seed)
+            self.seed = seed
             obs, info = self.env.reset(seed=self.seed)
             self.num_objects = info["num_objects"]
             self.frames = deque([obs["rgb"]], maxlen=self.num_context)
