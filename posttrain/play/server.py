@@ -262,8 +262,9 @@ def run_play_cli(args: argparse.Namespace) -> int:
     if not 0 <= args.seed < MAX_SEED:
         raise ValueError(f"--seed {args.seed} is outside [0, {MAX_SEED})")
     # One intra-op thread: the two model panels run in parallel threads instead. With torch's default
-    # (2 threads on 2 cores) each op's threads spin against the other panel's and against any other
-    # job: measured 230-690 ms of CPU per frame on the loaded 2-core machine vs 40 ms this way.
+    # (2 threads per op on 2 cores) the op threads spin against every other job on the machine:
+    # benchmarks/bench_play.py measured 935 ms of CPU per frame that way on the loaded 2-core machine,
+    # 42 ms this way.
     torch.set_num_threads(1)
     models, names = load_play_models(args.model, args.adapter, args.force_adapter)
     if not hasattr(models[0], "start_rollout"):
