@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 
@@ -88,6 +89,8 @@ class Scene:
             self.client.disconnect()
         except pybullet.error:
             pass
+        # The checker PNGs are read once by loadTexture; the folder would otherwise outlive the process.
+        shutil.rmtree(self._texture_dir, ignore_errors=True)
 
     # --- building ------------------------------------------------------------------------
     def build(self, rng: np.random.Generator) -> None:

@@ -116,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     from posttrain.footage import add_footage_parser
+    from posttrain.play.server import add_play_parser
     from posttrain.publish import add_adapter_parser
 
     add_eval_parser(sub)
     add_footage_parser(sub)
     add_adapter_parser(sub)
+    add_play_parser(sub)
     return parser
 
 

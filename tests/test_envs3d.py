@@ -248,3 +248,15 @@ def test_import_kernels_is_not_ours(tmp_path):
         assert Path(result.stdout.strip()).resolve().parent != ours
     else:
         assert "No module named 'kernels'" in result.stderr
+
+
+def test_close_removes_the_texture_folder():
+    """Scene writes its checker textures to a temporary folder; closing the env removes it."""
+    import os
+
+    env = TabletopEnv(SMALL)
+    env.reset(seed=0)
+    folder = env.scene._texture_dir
+    assert os.listdir(folder)
+    env.close()
+    assert not os.path.exists(folder)

@@ -215,3 +215,36 @@ def test_patched_model_saves_and_loads(tmp_path):
     assert again.dynamics.config.patch == 2 and again.tokenizer.config.decoder_blocks == 1
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("temperature,num_context", [(0.0, 2), (1.0, 2), (0.7, 1)])
+def test_stepping_one_frame_at_a_time_equals_rollout(temperature, num_context):
+    """start_rollout + one rollout_step per action (what `posttrain play` does per key press) gives
+    `rollout`'s tokens and log-probs exactly, and the full-recompute rollout's tokens, also once the
+    3-frame window slides."""
+    model = make_tiny_model(context_frames=3).eval()
+    context = _inputs(model, frames=num_context)
+    horizon = 7
+    actions = torch.randint(0, 35, (2, num_context + horizon - 1), generator=torch.Generator().manual_seed(1))
+    reference = model.rollout(context, actions, horizon, temperature=temperature, seeds=[5, 6], decode=False)
+    full = model.rollout(context, actions, horizon, temperature=temperature, seeds=[5, 6], decode=False,
+                         use_cache=False)
+    state = model.start_rollout(context, actions[:, :num_context - 1], seeds=[5, 6])
+    stepped = [model.rollout_step(state, actions[:, num_context - 1 + k], temperature=temperature)
+               for k in range(horizon)]
+    assert torch.equal(torch.stack([tokens for tokens, _ in stepped], 1), reference.tokens)
+    assert torch.equal(torch.stack([logprobs for _, logprobs in stepped], 1), reference.logprobs)
+    assert torch.equal(reference.tokens, full.tokens)
+    assert state.frames_sampled == horizon and len(state.cache) == model.dynamics.config.layers
+
+
+def test_bad_incremental_rollout_arguments():
+    model = make_tiny_model().eval()
+    context = _inputs(model)[:, :2]
+    with pytest.raises(ValueError, match="context_actions must be"):
+        model.start_rollout(context, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 rollouts"):
+        model.start_rollout(context, torch.zeros(2, 1, dtype=torch.long), seeds=[1])
+    state = model.start_rollout(context, torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="action must be"):
+        model.rollout_step(state, torch.zeros(2, 1, dtype=torch.long))

@@ -46,6 +46,34 @@ class RolloutOutput:
     """(B, H, H_img, W_img, 3) decoded frames in [0, 1], if decoded."""
 
 
+@dataclass
+class RolloutState:
+    """An incremental rollout's progress (`TokenWorldModel.start_rollout` / `rollout_step`)."""
+
+    context: torch.Tensor
+    """(B, C, N) context tokens the rollout started from."""
+    context_actions: torch.Tensor
+    """(B, C - 1) actions between the context frames."""
+    generators: list[torch.Generator] | None = None
+    """One generator per rollout (from `seeds`), drawn from in order at every step."""
+    generator: torch.Generator | None = None
+    """A shared generator, used when there are no per-rollout seeds."""
+    cache: list | None = None
+    """Per-layer (k, v) of the last W - 1 frames; None before the first step."""
+    latest: torch.Tensor | None = None
+    """(B, N) the most recently sampled frame's tokens."""
+    frames_sampled: int = 0
+    """Frames sampled so far."""
+
+
+def _seed_generators(seeds: list[int] | None, batch: int, device) -> list[torch.Generator] | None:
+    if seeds is None:
+        return None
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} rollouts")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
 @runtime_checkable
 class WorldModel(Protocol):
     """What trainers, rewards and `posttrain eval` need from a world model."""
@@ -169,34 +197,80 @@ class TokenWorldModel(nn.Module):
             raise ValueError(f"actions must be (B, >= C + horizon - 1) = ({batch}, >= {needed}), "
                              f"got {tuple(actions.shape)}")
         actions = actions[:, :needed]
-        if seeds is not None and len(seeds) != batch:
-            raise ValueError(f"got {len(seeds)} seeds for {batch} rollouts")
-        generators = [torch.Generator(device=context.device).manual_seed(int(s)) for s in seeds] if seeds else None
         tokens, logprobs = [], []
         if use_cache:
-            hidden, cache = self.dynamics(context, actions[:, :num_context], return_cache=True)
-            hidden = hidden[:, -1]
-        for step in range(horizon):
-            if not use_cache:
+            # The cached path is `start_rollout` + one `rollout_step` per frame, so a live session that
+            # steps frame by frame (posttrain play) gets exactly these tokens.
+            state = self.start_rollout(context, actions[:, :num_context - 1], seeds=seeds, generator=generator)
+            for step in range(horizon):
+                frame, logprob = self.rollout_step(state, actions[:, num_context - 1 + step], temperature=temperature,
+                                                   top_k=top_k, top_p=top_p)
+                tokens.append(frame)
+                logprobs.append(logprob)
+        else:
+            generators = _seed_generators(seeds, batch, context.device)
+            for _ in range(horizon):
                 # Full recompute from frame 0 (the benchmark's baseline). Recomputing only the last W
                 # frames would differ: deeper layers' keys depend on each frame's own full window.
                 sequence = torch.cat([context, *[t[:, None] for t in tokens]], 1)
                 hidden = self.dynamics(sequence, actions[:, :sequence.shape[1]])[:, -1]
-            logits = self.dynamics.logits(hidden).float().reshape(batch * n, -1)  # (B*N, V)
-            uniform = None
-            if generators is not None:
-                uniform = torch.stack([torch.rand(n, generator=g, device=context.device) for g in generators]).reshape(-1)
-            out = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform,
-                         generator=generator, return_full_logprobs=True)
-            frame = out.tokens.view(batch, n)
-            tokens.append(frame)
-            logprobs.append(out.full_logprobs.view(batch, n))
-            if use_cache and step < horizon - 1:
-                index = num_context + step
-                hidden, cache = self.dynamics.step(frame, actions[:, index], index, cache)
+                frame, logprob = self._sample_frame(hidden, generators, generator, temperature, top_k, top_p)
+                tokens.append(frame)
+                logprobs.append(logprob)
         tokens_t, logprobs_t = torch.stack(tokens, 1), torch.stack(logprobs, 1)
         frames = self.decode(tokens_t) if decode else None
         return RolloutOutput(tokens=tokens_t, logprobs=logprobs_t, frames=frames)
+
+    # --- incremental rollout (one frame per call) ---------------------------------------------
+    def start_rollout(self, context: torch.Tensor, context_actions: torch.Tensor, *, seeds: list[int] | None = None,
+                      generator: torch.Generator | None = None) -> RolloutState:
+        """Begin a rollout that `rollout_step` advances one frame at a time, e.g. as a user steers.
+
+        context: (B, C, N) tokens; context_actions: (B, C - 1), the actions between the context frames.
+        Nothing runs yet: the first step needs the action taken after the last context frame.
+        `start_rollout` + k `rollout_step`s give exactly `rollout(context, actions, k)`'s tokens and
+        log-probs for the same seeds (`rollout` is written that way)."""
+        batch, num_context, n = context.shape
+        if num_context < 1 or n != self.tokens_per_frame:
+            raise ValueError(f"context must be (B, C >= 1, {self.tokens_per_frame}) tokens, got {tuple(context.shape)}")
+        if tuple(context_actions.shape) != (batch, num_context - 1):
+            raise ValueError(f"context_actions must be (B, C - 1) = ({batch}, {num_context - 1}), "
+                             f"got {tuple(context_actions.shape)}")
+        return RolloutState(context=context, context_actions=context_actions,
+                            generators=_seed_generators(seeds, batch, context.device), generator=generator)
+
+    @torch.no_grad()
+    def rollout_step(self, state: RolloutState, action: torch.Tensor, *, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the next frame after `action` (B,) int64, the action taken from the latest frame
+        (the last context frame at the first call, else the previous sampled frame). Updates `state`
+        (KV cache, latest frame); returns (tokens (B, N), log-probs (B, N)) as `rollout` does per frame."""
+        batch = state.context.shape[0]
+        if action.shape != (batch,):
+            raise ValueError(f"action must be ({batch},), got {tuple(action.shape)}")
+        if state.cache is None:
+            # First frame: the whole context with its actions, as one masked forward that returns the cache.
+            actions = torch.cat([state.context_actions, action[:, None]], 1)
+            hidden, state.cache = self.dynamics(state.context, actions, return_cache=True)
+            hidden = hidden[:, -1]
+        else:
+            index = state.context.shape[1] + state.frames_sampled - 1  # absolute index of the latest frame
+            hidden, state.cache = self.dynamics.step(state.latest, action, index, state.cache)
+        frame, logprob = self._sample_frame(hidden, state.generators, state.generator, temperature, top_k, top_p)
+        state.latest = frame
+        state.frames_sampled += 1
+        return frame, logprob
+
+    def _sample_frame(self, hidden, generators, generator, temperature, top_k, top_p):
+        """Hidden (B, P, D) of the latest frame -> sampled next-frame tokens (B, N) and their log-probs."""
+        batch, n = hidden.shape[0], self.tokens_per_frame
+        logits = self.dynamics.logits(hidden).float().reshape(batch * n, -1)  # (B*N, V)
+        uniform = None
+        if generators is not None:
+            uniform = torch.stack([torch.rand(n, generator=g, device=hidden.device) for g in generators]).reshape(-1)
+        out = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform,
+                     generator=generator, return_full_logprobs=True)
+        return out.tokens.view(batch, n), out.full_logprobs.view(batch, n)
 
     @staticmethod
     def _check_actions(tokens: torch.Tensor, actions: torch.Tensor) -> None:
