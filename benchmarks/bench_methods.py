@@ -34,7 +34,7 @@ METHODS = {
     "grpo": ("recipes/grpo_tabletop.yaml", []),
     "grpo_branch": ("recipes/grpo_drift.yaml", []),
     "forcing": ("recipes/forcing_tabletop.yaml", []),
-    "dpo": ("recipes/dpo_tabletop.yaml", []),
+    "dpo": ("recipes/dpo_drift.yaml", []),
 }
 SPLITS = {
     "val": {"seeds": "2000000:2000032", "shifted_seeds": "2100000:2100024"},
