@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from posttrain.trainer_utils import TrainingDiverged
+        from posttrain.training import TrainingDiverged
 
         if not isinstance(exc, TrainingDiverged) or os.environ.get("POSTTRAIN_DEBUG"):
             raise

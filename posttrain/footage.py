@@ -45,7 +45,14 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
-from posttrain.envs3d.jobs import check_output_folder, die_with_parent, fault_point, staging_folder
+from posttrain.envs3d.jobs import (
+    check_output_folder,
+    die_with_parent,
+    fault_point,
+    progress_bar,
+    replace_folder,
+    staging_folder,
+)
 
 NULL_ACTION = NUM_ACTIONS
 """Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
@@ -561,10 +568,19 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
         shards.mkdir()
         jobs = [(kind, rel, path, shards / f"{i:06d}.arrow", config) for i, (kind, rel, path) in enumerate(sources)]
         results: list[SourceResult] = []
-        with _Progress(len(jobs), config.progress) as progress:
-            for result in _iter_results(jobs, config, progress.frames):
+        started, decoded = time.perf_counter(), [0]
+
+        def rate() -> dict:  # shown beside the bar: source frames decoded so far and their rate
+            return {"frames": decoded[0], "fps": round(decoded[0] / max(time.perf_counter() - started, 1e-9), 1)}
+
+        with progress_bar(len(jobs), "footage", enabled=config.progress) as update:
+            def frames(count: int) -> None:
+                decoded[0] += count
+                update(advance=0, **rate())
+
+            for result in _iter_results(jobs, config, frames):
                 results.append(result)
-                progress.file_done(result)
+                update(advance=1, **rate())
         digest = hashlib.sha256(config.content_key().encode())
         parts = []
         for result in results:
@@ -594,7 +610,7 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
         # One [start, end] pair per line keeps a long video's manifest readable.
         text = re.sub(r"\[\s+(\S+),\s+(\S+)\s+\]", r"[\1, \2]", text)
         (final_tmp / "manifest.json").write_text(text + "\n")
-        _replace(final_tmp, out, staging)
+        replace_folder(final_tmp, out, set_aside=staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestReport(out, all_results)
@@ -612,53 +628,6 @@ def _save_quietly(dataset, path: Path) -> None:
     finally:
         if not was_disabled:
             enable_progress_bars()
-
-
-def _replace(new: Path, out: Path, staging: Path) -> None:
-    """Move `new` to `out`; an existing `out` is set aside first and restored if the move fails."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    previous = staging / "previous"
-    os.replace(out, previous)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(previous, out)
-        raise
-
-
-class _Progress:
-    """Files done of total, source frames decoded and frames per second; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.frames_seen = 0
-        self._last = 0.0
-
-    def __enter__(self) -> _Progress:
-        from posttrain.logging_utils import progress_bar
-
-        self._start = time.perf_counter()
-        self._context = progress_bar(self.total, "footage", enabled=self.enabled)
-        self._update = self._context.__enter__()
-        return self
-
-    def frames(self, count: int) -> None:
-        self.frames_seen += count
-        now = time.perf_counter()
-        if now - self._last > 0.2:  # redrawing on every frame would cost more than decoding small video
-            self._last = now
-            self._update(advance=0, **self._fields(now))
-
-    def file_done(self, result: SourceResult) -> None:
-        self._update(advance=1, **self._fields(time.perf_counter()))
-
-    def _fields(self, now: float) -> dict:
-        return {"frames": self.frames_seen, "fps": round(self.frames_seen / max(now - self._start, 1e-9), 1)}
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
 
 
 # --- command line ---------------------------------------------------------------------------

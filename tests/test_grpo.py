@@ -14,9 +14,9 @@ import torch
 from conftest import base_state, split_changes, tiny_grpo_overrides
 from safetensors.torch import load_file
 
-from posttrain.grpo import policy_loss
+from posttrain.grpo import group_advantages, policy_loss
+from posttrain.rollouts import prompt_schedule
 from posttrain.runner import run_recipe
-from posttrain.trainer_utils import group_advantages, prompt_schedule
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "grpo_tabletop.yaml"
 LOG = [[math.log(1.1), math.log(0.5)], [math.log(1.5), 0.0]]
@@ -180,7 +180,7 @@ def test_frame_credit_returns_to_go_and_group_advantages_by_hand(tiny_model_dir,
       prompt 1, every frame: [0,2,-2]: mean 0, std 2 -> [0, 0.99995, -0.99995]; "none": [0, 2, -2].
     """
     import posttrain.grpo as grpo
-    from posttrain.trainer_utils import Trainer
+    from posttrain.rollouts import RolloutScorer
 
     totals = torch.tensor(FRAME_REWARDS)
 
@@ -195,7 +195,7 @@ def test_frame_credit_returns_to_go_and_group_advantages_by_hand(tiny_model_dir,
         seen.append(advantages.clone())
         return original(new_logp, old_logp, advantages, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "score_frame_rewards", hand_rewards)
+    monkeypatch.setattr(RolloutScorer, "score_frames", hand_rewards)
     monkeypatch.setattr(grpo, "policy_loss", recording_loss)
     run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "frame", steps=1, extra=[
         "credit=frame", f"scale_rewards={scale}", "train.micro_batch_size=6", "train.eval_at_end=false",
