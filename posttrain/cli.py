@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
 def _models_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from posttrain.models.hf_world_model import init_model
+    from posttrain.models.registry import init_model
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
