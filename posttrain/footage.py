@@ -49,10 +49,10 @@ from posttrain.envs3d.jobs import (
     check_output_folder,
     die_with_parent,
     fault_point,
-    progress_bar,
     replace_folder,
     staging_folder,
 )
+from posttrain.logging_utils import progress_bar
 
 NULL_ACTION = NUM_ACTIONS
 """Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""

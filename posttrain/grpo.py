@@ -128,16 +128,6 @@ class GRPOConfig:
             raise ValueError("group_size must be at least 2 (advantages are relative within a group)")
 
 
-def micro_batch_loss(config: GRPOConfig, old_logp, advantages, valid, ref_logp, num_sequences: int):
-    """The `loss_fn(new_logp, index)` training.update calls per micro-batch: `policy_loss` on rows `index`
-    of the step's (B, L) old/reference log-probs, (B,) or (B, H) advantages and (B,) validity."""
-    def loss_fn(new_logp, index):
-        return policy_loss(new_logp.flatten(1), old_logp[index], advantages[index], valid[index], config.loss_type,
-                           config.epsilon_low, config.epsilon_high, None if ref_logp is None else ref_logp[index],
-                           config.kl_coef, num_sequences)
-    return loss_fn
-
-
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "group", eps: float = 1e-4):
     """(P, G) rewards -> (P, G) advantages: r - group mean, divided by the group's std if scale == 'group'.
 
@@ -207,6 +197,16 @@ def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, e
         "valid": weight.sum().item(),
     }
     return loss, stats
+
+
+def micro_batch_loss(config: GRPOConfig, old_logp, advantages, valid, ref_logp, num_sequences: int):
+    """The `loss_fn(new_logp, index)` training.update calls per micro-batch: `policy_loss` on rows `index`
+    of the step's (B, L) old/reference log-probs, (B,) or (B, H) advantages and (B,) validity."""
+    def loss_fn(new_logp, index):
+        return policy_loss(new_logp.flatten(1), old_logp[index], advantages[index], valid[index], config.loss_type,
+                           config.epsilon_low, config.epsilon_high, None if ref_logp is None else ref_logp[index],
+                           config.kl_coef, num_sequences)
+    return loss_fn
 
 
 def run(config: GRPOConfig):
