@@ -134,7 +134,7 @@ def test_no_import_circles():
 
 
 def test_the_check_sees_imports():
-    assert "posttrain.envs3d.actions" in _imports(ROOT / "posttrain" / "footage.py")
+    assert "posttrain.envs3d.actions" in _imports(ROOT / "posttrain" / "footage_frames.py")
     # Relative imports, resolved: `from .registry import ...` and `from . import metrics`.
     verifiers = _imports(ROOT / "rewards" / "verifiers.py")
     assert {"posttrain.rewards.registry", "posttrain.rewards.metrics"} <= verifiers
