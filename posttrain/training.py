@@ -401,6 +401,7 @@ class Steps:
         return bool(every) and self.session.accelerator.is_main_process and step % every == 0
 
     def done(self, step: int, metrics: dict) -> None:
+        """Record step `step`'s metrics (already reduced over processes); may write a checkpoint."""
         session, settings, acc = self.session, self.session.settings, self.session.accelerator
         metrics.update({"step": step, "lr": session.scheduler.get_last_lr()[0], "processes": acc.num_processes})
         if metrics.get("skipped_nonfinite"):
