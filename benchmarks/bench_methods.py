@@ -76,7 +76,13 @@ def summarise(report: dict, upto: int) -> dict:
 
 def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str) -> dict:
     from posttrain.data import EpisodeDataConfig, load_episodes
-    from posttrain.evaluate import EPISODE_FIELDS, EvalConfig, evaluate_model, load_with_adapter, mean_frame_for
+    from posttrain.evaluate import (
+        EPISODE_FIELDS,
+        EvalConfig,
+        evaluate_model,
+        load_with_adapter,
+        mean_frame_for,
+    )
 
     config = EvalConfig(data=EpisodeDataConfig(seeds=seeds, frames=CONTEXT + HORIZON, scene=scene, cache_dir=cache),
                         num_context=CONTEXT, horizon=HORIZON, temperature=temperature, batch_size=16)

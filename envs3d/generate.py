@@ -24,7 +24,15 @@ import numpy as np
 
 from .actions import INVERSE, NUM_CAMERA_ACTIONS, scripted_actions
 from .config import MAX_OBJECTS, SceneConfig
-from .jobs import check_output_folder, die_with_parent, fault_point, staging_folder, write_output_marker
+from .jobs import (
+    check_output_folder,
+    die_with_parent,
+    fault_point,
+    progress_bar,
+    replace_folder,
+    staging_folder,
+    write_output_marker,
+)
 
 MAX_FRAMES = 4096
 
@@ -239,7 +247,8 @@ def generate_dataset(
     try:
         arrow_path = staging / "episodes.arrow"
         feats = features(frames, config.image_size)
-        with ArrowWriter(features=feats, path=str(arrow_path)) as writer, _progress(len(seeds), progress) as advance:
+        with ArrowWriter(features=feats, path=str(arrow_path)) as writer, \
+                progress_bar(len(seeds), "episodes", enabled=progress, unit="ep") as advance:
             for episode in iter_episodes(seeds, frames, config, workers):
                 writer.write(episode)
                 advance()
@@ -251,42 +260,7 @@ def generate_dataset(
         dataset.save_to_disk(str(final_tmp))
         del dataset
         write_output_marker(final_tmp, "posttrain scenes generate")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(final_tmp, out)
+        replace_folder(final_tmp, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-class _progress:
-    """A rich progress bar with episodes/s and ETA, or nothing when disabled."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task):
-                return Text(f"{task.speed or 0.0:.1f} ep/s")
-
-        self._bar = Progress(TextColumn("episodes"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn())
-        self._bar.start()
-        task = self._bar.add_task("generate", total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.stop()

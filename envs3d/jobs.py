@@ -1,10 +1,14 @@
-"""Safety for every command that writes a folder of results (scenes generate, footage ingest, adapter export).
+"""What every long job shares (scenes generate, footage ingest, adapter export, the training loops).
 
 - `check_output_folder`: --out must not be, contain or lie inside an input, and --overwrite
   replaces only a folder that holds our marker (so a typo never deletes footage or a run).
 - `staging_folder`: the `.OUT.partial-*` folder a job writes into before renaming it into place;
   it records its owner process, and staging folders whose owner is provably dead are removed.
+- `atomic_write` / `atomic_write_text` / `replace_folder`: the one way a file or folder is put in
+  place, by a rename, so a kill mid-write leaves the previous version whole.
+- `progress_bar`: the one progress bar (rich, with ETA), silent when disabled or POSTTRAIN_NO_PROGRESS.
 - `die_with_parent`: a pool worker's initializer, so workers do not outlive a SIGKILLed parent.
+- `fault_point`: deterministic SIGKILLs for tests of killed jobs.
 
 It lives in envs3d because envs3d is the lowest layer (posttrain -> rewards -> envs3d) and
 `scenes generate` uses it too; it imports nothing from posttrain.
@@ -20,7 +24,9 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 OUTPUT_MARKER = "posttrain_output.json"
@@ -154,6 +160,94 @@ def _start_time(pid: int) -> int | None:
         return None
     # Field 22; the command name (field 2) may hold spaces and parentheses, so split after its last ')'.
     return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Put file `path` in place whole: `write(staging)` fills `.NAME.tmp` beside it, which then replaces
+    `path` with one rename (os.replace is atomic on POSIX). A kill mid-write leaves the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    write(staging)
+    os.replace(staging, path)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of a text file."""
+    return atomic_write(path, lambda staging: staging.write_text(text))
+
+
+def replace_folder(new: str | os.PathLike, out: str | os.PathLike, set_aside: str | os.PathLike | None = None) -> Path:
+    """Move the finished folder `new` to `out` with one rename. An existing `out` is deleted first, or,
+    with `set_aside` (a path inside the job's staging folder), moved there and put back if the rename
+    fails; `remove_stale_staging` also puts it back after a kill between the two renames."""
+    new, out = Path(new), Path(out)
+    if set_aside is None or not out.exists():
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(new, out)
+        return out
+    os.replace(out, set_aside)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(set_aside, out)
+        raise
+    return out
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "") -> Iterator[Callable]:
+    """Yields `update(advance=1, **fields)`; fields (e.g. loss=0.3) show beside the bar. With `unit`
+    (e.g. "ep"), the rate shows as "1.2 ep/s". Updates that only change fields (advance=0) redraw at
+    most 5 times a second (a caller may report every decoded frame). Silent when disabled or when
+    POSTTRAIN_NO_PROGRESS is set."""
+    if not enabled or os.environ.get("POSTTRAIN_NO_PROGRESS"):
+        yield lambda advance=1, **fields: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed or 0.0:.1f} {unit}/s")
+
+    rate = [Rate()] if unit else []
+    bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), *rate, TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                   transient=not sys.stderr.isatty())
+    task = bar.add_task(description, total=total, info="")
+    last = [0.0]
+    with bar:
+        def update(advance: int = 1, **fields) -> None:
+            now = time.monotonic()
+            if not advance and now - last[0] < 0.2:
+                return
+            last[0] = now
+            info = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            bar.update(task, advance=advance, info=info)
+        yield update
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 # --- pool workers -----------------------------------------------------------------------------

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 ADAPTER_INFO = "posttrain_adapter.json"
 
 
@@ -118,7 +116,3 @@ def _check_rank(folder: Path) -> None:
                 if rank != config.get("r"):
                     raise ValueError(f"{config_path}: r={config.get('r')!r}, but {weights.name} holds rank-{rank} "
                                      f"weights ({key}); set r back to {rank} or retrain the adapter")
-
-
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
 def _models_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from posttrain.models.hf_world_model import init_model
+    from posttrain.models.registry import init_model
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from posttrain.trainer_utils import TrainingDiverged
+        from posttrain.training import TrainingDiverged
 
         if not isinstance(exc, TrainingDiverged) or os.environ.get("POSTTRAIN_DEBUG"):
             raise

@@ -38,10 +38,7 @@ constant rescaling of beta here, kept for parity with TRL.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,11 +46,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from posttrain import rollouts, training
 from posttrain.adapters import LoraSettings
-from posttrain.data import EpisodeDataConfig
-from posttrain.evaluate import EvalConfig, rollout_seed
+from posttrain.config import to_dict
+from posttrain.data import EpisodeDataConfig, load_episodes
+from posttrain.envs3d.jobs import atomic_write
+from posttrain.evaluate import EvalConfig
+from posttrain.report import save_step_video
 from posttrain.rewards import RewardSpec
-from posttrain.trainer_utils import Trainer, TrainerSettings, prompt_schedule
+from posttrain.training import TrainerSettings
 
 OFFLINE_STEP = -1
 """The `step` mixed into the rollout seeds of offline pairs (no training step is negative)."""
@@ -190,7 +191,7 @@ class Pairs:
     rejected: torch.Tensor
     """(P, T, N) context + rejected rollout token ids."""
     episode_index: torch.Tensor
-    """(P,) index into the trainer's episodes (gives the actions and the prompt seed)."""
+    """(P,) index into the training episodes (gives the actions and the prompt seed)."""
     ids: list[str]
     """Pair ids (reference-cache keys)."""
     chosen_reward: torch.Tensor | None = None
@@ -199,7 +200,7 @@ class Pairs:
     """(P,) verifier reward of the rejected rollout (None for jsonl)."""
 
     def select(self, index: torch.Tensor) -> Pairs:
-        pick = lambda t: None if t is None else t[index]
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
         return Pairs(self.chosen[index], self.rejected[index], self.episode_index[index],
                      [self.ids[i] for i in index.tolist()], pick(self.chosen_reward), pick(self.rejected_reward))
 
@@ -213,117 +214,109 @@ def pair_id(source: str, prompt_seed: int, chosen: torch.Tensor, rejected: torch
     return f"{source}-{int(prompt_seed)}-{digest.hexdigest()[:16]}"
 
 
-def best_and_worst(rewards: torch.Tensor, valid: torch.Tensor):
-    """(P, G) rewards and validity -> (keep (P,) bool, best (P,), worst (P,), ties, invalid).
-
-    A group needs two valid samples (else it counts as invalid) whose best and worst
-    rewards differ (else it counts as a tie)."""
-    masked_max = torch.where(valid, rewards, torch.full_like(rewards, -torch.inf))
-    masked_min = torch.where(valid, rewards, torch.full_like(rewards, torch.inf))
-    best, worst = masked_max.argmax(1), masked_min.argmin(1)
-    enough = valid.sum(1) >= 2
-    differ = masked_max.max(1).values > masked_min.min(1).values
-    keep = enough & differ
-    return keep, best, worst, int((enough & ~differ).sum()), int((~enough).sum())
-
-
-def rollout_in_chunks(model, context, actions, horizon, seeds, config: DPOConfig, chunk: int):
-    """(tokens (B, H, N), frames (B, H, h, w, 3)) from `model`, `chunk` rollouts per forward pass."""
-    tokens, frames = [], []
-    for i in range(0, len(context), chunk):
-        out = model.rollout(context[i: i + chunk], actions[i: i + chunk], horizon,
-                            temperature=config.sample_temperature, top_k=config.top_k, top_p=config.top_p,
-                            seeds=seeds[i: i + chunk])
-        tokens.append(out.tokens)
-        frames.append(out.frames)
-    return torch.cat(tokens), torch.cat(frames)
-
-
 @torch.no_grad()
-def sample_pairs(trainer: Trainer, config: DPOConfig, model, prompts: torch.Tensor, step: int, source: str):
+def sample_pairs(model, prompts: torch.Tensor, step: int, source: str, *, config: DPOConfig, episodes: dict,
+                 episode_tokens: torch.Tensor, scorer: rollouts.RolloutScorer, chunk: int):
     """Sample group_size rollouts per prompt from `model`, score, keep best vs worst. Returns (Pairs, stats)."""
     group = config.group_size
     episode_index = prompts.repeat_interleave(group)
     sample_ids = torch.arange(group).repeat(len(prompts))
-    context = trainer.prompt_tokens[episode_index, : config.num_context]
-    actions = trainer.prompt_actions[episode_index]
-    seeds = [rollout_seed(config.seed, step, int(p), int(g))
-             for p, g in zip(episode_index.tolist(), sample_ids.tolist())]
+    context = episode_tokens[episode_index, : config.num_context]
+    actions = episodes["actions"][episode_index]
+    seeds = rollouts.group_seeds(config.seed, step, episode_index, sample_ids)
     was_training = model.training
     model.eval()
-    tokens, frames = rollout_in_chunks(model, context, actions, config.horizon, seeds, config,
-                                       trainer.settings.rollout_batch_size)
+    out = rollouts.generate(model, context, actions, config.horizon, seeds, temperature=config.sample_temperature,
+                            top_k=config.top_k, top_p=config.top_p, chunk=chunk)
     model.train(was_training)
-    scores = trainer.score_rewards(frames, episode_index, sample_ids)
+    scores = scorer.score(out.frames, episode_index, sample_ids)
     rewards = scores.total.view(len(prompts), group)
     valid = scores.valid.view(len(prompts), group)
-    keep, best, worst, ties, invalid = best_and_worst(rewards, valid)
+    keep, best, worst, ties, invalid = rollouts.best_and_worst(rewards, valid)
     rows = torch.arange(len(prompts))[keep]
-    full = torch.cat([context, tokens], 1).view(len(prompts), group, config.num_context + config.horizon, -1)
+    full = torch.cat([context, out.tokens], 1).view(len(prompts), group, config.num_context + config.horizon, -1)
     # full: (P, G, T, N) context + rollout tokens per prompt and sample
     chosen, rejected = full[rows, best[rows]], full[rows, worst[rows]]
     kept_prompts = prompts[rows]
-    seeds_of = trainer.episodes["seed"]
-    ids = [pair_id(source, int(seeds_of[p]), c, r, trainer.prompt_actions[p])
+    ids = [pair_id(source, int(episodes["seed"][p]), c, r, episodes["actions"][p])
            for p, c, r in zip(kept_prompts.tolist(), chosen, rejected)]
     pairs = Pairs(chosen, rejected, kept_prompts, ids, rewards[rows, best[rows]], rewards[rows, worst[rows]])
-    stats = {"skipped_ties": ties, "skipped_invalid": invalid, "scores": scores, "valid": scores.valid,
-             "frames": frames, "episode_index": episode_index}
-    return pairs, stats
+    return pairs, {"skipped_ties": ties, "skipped_invalid": invalid, "scores": scores}
 
 
-def load_jsonl_pairs(trainer: Trainer, config: DPOConfig, path: str | Path) -> Pairs:
-    """A person's preferences -> Pairs (see the module docstring for the line format)."""
-    path = Path(path)
-    seeds = trainer.episodes["seed"].tolist()
-    where = {int(s): i for i, s in enumerate(seeds)}
-    n = trainer.episode_tokens.shape[-1]  # tokens per frame
+def load_jsonl_pairs(path: str | Path, *, world, episodes: dict, episode_tokens: torch.Tensor, num_context: int,
+                     horizon: int, data_seeds: str = "") -> Pairs:
+    """A person's preferences -> Pairs (see the module docstring for the line format). episodes/episode_tokens:
+    the training episodes, whose seeds the lines' prompt_ids name; data_seeds: how they were chosen (for errors)."""
+    from posttrain.rewards.reward_model import read_pair_lines
+
+    where = {int(s): i for i, s in enumerate(episodes["seed"].tolist())}
+    n = episode_tokens.shape[-1]  # tokens per frame
     chosen, rejected, index, ids = [], [], [], []
-    for line_number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        missing = {"prompt_id", "chosen", "rejected"} - set(record)
-        if missing:
-            raise ValueError(f"{path}:{line_number}: missing keys {sorted(missing)}")
-        seed = int(record["prompt_id"])
-        if seed not in where:
-            raise ValueError(f"{path}:{line_number}: prompt_id {seed} is not an episode seed of data.seeds="
-                             f"{config.data.seeds!r}")
-        episode = where[seed]
-        context = trainer.prompt_tokens[episode, : config.num_context]
-        sides = []
-        for key in ("chosen", "rejected"):
-            rollout = _load_rollout_tokens(trainer, path.parent / record[key], config.horizon, n,
-                                           f"{path}:{line_number} {key}")
-            sides.append(torch.cat([context, rollout]))
+    for line in read_pair_lines(path):
+        if line.prompt_id not in where:
+            raise ValueError(f"{line.where}: prompt_id {line.prompt_id} is not an episode seed of data.seeds="
+                             f"{data_seeds!r}")
+        episode = where[line.prompt_id]
+        context = episode_tokens[episode, :num_context]
+        sides = [torch.cat([context, _load_rollout_tokens(world, file, horizon, n, f"{line.where} {key}")])
+                 for key, file in (("chosen", line.chosen), ("rejected", line.rejected))]
         chosen.append(sides[0])
         rejected.append(sides[1])
         index.append(episode)
-        ids.append(pair_id("jsonl", seed, sides[0], sides[1], trainer.prompt_actions[episode]))
-    if not chosen:
-        raise ValueError(f"{path}: no pairs")
+        ids.append(pair_id("jsonl", line.prompt_id, sides[0], sides[1], episodes["actions"][episode]))
     return Pairs(torch.stack(chosen), torch.stack(rejected), torch.tensor(index), ids)
 
 
-def _load_rollout_tokens(trainer: Trainer, file: Path, horizon: int, tokens_per_frame: int, where: str):
+def _load_rollout_tokens(world, file: Path, horizon: int, tokens_per_frame: int, where: str):
     """(horizon, N) token ids from a token .npy (H, N) or a uint8 frame .npy (H, h, w, 3)."""
     array = np.load(file, allow_pickle=False)
     if array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
         tokens = torch.from_numpy(array.astype(np.int64))
     elif array.ndim == 4 and array.dtype == np.uint8 and array.shape[-1] == 3:
         with torch.no_grad():
-            tokens = trainer.world.encode(torch.from_numpy(array))
+            tokens = world.encode(torch.from_numpy(array))
     else:
         raise ValueError(f"{where}: {file} must be (H, N) integer token ids or (H, h, w, 3) uint8 frames, "
                          f"got {array.dtype} {array.shape}")
     if tokens.shape != (horizon, tokens_per_frame):
         raise ValueError(f"{where}: {file} gives tokens {tuple(tokens.shape)}, expected ({horizon}, "
                          f"{tokens_per_frame}) = (horizon, tokens per frame)")
-    vocab = trainer.world.vocab_size
+    vocab = world.vocab_size
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         raise ValueError(f"{where}: {file} has token ids outside [0, {vocab})")
     return tokens
+
+
+def fixed_pairs(session: training.Session, config: DPOConfig, episodes: dict, episode_tokens: torch.Tensor,
+                scorer: rollouts.RolloutScorer) -> tuple[Pairs, dict]:
+    """Offline pairs (made once from the base and saved in the run folder) or the JSONL pairs."""
+    if config.pairs.source == "jsonl":
+        return load_jsonl_pairs(config.pairs.path, world=session.world, episodes=episodes,
+                                episode_tokens=episode_tokens, num_context=config.num_context,
+                                horizon=config.horizon, data_seeds=config.data.seeds), {}
+    from safetensors.torch import load_file, save_file
+
+    path = session.out / "offline_pairs.safetensors"
+    if path.is_file():
+        saved = load_file(str(path))
+        index = saved["episode_index"]
+        ids = [pair_id("offline", int(episodes["seed"][p]), c, r, episodes["actions"][p])
+               for p, c, r in zip(index.tolist(), saved["chosen"], saved["rejected"])]
+        return Pairs(saved["chosen"], saved["rejected"], index, ids, saved["chosen_reward"],
+                     saved["rejected_reward"]), {"reused": True}
+    # Every rank makes the same pairs (seeded), so no broadcast is needed; rank 0 writes them.
+    with rollouts.reference_policy(session.policy, session.reference) as base:
+        pairs, stats = sample_pairs(base, torch.arange(len(episode_tokens)), OFFLINE_STEP, "offline", config=config,
+                                    episodes=episodes, episode_tokens=episode_tokens, scorer=scorer,
+                                    chunk=config.train.rollout_batch_size)
+    if session.accelerator.is_main_process:
+        session.out.mkdir(parents=True, exist_ok=True)
+        save_file({"chosen": pairs.chosen.contiguous(), "rejected": pairs.rejected.contiguous(),
+                   "episode_index": pairs.episode_index.contiguous(),
+                   "chosen_reward": pairs.chosen_reward.contiguous(),
+                   "rejected_reward": pairs.rejected_reward.contiguous()}, str(path))
+    return pairs, {"skipped_ties": stats["skipped_ties"], "skipped_invalid": stats["skipped_invalid"]}
 
 
 # --- reference log-probs, cached on disk -------------------------------------------------------------
@@ -356,128 +349,29 @@ class ReferenceCache:
     def save(self) -> None:
         from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_suffix(".tmp")
-        save_file(self.values, str(staging), metadata={"base_weights_sha256": self.base_hash})
-        os.replace(staging, self.path)  # atomic: a kill mid-write leaves the previous cache intact
+        # Atomic: a kill mid-write leaves the previous cache intact.
+        atomic_write(self.path, lambda staging: save_file(self.values, str(staging),
+                                                          metadata={"base_weights_sha256": self.base_hash}))
 
 
-@contextmanager
-def reference_model(trainer: Trainer):
-    """The reference policy: the frozen copy (full fine-tuning) or the policy with its adapter disabled."""
-    if trainer.reference is not None:
-        yield trainer.reference
-    else:
-        with trainer.policy.disable_adapter():
-            yield trainer.policy
-
-
-def reference_logprobs(trainer: Trainer, config: DPOConfig, cache: ReferenceCache, pairs: Pairs):
-    """(P, 2) cached reference sequence log-probs of (chosen, rejected), plus (hits, misses)."""
+def cached_reference_logprobs(session: training.Session, cache: ReferenceCache, pairs: Pairs,
+                              actions: torch.Tensor, num_context: int):
+    """(P, 2) reference sequence log-probs of (chosen, rejected), from the cache or computed (at
+    temperature 1) and cached; plus (hits, misses). actions: (E, T - 1) of every training episode."""
     def compute(positions):
         chosen, rejected = pairs.chosen[positions], pairs.rejected[positions]
-        actions = trainer.prompt_actions[pairs.episode_index[positions]]
-        both = trainer.reference_logprobs(torch.cat([chosen, rejected]), torch.cat([actions, actions]),
-                                          config.num_context, 1.0).double().sum(-1)  # (2M,)
+        pair_actions = actions[pairs.episode_index[positions]]
+        both = rollouts.reference_logprobs(session.policy, session.reference, torch.cat([chosen, rejected]),
+                                           torch.cat([pair_actions, pair_actions]), num_context, 1.0,
+                                           chunk=session.settings.micro_batch_size).double().sum(-1)  # (2M,)
         return torch.stack(both.chunk(2), 1)
     return cache.lookup(pairs.ids, compute)
 
 
-# --- the loop --------------------------------------------------------------------------------------
-def run(config: DPOConfig):
-    trainer = Trainer(config, method="dpo")
-    if not config.lora.enabled:
-        from posttrain.models import load_model
-
-        trainer.reference = load_model(config.model).eval()  # frozen base: the reference under full FT
-    rank = trainer.accelerator.process_index
-    cache = ReferenceCache(trainer.out / "reference_cache" / f"rank{rank}.safetensors", trainer.base_hash)
-    fixed = None
-    if config.pairs.source != "online":
-        started = time.perf_counter()
-        fixed, info = _fixed_pairs(trainer, config)
-        fixed_ref, hits, misses = reference_logprobs(trainer, config, cache, fixed)
-        trainer.log.write({"stage": "pairs", "source": config.pairs.source, "pairs": len(fixed.ids),
-                           "reference_cache_hits": hits, "reference_cache_misses": misses,
-                           "seconds": time.perf_counter() - started, **info})
-        if not fixed.ids:
-            raise ValueError(f"pairs.source={config.pairs.source}: no usable pairs (all ties or failures)")
-        fixed_ref_by_id = dict(zip(fixed.ids, fixed_ref))
-    else:
-        fixed_ref_by_id = None
-    return trainer.fit(lambda step: dpo_step(trainer, config, cache, step, fixed, fixed_ref_by_id))
-
-
-def _fixed_pairs(trainer: Trainer, config: DPOConfig) -> tuple[Pairs, dict]:
-    """Offline pairs (made once from the base and saved in the run folder) or the JSONL pairs."""
-    if config.pairs.source == "jsonl":
-        return load_jsonl_pairs(trainer, config, config.pairs.path), {}
-    from safetensors.torch import load_file, save_file
-
-    path = trainer.out / "offline_pairs.safetensors"
-    if path.is_file():
-        saved = load_file(str(path))
-        seeds = trainer.episodes["seed"]
-        index = saved["episode_index"]
-        ids = [pair_id("offline", int(seeds[p]), c, r, trainer.prompt_actions[p])
-               for p, c, r in zip(index.tolist(), saved["chosen"], saved["rejected"])]
-        return Pairs(saved["chosen"], saved["rejected"], index, ids, saved["chosen_reward"],
-                     saved["rejected_reward"]), {"reused": True}
-    # Every rank makes the same pairs (seeded), so no broadcast is needed; rank 0 writes them.
-    with reference_model(trainer) as base:
-        pairs, stats = sample_pairs(trainer, config, base, torch.arange(trainer.num_prompts), OFFLINE_STEP, "offline")
-    if trainer.accelerator.is_main_process:
-        trainer.out.mkdir(parents=True, exist_ok=True)
-        save_file({"chosen": pairs.chosen.contiguous(), "rejected": pairs.rejected.contiguous(),
-                   "episode_index": pairs.episode_index.contiguous(),
-                   "chosen_reward": pairs.chosen_reward.contiguous(),
-                   "rejected_reward": pairs.rejected_reward.contiguous()}, str(path))
-    return pairs, {"skipped_ties": stats["skipped_ties"], "skipped_invalid": stats["skipped_invalid"]}
-
-
-def dpo_step(trainer: Trainer, config: DPOConfig, cache: ReferenceCache, step: int,
-             fixed: Pairs | None = None, fixed_ref: dict | None = None) -> dict:
-    """Make (online) or pick (offline/jsonl) this step's pairs and take one optimizer step on them."""
-    acc = trainer.accelerator
-    timings, metrics = {}, {}
-    started = time.perf_counter()
-    if fixed is None:
-        prompts = prompt_schedule(trainer.num_prompts, config.prompts_per_step, step, config.seed)
-        local = prompts[acc.process_index:: acc.num_processes]
-        pairs, stats = sample_pairs(trainer, config, trainer.policy, local, step, "online")
-        metrics.update(trainer.reduce_reward_metrics(stats["scores"], stats["valid"]))
-        metrics["skipped_ties"] = int(trainer.reduce_sum(stats["skipped_ties"]))
-        metrics["skipped_invalid"] = int(trainer.reduce_sum(stats["skipped_invalid"]))
-        timings["sample"] = time.perf_counter() - started
-        started = time.perf_counter()
-        ref, hits, misses = reference_logprobs(trainer, config, cache, pairs)
-        timings["reference"] = time.perf_counter() - started
-    else:
-        chosen_index = prompt_schedule(len(fixed.ids), config.prompts_per_step, step, config.seed)
-        pairs = fixed.select(chosen_index[acc.process_index:: acc.num_processes])
-        ref = torch.stack([fixed_ref[key] for key in pairs.ids]) if pairs.ids else torch.zeros(0, 2)
-        hits, misses = len(pairs.ids), 0
-    metrics["reference_cache_hits"] = int(trainer.reduce_sum(hits))
-    metrics["reference_cache_misses"] = int(trainer.reduce_sum(misses))
-    if pairs.chosen_reward is not None and len(pairs.ids):
-        metrics["verifier_gap"] = trainer.reduce_mean(float((pairs.chosen_reward - pairs.rejected_reward).mean()))
-
-    started = time.perf_counter()
-    num_pairs = int(round(trainer.reduce_sum(len(pairs.ids))))
-    metrics["pairs"] = num_pairs
-    if num_pairs == 0:
-        # Every group tied or failed on every rank: no gradient this step (counted in skipped_*).
-        metrics.update({"loss": float("nan"), "reward_accuracy": float("nan")})
-        return metrics
-    weight = torch.ones(len(pairs.ids))
-    if not len(pairs.ids):
-        # This rank has no pair but others do: a zero-weight placeholder keeps DDP's all-reduce in step.
-        pairs, ref, weight = _placeholder(trainer, config), torch.zeros(1, 2), torch.zeros(1)
-    # Rows interleaved [c0, r0, c1, r1, ...]; update(align=2) never splits a pair across micro-batches.
-    tokens = torch.stack([pairs.chosen, pairs.rejected], 1).flatten(0, 1)  # (2P, T, N)
-    actions = trainer.prompt_actions[pairs.episode_index].repeat_interleave(2, 0)  # (2P, T - 1)
-    num_tokens = config.horizon * tokens.shape[-1]
-
+def pair_loss(config: DPOConfig, ref: torch.Tensor, weight: torch.Tensor, num_pairs: int, num_tokens: int):
+    """The `loss_fn(new_logp, index)` training.update calls per micro-batch of interleaved rows
+    [c0, r0, c1, r1, ...]: `dpo_loss` over its pairs, weighted (0 for a placeholder pair), divided by the
+    global number of pairs; stats are weighted sums."""
     def loss_fn(new_logp, index):
         sequence = new_logp.flatten(1).sum(-1)  # (b,) summed log-probs of the response tokens
         pair_index = index[0::2] // 2
@@ -492,26 +386,105 @@ def dpo_step(trainer: Trainer, config: DPOConfig, cache: ReferenceCache, step: i
                  "logp_chosen": float((sequence[0::2].detach() * w).sum()),
                  "logp_rejected": float((sequence[1::2].detach() * w).sum())}
         return (loss * w).sum() / num_pairs, stats
-
-    stats = trainer.update(tokens, actions, None, loss_fn, align=2)
-    timings["update"] = time.perf_counter() - started
-    for key, name in (("loss", "loss"), ("accuracy", "reward_accuracy"), ("chosen_reward", "rewards/chosen"),
-                      ("rejected_reward", "rewards/rejected"), ("margin", "rewards/margin"),
-                      ("logp_chosen", "logps/chosen"), ("logp_rejected", "logps/rejected")):
-        metrics[name] = trainer.reduce_sum(stats[key]) / num_pairs
-    if "grad_norm" in stats:
-        metrics["grad_norm"] = stats["grad_norm"]
-    metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
-    total_time = sum(timings.values())
-    metrics.update({f"time_share_{k}": v / total_time for k, v in timings.items()})
-    metrics["step_seconds"] = total_time
-    if trainer.should_save_video(step) and weight[0] > 0:
-        with torch.no_grad():  # the first pair's chosen rollout beside the truth
-            frames = trainer.world.decode(pairs.chosen[:1, config.num_context:])
-        trainer.save_video(step, pairs.chosen[:1, : config.num_context], frames, pairs.episode_index[:1])
-    return metrics
+    return loss_fn
 
 
-def _placeholder(trainer: Trainer, config: DPOConfig) -> Pairs:
-    tokens = trainer.prompt_tokens[:1, : config.num_context + config.horizon]
-    return Pairs(tokens, tokens, torch.zeros(1, dtype=torch.long), ["placeholder"])
+# --- the loop --------------------------------------------------------------------------------------
+def run(config: DPOConfig):
+    """Set up, make the fixed pairs (offline/jsonl) once, then for each step: make (online) or pick this
+    step's pairs with their reference log-probs, take one optimizer step on the DPO loss, log, checkpoint."""
+    session = training.setup("dpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
+                             lora=config.lora, recipe=to_dict(config), resume=config.resume,
+                             overwrite=config.overwrite, frozen_reference=True, dataset=config.data.path)
+    acc, settings = session.accelerator, config.train
+    episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
+    episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)
+    scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, config.num_context,
+                                    max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
+    cache = ReferenceCache(session.out / "reference_cache" / f"rank{acc.process_index}.safetensors", session.base_hash)
+    fixed = fixed_ref = None
+    if config.pairs.source != "online":
+        started = time.perf_counter()
+        fixed, info = fixed_pairs(session, config, episodes, episode_tokens, scorer)
+        values, hits, misses = cached_reference_logprobs(session, cache, fixed, episodes["actions"], config.num_context)
+        session.metrics.write({"stage": "pairs", "source": config.pairs.source, "pairs": len(fixed.ids),
+                               "reference_cache_hits": hits, "reference_cache_misses": misses,
+                               "seconds": time.perf_counter() - started, **info})
+        if not fixed.ids:
+            raise ValueError(f"pairs.source={config.pairs.source}: no usable pairs (all ties or failures)")
+        fixed_ref = dict(zip(fixed.ids, values))
+
+    with training.Steps(session, total=config.steps, resume=config.resume) as steps:
+        for step in steps:
+            timings, metrics = {}, {}
+            # 1. This step's pairs and their reference log-probs: sampled from the current policy and
+            #    ranked by the rewards (online), or this process's share of the fixed pairs.
+            started = time.perf_counter()
+            if fixed is None:
+                prompts = rollouts.prompt_schedule(len(episode_tokens), config.prompts_per_step, step, config.seed)
+                pairs, stats = sample_pairs(session.policy, prompts[acc.process_index:: acc.num_processes], step,
+                                            "online", config=config, episodes=episodes, episode_tokens=episode_tokens,
+                                            scorer=scorer, chunk=settings.rollout_batch_size)
+                metrics.update(training.reward_metrics(acc, stats["scores"], stats["scores"].valid))
+                metrics["skipped_ties"] = int(training.reduce_sum(acc, stats["skipped_ties"]))
+                metrics["skipped_invalid"] = int(training.reduce_sum(acc, stats["skipped_invalid"]))
+                timings["sample"] = time.perf_counter() - started
+                started = time.perf_counter()
+                ref, hits, misses = cached_reference_logprobs(session, cache, pairs, episodes["actions"],
+                                                              config.num_context)
+                timings["reference"] = time.perf_counter() - started
+            else:
+                chosen_index = rollouts.prompt_schedule(len(fixed.ids), config.prompts_per_step, step, config.seed)
+                pairs = fixed.select(chosen_index[acc.process_index:: acc.num_processes])
+                ref = torch.stack([fixed_ref[key] for key in pairs.ids]) if pairs.ids else torch.zeros(0, 2)
+                hits, misses = len(pairs.ids), 0
+            metrics["reference_cache_hits"] = int(training.reduce_sum(acc, hits))
+            metrics["reference_cache_misses"] = int(training.reduce_sum(acc, misses))
+            if pairs.chosen_reward is not None and len(pairs.ids):
+                gap = float((pairs.chosen_reward - pairs.rejected_reward).mean())
+                metrics["verifier_gap"] = training.reduce_mean(acc, gap)
+            num_pairs = int(round(training.reduce_sum(acc, len(pairs.ids))))
+            metrics["pairs"] = num_pairs
+            if num_pairs == 0:
+                # Every group tied or failed on every rank: no gradient this step (counted in skipped_*).
+                metrics.update({"loss": float("nan"), "reward_accuracy": float("nan")})
+                steps.done(step, metrics)
+                continue
+
+            # 2. One optimizer step on the DPO loss.
+            started = time.perf_counter()
+            weight = torch.ones(len(pairs.ids))
+            if not len(pairs.ids):
+                # This rank has no pair but others do: a zero-weight placeholder keeps DDP's all-reduce in step.
+                placeholder = episode_tokens[:1, : config.num_context + config.horizon]
+                pairs = Pairs(placeholder, placeholder, torch.zeros(1, dtype=torch.long), ["placeholder"])
+                ref, weight = torch.zeros(1, 2), torch.zeros(1)
+            # Rows interleaved [c0, r0, c1, r1, ...]; update(align=2) never splits a pair across micro-batches.
+            tokens = torch.stack([pairs.chosen, pairs.rejected], 1).flatten(0, 1)  # (2P, T, N)
+            actions = episodes["actions"][pairs.episode_index].repeat_interleave(2, 0)  # (2P, T - 1)
+            loss_fn = pair_loss(config, ref, weight, num_pairs, num_tokens=config.horizon * tokens.shape[-1])
+            stats = training.update(session, tokens, actions, loss_fn, num_context=config.num_context, align=2)
+            timings["update"] = time.perf_counter() - started
+
+            # 3. Log (reduced over processes), video, checkpoint.
+            for key, name in (("loss", "loss"), ("accuracy", "reward_accuracy"), ("chosen_reward", "rewards/chosen"),
+                              ("rejected_reward", "rewards/rejected"), ("margin", "rewards/margin"),
+                              ("logp_chosen", "logps/chosen"), ("logp_rejected", "logps/rejected")):
+                metrics[name] = training.reduce_sum(acc, stats[key]) / num_pairs
+            if "grad_norm" in stats:
+                metrics["grad_norm"] = stats["grad_norm"]
+            metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
+            total_time = sum(timings.values())
+            metrics.update({f"time_share_{k}": v / total_time for k, v in timings.items()})
+            metrics["step_seconds"] = total_time
+            if steps.video_due(step) and weight[0] > 0:
+                with torch.no_grad():  # the first pair's chosen rollout beside the truth
+                    frames = session.world.decode(pairs.chosen[:1, config.num_context:])
+                save_step_video(session.out, step, episodes["frames"][int(pairs.episode_index[0])], config.num_context,
+                                frames[0])
+            steps.done(step, metrics)
+
+    result = training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
+                             eval_temperatures=config.eval_temperatures)
+    scorer.close()
+    return result

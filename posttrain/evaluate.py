@@ -22,9 +22,7 @@ from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.logging_utils import progress_bar
 from posttrain.rewards import EpisodeBatch, RolloutBatch, get_reward
 from posttrain.rewards import metrics as M
-
-EPISODE_FIELDS = ("seed", "frames", "depth", "segmentation", "intrinsics", "world_to_camera", "actions",
-                  "object_positions", "object_visible", "num_objects", "object_colors", "is_loop")
+from posttrain.rollouts import EPISODE_FIELDS, episode_batch, generate, rollout_seed
 
 
 @dataclass
@@ -54,20 +52,6 @@ class EvalConfig:
         require(self, positive=("num_context", "horizon", "batch_size", "top_k"), non_negative=("temperature",))
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-
-
-def rollout_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs and platforms (splitmix64 chain)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
-
-
-def episode_batch(episodes: dict, index) -> EpisodeBatch:
-    index = torch.as_tensor(index, dtype=torch.long)
-    return EpisodeBatch(**{name: episodes[name][index] for name in EPISODE_FIELDS})
 
 
 BASELINES = ("persistence", "mean_image")
@@ -162,8 +146,8 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
             context_tokens = model.encode(frames[:, :context_len])
             actions = episodes["actions"][index][:, : context_len + horizon - 1]
             seeds = [rollout_seed(config.seed, int(s)) for s in episodes["seed"][index]]
-            out = model.rollout(context_tokens, actions, horizon, temperature=config.temperature,
-                                top_k=config.top_k, top_p=config.top_p, seeds=seeds)
+            out = generate(model, context_tokens, actions, horizon, seeds, temperature=config.temperature,
+                           top_k=config.top_k, top_p=config.top_p, chunk=config.batch_size)
             predicted = out.frames.float()  # (B, H, h, w, 3) in [0, 1]
             truth = frames[:, context_len: context_len + horizon].float() / 255
             segmentation = episodes["segmentation"][index][:, context_len: context_len + horizon]
@@ -219,7 +203,7 @@ def filmstrip(model, episodes: dict, config: EvalConfig, path: str | Path, rows:
         tokens = model.encode(frames[:, : config.num_context])
         actions = episodes["actions"][:rows][:, : config.num_context + config.horizon - 1]
         seeds = [rollout_seed(config.seed, int(s)) for s in episodes["seed"][:rows]]
-        out = model.rollout(tokens, actions, config.horizon, temperature=config.temperature, seeds=seeds)
+        out = generate(model, tokens, actions, config.horizon, seeds, temperature=config.temperature, chunk=rows)
     truth = frames[:, config.num_context: config.num_context + config.horizon].numpy()
     predicted = (out.frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     strips = [np.concatenate([np.concatenate(list(truth[i]), 1), np.concatenate(list(predicted[i]), 1)], 0)

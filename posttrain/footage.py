@@ -21,6 +21,8 @@ Each source is written to its own Arrow shard as its clips complete (memory stay
 for long videos; a file that fails half-way leaves no clips behind), and the shards are
 joined in sorted path order in a staging folder next to --out that is renamed into place
 only when complete, so re-runs are byte-identical and a crash leaves no half dataset.
+
+Reading the sources (sidecars, video and image frames) lives in posttrain/footage_frames.py.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
-import csv
 import dataclasses
 import hashlib
 import json
@@ -44,18 +45,28 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
-from posttrain.envs3d.jobs import check_output_folder, die_with_parent, fault_point, staging_folder
-
-NULL_ACTION = NUM_ACTIONS
-"""Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
+from posttrain.envs3d.jobs import (
+    check_output_folder,
+    die_with_parent,
+    fault_point,
+    replace_folder,
+    staging_folder,
+)
+from posttrain.footage_frames import (
+    IMAGE_EXTENSIONS,
+    NULL_ACTION,
+    SourceError,
+    image_frames,
+    load_actions,
+    natural_key,
+    subsample,
+    video_frames,
+)
+from posttrain.logging_utils import progress_bar
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SIDECAR_SUFFIXES = (".actions.csv", ".actions.json")
 
-# Frame times are floats from pts * time_base: compare them with a tolerance far below any frame period.
-_TIME_EPS = 1e-6
 # Rows the Arrow writer buffers before flushing: bounded in bytes so large --size stays bounded too.
 _WRITER_BUFFER_BYTES = 2 << 20
 # A video is "partial" when it decodes fewer frames than declared by more than this: edit lists and
@@ -159,16 +170,7 @@ class IngestReport:
         return 1 if self.failed else 0
 
 
-class SourceError(Exception):
-    """A source cannot be ingested (corrupt, unreadable, too short, bad sidecar); only that file fails."""
-
-
 # --- discovery ------------------------------------------------------------------------------
-
-
-def natural_key(name: str) -> list:
-    """Sort key putting 'frame_2' before 'frame_10'."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
 def _sidecar_for(path: Path) -> Path | None:
@@ -214,205 +216,6 @@ def discover(src: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[tuple[str,
 
 def _rel(path: Path, src: Path) -> str:
     return path.relative_to(src).as_posix() or "."
-
-
-# --- actions --------------------------------------------------------------------------------
-
-
-def _action_value(raw, where: str) -> int:
-    if isinstance(raw, str):
-        text = raw.strip()
-        if text.lstrip("-").isdigit():
-            raw = int(text)
-        elif text in ACTION_NAMES:
-            return ACTION_NAMES.index(text)
-        else:
-            raise SourceError(f"{where}: unknown action {text!r}")
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= NULL_ACTION:
-        raise SourceError(f"{where}: action {raw!r} is not an id in [0, {NULL_ACTION}] or a known name")
-    return int(raw)
-
-
-def load_actions(path: Path) -> np.ndarray:
-    """Per-source-frame action ids from a `.actions.csv` (frame,action) or `.actions.json` (list) sidecar."""
-    try:
-        if path.name.endswith(".json"):
-            data = json.loads(path.read_text())
-            if not isinstance(data, list):
-                raise SourceError(f"{path.name}: expected a JSON list of actions, got {type(data).__name__}")
-            return np.array([_action_value(a, f"{path.name}[{i}]") for i, a in enumerate(data)], dtype=np.int64)
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"frame", "action"} <= {f.strip() for f in reader.fieldnames}:
-                raise SourceError(f"{path.name}: needs a header with columns frame,action")
-            rows = [{k.strip(): v for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-        raise SourceError(f"{path.name}: unreadable action sidecar: {exc}") from None
-    actions = np.empty(len(rows), dtype=np.int64)
-    seen = np.zeros(len(rows), dtype=bool)
-    for line, row in enumerate(rows, start=2):
-        where = f"{path.name} line {line}"
-        try:
-            frame = int(row["frame"])
-        except (TypeError, ValueError):
-            raise SourceError(f"{where}: frame {row['frame']!r} is not an integer") from None
-        if not 0 <= frame < len(rows) or seen[frame]:
-            raise SourceError(f"{where}: frame {frame} is repeated or outside 0..{len(rows) - 1} "
-                              "(one row per source frame)")
-        seen[frame] = True
-        actions[frame] = _action_value(row["action"], where)
-    return actions
-
-
-# --- frames ---------------------------------------------------------------------------------
-
-
-def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side equal to size, aspect kept."""
-    if width <= height:
-        return size, max(size, round(height * size / width))
-    return max(size, round(width * size / height)), size
-
-
-def _centre_crop(rgb: np.ndarray, size: int) -> np.ndarray:
-    top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
-    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
-
-
-def open_video(path: Path):
-    """An opened PyAV container and its first video stream, decoding with threads (as the benchmark does)."""
-    import av
-
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise SourceError(f"unreadable video: {_short(exc)}") from None
-    if not container.streams.video:
-        container.close()
-        raise SourceError("no video stream")
-    stream = container.streams.video[0]
-    # Frame threading decodes several frames at once; it changes speed, not pixels.
-    stream.thread_type = "AUTO"
-    return container, stream
-
-
-def _short(exc: BaseException) -> str:
-    # FFmpeg errors carry an errno and the absolute path; the manifest wants the message alone.
-    text = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
-    return text if len(text) < 200 else text[:197] + "..."
-
-
-def declared_frames(container, stream) -> int | None:
-    """Frames the container says the stream has: its frame count, else duration x average rate."""
-    if stream.frames:
-        return int(stream.frames)
-    rate = stream.average_rate or stream.guessed_rate
-    if stream.duration and stream.time_base and rate:
-        return round(float(stream.duration * stream.time_base * rate))
-    if container.duration and rate:  # container.duration is in microseconds
-        return round(container.duration / 1_000_000 * float(rate))
-    return None
-
-
-def video_frames(path: Path, size: int, result: SourceResult | None = None,
-                 ) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
-    """(time in seconds from the first frame, lazy RGB getter) per decoded frame; only kept frames get converted.
-
-    Sets `result.expected_frames` to the frame count the container declares.
-    """
-    import av
-    from av.video.reformatter import VideoReformatter
-
-    container, stream = open_video(path)
-    if result is not None:
-        result.expected_frames = declared_frames(container, stream)
-    # One reformatter per video keeps swscale's context cached: frame.to_ndarray(width=...) builds
-    # a new one per call, which costs 15x the scaling itself.
-    reformatter = VideoReformatter()
-    rate = float(stream.average_rate or stream.guessed_rate or 25)
-    first = last = None
-    index = 0
-    try:
-        decoded = container.decode(stream)
-        while True:
-            try:
-                frame = next(decoded)
-            except StopIteration:
-                break
-            except (av.FFmpegError, OSError, ValueError) as exc:
-                raise SourceError(f"corrupt video after {index} frames: {_short(exc)}") from None
-            t = frame.time
-            # Missing or non-increasing timestamps (some raw streams): fall back to the nominal rate.
-            if t is None or (last is not None and t <= last):
-                t = (last + 1.0 / rate) if last is not None else 0.0
-            if first is None:
-                first = t
-            last = t
-            yield t - first, _frame_getter(frame, size, reformatter)
-            index += 1
-    finally:
-        container.close()
-    if index == 0:
-        raise SourceError("no decodable frames")
-
-
-def _frame_getter(frame, size: int, reformatter) -> Callable[[], np.ndarray]:
-    def get() -> np.ndarray:
-        width, height = _scaled_size(frame.width, frame.height, size)
-        # swscale's area filter averages every source pixel (no aliasing when shrinking 640 -> 64).
-        rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
-        return _centre_crop(rgb.to_ndarray(), size)
-
-    return get
-
-
-def resize_image(image, size: int) -> np.ndarray:
-    """A PIL image as (size, size, 3) uint8: shorter side to size (box filter), centre crop."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    width, height = _scaled_size(image.width, image.height, size)
-    return _centre_crop(np.asarray(image.resize((width, height), Image.Resampling.BOX)), size)
-
-
-def image_frames(folder: Path, size: int, image_fps: float) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
-    """(time, lazy RGB getter) for the images of a sequence folder in natural order."""
-    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")),
-                   key=natural_key)
-    for index, name in enumerate(names):
-        yield index / image_fps, _image_getter(folder / name, size)
-
-
-def _image_getter(path: Path, size: int) -> Callable[[], np.ndarray]:
-    def get() -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as image:
-                return resize_image(image, size)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise SourceError(f"unreadable image {path.name}: {_short(exc)}") from None
-
-    return get
-
-
-def subsample(frames: Iterator[tuple[float, Callable]], fps: float) -> Iterator[tuple[int, float, Callable]]:
-    """(source index, target time, getter) at times k / fps, each taking the source frame nearest in time.
-
-    Streams with one frame of look-ahead. A source slower than fps repeats frames; the
-    stream ends at the last source frame (no target time past it is filled).
-    """
-    k = 0
-    previous = None
-    for index, (t, getter) in enumerate(frames):
-        while k / fps <= t + _TIME_EPS:
-            target = k / fps
-            if previous is not None and target - previous[1] < t - target - _TIME_EPS:
-                yield previous[0], target, previous[2]
-            else:
-                yield index, target, getter
-            k += 1
-        previous = (index, t, getter)
 
 
 # --- one source -----------------------------------------------------------------------------
@@ -561,10 +364,19 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
         shards.mkdir()
         jobs = [(kind, rel, path, shards / f"{i:06d}.arrow", config) for i, (kind, rel, path) in enumerate(sources)]
         results: list[SourceResult] = []
-        with _Progress(len(jobs), config.progress) as progress:
-            for result in _iter_results(jobs, config, progress.frames):
+        started, decoded = time.perf_counter(), [0]
+
+        def rate() -> dict:  # shown beside the bar: source frames decoded so far and their rate
+            return {"frames": decoded[0], "fps": round(decoded[0] / max(time.perf_counter() - started, 1e-9), 1)}
+
+        with progress_bar(len(jobs), "footage", enabled=config.progress) as update:
+            def frames(count: int) -> None:
+                decoded[0] += count
+                update(advance=0, **rate())
+
+            for result in _iter_results(jobs, config, frames):
                 results.append(result)
-                progress.file_done(result)
+                update(advance=1, **rate())
         digest = hashlib.sha256(config.content_key().encode())
         parts = []
         for result in results:
@@ -594,7 +406,7 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
         # One [start, end] pair per line keeps a long video's manifest readable.
         text = re.sub(r"\[\s+(\S+),\s+(\S+)\s+\]", r"[\1, \2]", text)
         (final_tmp / "manifest.json").write_text(text + "\n")
-        _replace(final_tmp, out, staging)
+        replace_folder(final_tmp, out, set_aside=staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestReport(out, all_results)
@@ -612,53 +424,6 @@ def _save_quietly(dataset, path: Path) -> None:
     finally:
         if not was_disabled:
             enable_progress_bars()
-
-
-def _replace(new: Path, out: Path, staging: Path) -> None:
-    """Move `new` to `out`; an existing `out` is set aside first and restored if the move fails."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    previous = staging / "previous"
-    os.replace(out, previous)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(previous, out)
-        raise
-
-
-class _Progress:
-    """Files done of total, source frames decoded and frames per second; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.frames_seen = 0
-        self._last = 0.0
-
-    def __enter__(self) -> _Progress:
-        from posttrain.logging_utils import progress_bar
-
-        self._start = time.perf_counter()
-        self._context = progress_bar(self.total, "footage", enabled=self.enabled)
-        self._update = self._context.__enter__()
-        return self
-
-    def frames(self, count: int) -> None:
-        self.frames_seen += count
-        now = time.perf_counter()
-        if now - self._last > 0.2:  # redrawing on every frame would cost more than decoding small video
-            self._last = now
-            self._update(advance=0, **self._fields(now))
-
-    def file_done(self, result: SourceResult) -> None:
-        self._update(advance=1, **self._fields(time.perf_counter()))
-
-    def _fields(self, now: float) -> dict:
-        return {"frames": self.frames_seen, "fps": round(self.frames_seen / max(now - self._start, 1e-9), 1)}
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -35,10 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain import rollouts, training
 from posttrain.adapters import LoraSettings
-from posttrain.data import EpisodeDataConfig
-from posttrain.evaluate import EvalConfig, rollout_seed
-from posttrain.trainer_utils import Trainer, TrainerSettings
+from posttrain.config import to_dict
+from posttrain.data import EpisodeDataConfig, load_episodes
+from posttrain.evaluate import EvalConfig
+from posttrain.report import save_step_video
+from posttrain.sft import token_nll
+from posttrain.training import TrainerSettings
 
 
 @dataclass
@@ -121,50 +125,55 @@ def forcing_inputs(true_tokens: torch.Tensor, own_tokens: torch.Tensor, num_cont
     return torch.cat([context, own, future[:, -1:]], 1), future
 
 
-def forcing_loss(logp: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
-    """Summed cross-entropy of the targets' log-probs `logp` (b, R + 1, N), divided by the GLOBAL token
-    count so micro-batch losses add up to the batch's mean per-token cross-entropy."""
-    total = -logp.sum()
-    return total / num_tokens, {"nll": float(total.detach())}
-
-
 def run(config: ForcingConfig):
-    trainer = Trainer(config, method="forcing")
-    return trainer.fit(lambda step: forcing_step(trainer, config, step))
-
-
-def forcing_step(trainer: Trainer, config: ForcingConfig, step: int) -> dict:
-    """Roll out own frames, then one optimizer step of cross-entropy toward the true frames."""
+    """Set up, tokenise the episodes once, then for each step: pick clips, roll out own frames, one
+    cross-entropy update toward the true frames, log, checkpoint; then the held-out report."""
     from posttrain.rewards.metrics import psnr
 
-    acc = trainer.accelerator
-    # The global batch is a function of (seed, step) alone; each process takes every num_processes-th clip.
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
-    episodes = torch.randint(trainer.num_prompts, (config.clips_per_step,), generator=generator)
-    teacher_forced = torch.rand(config.clips_per_step, generator=generator) < config.teacher_forced_fraction
-    episodes = episodes[acc.process_index:: acc.num_processes]
-    teacher_forced = teacher_forced[acc.process_index:: acc.num_processes]
-    own = own_frames_at(step, config)
-    frames = config.num_context + own + 1
-    true_tokens = trainer.episode_tokens[episodes, :frames]
-    actions = trainer.prompt_actions[episodes, : frames - 1]
-    seeds = [rollout_seed(config.seed, step, int(e)) for e in episodes.tolist()]
-    trainer.model.eval()
-    with torch.no_grad():
-        rollout = trainer.generate(true_tokens[:, : config.num_context], actions, own, seeds,
-                                   config.context_temperature, None, None)
-    inputs, targets = forcing_inputs(true_tokens, rollout.tokens, config.num_context, teacher_forced)
-    num_tokens = trainer.reduce_sum(targets.numel())
-    stats = trainer.update(inputs, actions, None, lambda logp, index: forcing_loss(logp, num_tokens),
-                           targets=targets)
-    # How far the own context had drifted: PSNR of the own frames against the simulator's.
-    truth = trainer.episodes["frames"][episodes, config.num_context: config.num_context + own].float() / 255
-    metrics = {"loss": trainer.reduce_sum(stats["nll"]) / num_tokens, "own_frames": own,
-               "own_context_psnr": trainer.reduce_mean(float(psnr(rollout.frames, truth).mean())),
-               "teacher_forced_clips": int(trainer.reduce_sum(float(teacher_forced.sum()))),
-               "skipped_nonfinite": stats["skipped_nonfinite"]}
-    if "grad_norm" in stats:
-        metrics["grad_norm"] = stats["grad_norm"]
-    if trainer.should_save_video(step):
-        trainer.save_video(step, true_tokens[:1, : config.num_context], rollout.frames[:1], episodes[:1])
-    return metrics
+    session = training.setup("forcing", out=config.out, model=config.model, seed=config.seed,
+                             settings=config.train, lora=config.lora, recipe=to_dict(config), resume=config.resume,
+                             overwrite=config.overwrite, dataset=config.data.path)
+    acc, policy, settings = session.accelerator, session.policy, config.train
+    episodes = load_episodes(config.data, ("seed", "frames", "actions"), progress=acc.is_main_process)
+    episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)
+    c = config.num_context
+
+    with training.Steps(session, total=config.steps, resume=config.resume) as steps:
+        for step in steps:
+            # 1. Clips: a global batch drawn from (seed, step) alone, each process taking every
+            #    num_processes-th clip; which clips keep the true frames as context (teacher forcing).
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
+            index = torch.randint(len(episode_tokens), (config.clips_per_step,), generator=generator)
+            teacher_forced = torch.rand(config.clips_per_step, generator=generator) < config.teacher_forced_fraction
+            index = index[acc.process_index:: acc.num_processes]
+            teacher_forced = teacher_forced[acc.process_index:: acc.num_processes]
+            own = own_frames_at(step, config)
+            true_tokens = episode_tokens[index, : c + own + 1]  # (b, C + R + 1, N)
+            actions = episodes["actions"][index, : c + own]
+
+            # 2. Own frames: R frames rolled out by the current policy from the true context (no gradient).
+            session.model.eval()
+            seeds = [rollouts.rollout_seed(config.seed, step, int(e)) for e in index.tolist()]
+            out = rollouts.generate(policy, true_tokens[:, :c], actions, own, seeds,
+                                    temperature=config.context_temperature, chunk=settings.rollout_batch_size)
+
+            # 3. One update: cross-entropy of the true frames C..C+R after the own (or true) context
+            #    (the same per-token loss as SFT; only the inputs differ).
+            inputs, targets = forcing_inputs(true_tokens, out.tokens, c, teacher_forced)
+            num_tokens = training.reduce_sum(acc, targets.numel())
+            stats = training.update(session, inputs, actions, token_nll(num_tokens), num_context=c, targets=targets)
+
+            # 4. Log: the loss, and how far the own context had drifted (PSNR of own frames vs the truth).
+            truth = episodes["frames"][index, c: c + own].float() / 255
+            metrics = {"loss": training.reduce_sum(acc, stats["nll"]) / num_tokens, "own_frames": own,
+                       "own_context_psnr": training.reduce_mean(acc, float(psnr(out.frames, truth).mean())),
+                       "teacher_forced_clips": int(training.reduce_sum(acc, float(teacher_forced.sum()))),
+                       "skipped_nonfinite": stats["skipped_nonfinite"]}
+            if "grad_norm" in stats:
+                metrics["grad_norm"] = stats["grad_norm"]
+            if steps.video_due(step):
+                save_step_video(session.out, step, episodes["frames"][int(index[0])], c, out.frames[0])
+            steps.done(step, metrics)
+
+    return training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
+                           eval_temperatures=config.eval_temperatures)

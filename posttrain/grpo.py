@@ -29,16 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain import rollouts, training
 from posttrain.adapters import LoraSettings
-from posttrain.data import EpisodeDataConfig
-from posttrain.evaluate import EvalConfig, rollout_seed
-from posttrain.rewards import RewardSpec
-from posttrain.trainer_utils import (
-    Trainer,
-    TrainerSettings,
-    group_advantages,
-    prompt_schedule,
-)
+from posttrain.config import to_dict
+from posttrain.data import EpisodeDataConfig, load_episodes
+from posttrain.evaluate import EvalConfig
+from posttrain.report import save_step_video
+from posttrain.rewards import RewardOutput, RewardSpec
+from posttrain.training import TrainerSettings
 
 
 @dataclass
@@ -54,11 +52,18 @@ class GRPOConfig:
     seed: int = 0
     """Seed for the prompt order and every rollout's sampling seed."""
     data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="10000:10512", frames=14))
-    """Training episodes (prompts); frames must equal num_context + horizon."""
+    """Training episodes (prompts); frames must equal num_context + prefix_frames + horizon."""
     num_context: int = 2
     """True context frames per prompt."""
+    prefix_frames: int = 0
+    """Branching (aimed at drift): the policy first generates this many frames ONCE per prompt, and the
+    group's rollouts all continue from that shared self-generated prefix (PersistWorld, arXiv 2603.25685),
+    so advantages compare continuations of the same drifted state. Only the continuations are scored
+    and trained. 0: every rollout starts from the true context (plain GRPO)."""
+    prefix_temperature: float | None = None
+    """Sampling temperature of the shared prefix (None: `temperature`; 0: greedy, the drift a greedy user sees)."""
     horizon: int = 12
-    """Frames generated per rollout."""
+    """Frames generated per rollout (after the prefix, if any)."""
     group_size: int = 4
     """Rollouts per prompt (G)."""
     prompts_per_step: int = 8
@@ -112,7 +117,8 @@ class GRPOConfig:
 
         require(self, positive=("num_context", "horizon", "prompts_per_step", "steps", "num_updates",
                                 "reward_workers", "top_k"),
-                non_negative=("temperature", "epsilon_low", "epsilon_high", "kl_coef"),
+                non_negative=("temperature", "epsilon_low", "epsilon_high", "kl_coef", "prefix_frames",
+                              "prefix_temperature"),
                 unit=("max_failure_fraction", "top_p"))
         if any(not t >= 0 for t in self.eval_temperatures):
             raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
@@ -121,13 +127,42 @@ class GRPOConfig:
             raise ValueError(f"loss_type={self.loss_type!r}; choose grpo, dr_grpo, dapo or gspo")
         if self.scale_rewards not in ("group", "none"):
             raise ValueError(f"scale_rewards={self.scale_rewards!r}; choose group or none")
-        if self.data.frames != self.num_context + self.horizon:
-            raise ValueError(f"data.frames={self.data.frames} must equal num_context + horizon = "
-                             f"{self.num_context + self.horizon}")
+        if self.data.frames != self.num_context + self.prefix_frames + self.horizon:
+            raise ValueError(f"data.frames={self.data.frames} must equal num_context + prefix_frames + horizon = "
+                             f"{self.num_context + self.prefix_frames + self.horizon}")
         if self.credit not in ("rollout", "frame"):
             raise ValueError(f"credit={self.credit!r}; choose rollout or frame")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2 (advantages are relative within a group)")
+
+
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "group", eps: float = 1e-4):
+    """(P, G) rewards -> (P, G) advantages: r - group mean, divided by the group's std if scale == 'group'.
+
+    Means and (unbiased, as TRL computes it) stds are taken over the valid samples of each
+    group only; invalid samples get advantage 0 and are also masked out of the loss.
+    """
+    weight = valid.to(torch.float64)
+    values = torch.where(valid, rewards.double(), torch.zeros_like(rewards, dtype=torch.float64))
+    count = weight.sum(1, keepdim=True)
+    mean = values.sum(1, keepdim=True) / count.clamp_min(1)
+    centred = (values - mean) * weight
+    advantages = centred
+    if scale == "group":
+        variance = (centred**2).sum(1, keepdim=True) / (count - 1).clamp_min(1)
+        advantages = centred / (variance.sqrt() + eps)
+    return advantages.float()
+
+
+def frame_advantages(frame_rewards: torch.Tensor, valid: torch.Tensor, scale: str) -> torch.Tensor:
+    """(P*G, H) per-frame rewards -> (P*G, H) advantages: each frame's return-to-go (the sum of the
+    rewards from that frame on), group-normalised frame by frame. valid: (P, G)."""
+    prompts, group = valid.shape
+    returns = frame_rewards.flip(1).cumsum(1).flip(1)  # (B, H) return-to-go from each frame
+    horizon = returns.shape[1]
+    per_frame = returns.view(prompts, group, horizon).permute(2, 0, 1)  # (H, P, G)
+    advantages = torch.stack([group_advantages(r, valid, scale) for r in per_frame], -1)  # (P, G, H)
+    return advantages.reshape(-1, horizon)
 
 
 def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, epsilon_high,
@@ -172,95 +207,121 @@ def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, e
     return loss, stats
 
 
-def _frame_scores(totals, components, valid, failures):
-    """Per-frame rewards summarised per rollout (mean over frames) for logging."""
-    from posttrain.rewards import RewardOutput
-
-    return RewardOutput(total=totals.mean(1), components={k: v.mean(1) for k, v in components.items()},
-                        valid=valid, failures=failures)
+def micro_batch_loss(config: GRPOConfig, old_logp, advantages, valid, ref_logp, num_sequences: int):
+    """The `loss_fn(new_logp, index)` training.update calls per micro-batch: `policy_loss` on rows `index`
+    of the step's (B, L) old/reference log-probs, (B,) or (B, H) advantages and (B,) validity."""
+    def loss_fn(new_logp, index):
+        return policy_loss(new_logp.flatten(1), old_logp[index], advantages[index], valid[index], config.loss_type,
+                           config.epsilon_low, config.epsilon_high, None if ref_logp is None else ref_logp[index],
+                           config.kl_coef, num_sequences)
+    return loss_fn
 
 
 def run(config: GRPOConfig):
-    trainer = Trainer(config, method="grpo")
-    return trainer.fit(lambda step: grpo_step(trainer, config, step))
-
-
-def grpo_step(trainer: Trainer, config: GRPOConfig, step: int) -> dict:
-    """Generate, score and update once; returns the step's metrics (already reduced over ranks)."""
-    acc = trainer.accelerator
-    model = trainer.model
-    timings = {}
-    started = time.perf_counter()
-    prompts = prompt_schedule(trainer.num_prompts, config.prompts_per_step, step, config.seed)
-    local = prompts[acc.process_index:: acc.num_processes]
+    """Set up, then for each step: pick prompts, generate groups, score, advantages, update, log, checkpoint."""
+    session = training.setup("grpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
+                             lora=config.lora, recipe=to_dict(config), resume=config.resume,
+                             overwrite=config.overwrite, frozen_reference=bool(config.kl_coef),
+                             dataset=config.data.path)
+    acc, policy, settings = session.accelerator, session.policy, config.train
+    episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
+    episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)
+    # Rollouts are scored and trained from `start` on: after the true context and the shared prefix (if any).
+    start = config.num_context + config.prefix_frames
+    scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, start,
+                                    max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
     group = config.group_size
-    episode_index = local.repeat_interleave(group)
-    sample_ids = torch.arange(group).repeat(len(local))
-    context = trainer.prompt_tokens[episode_index, : config.num_context]
-    actions = trainer.prompt_actions[episode_index]
-    seeds = [rollout_seed(config.seed, step, int(p), int(g)) for p, g in zip(episode_index.tolist(), sample_ids.tolist())]
-    model.eval()
-    with torch.no_grad():
-        rollouts = trainer.generate(context, actions, config.horizon, seeds, config.temperature, config.top_k,
-                                    config.top_p)
-    timings["generate"] = time.perf_counter() - started
+    prefix_temperature = config.temperature if config.prefix_temperature is None else config.prefix_temperature
 
-    started = time.perf_counter()
-    if config.credit == "frame":
-        frame_totals, frame_components, frame_valid, failures = trainer.score_frame_rewards(
-            rollouts.frames, episode_index, sample_ids, rollouts.tokens)
-        returns = frame_totals.flip(1).cumsum(1).flip(1)  # (B, H) return-to-go from each frame
-        valid = frame_valid.view(len(local), group)
-        horizon = returns.shape[1]
-        per_frame = returns.view(len(local), group, horizon).permute(2, 0, 1)  # (H, P, G)
-        advantages = torch.stack([group_advantages(r, valid, config.scale_rewards) for r in per_frame], -1)
-        advantages = advantages.reshape(-1, horizon)  # (B, H)
-        scores = _frame_scores(frame_totals, frame_components, frame_valid, failures)
-    else:
-        scores = trainer.score_rewards(rollouts.frames, episode_index, sample_ids, rollouts.tokens)
-        valid = scores.valid.view(len(local), group)
-        advantages = group_advantages(scores.total.view(len(local), group), valid, config.scale_rewards).view(-1)
-    timings["score"] = time.perf_counter() - started
+    with training.Steps(session, total=config.steps, resume=config.resume) as steps:
+        for step in steps:
+            timings = {}
+            # 1. Prompts: this process's share of the step's prompts, `group` samples each, seeded by
+            #    (seed, step, prompt, sample).
+            started = time.perf_counter()
+            prompts = rollouts.prompt_schedule(len(episode_tokens), config.prompts_per_step, step, config.seed)
+            local = prompts[acc.process_index:: acc.num_processes]
+            episode_index = local.repeat_interleave(group)
+            sample_ids = torch.arange(group).repeat(len(local))
+            context = episode_tokens[episode_index, : config.num_context]  # (B, C, N)
+            actions = episodes["actions"][episode_index]  # (B, T - 1)
+            seeds = rollouts.group_seeds(config.seed, step, episode_index, sample_ids)
 
-    started = time.perf_counter()
-    tokens = torch.cat([context, rollouts.tokens], 1)  # (B, C + H, N)
-    old_logp = rollouts.logprobs.flatten(1)  # (B, H*N): exact in fp32 (score() == rollout log-probs)
-    if trainer.settings.mixed_precision != "no":
-        old_logp = trainer.policy_logprobs(tokens, actions)  # the update's own precision: first ratio == 1
-    ref_logp = trainer.reference_logprobs(tokens, actions, config.num_context, config.temperature) \
-        if config.kl_coef else None
-    valid_flat = valid.view(-1)
-    num_sequences = trainer.global_count(valid_flat)
-    stats_total = {"clip_fraction": 0.0, "kl": 0.0}
-    skipped = 0
-    for _ in range(config.num_updates):
-        stats = trainer.update(
-            tokens, actions, valid_flat,
-            lambda new_logp, idx: policy_loss(
-                new_logp.flatten(1), old_logp[idx], advantages[idx], valid_flat[idx], config.loss_type,
-                config.epsilon_low, config.epsilon_high,
-                None if ref_logp is None else ref_logp[idx], config.kl_coef, num_sequences),
-        )
-        for key in stats_total:
-            stats_total[key] += stats[key] / config.num_updates
-        skipped = max(skipped, stats["skipped_nonfinite"])
-    timings["update"] = time.perf_counter() - started
+            # 2. Generate: B = P * G rollouts from the current policy. With prefix_frames, each prompt's
+            #    group first shares one self-generated prefix (sample id G in the seeds) and branches after it.
+            session.model.eval()
+            seen = None  # what the model saw before the scored frames, for the rewards: (B, start, h, w, 3)
+            if config.prefix_frames:
+                prefix = rollouts.generate(policy, episode_tokens[local, : config.num_context], episodes["actions"][local],
+                                           config.prefix_frames, rollouts.group_seeds(config.seed, step, local,
+                                                                                      torch.full_like(local, group)),
+                                           temperature=prefix_temperature, top_k=config.top_k, top_p=config.top_p,
+                                           chunk=settings.rollout_batch_size)
+                context = torch.cat([context, prefix.tokens.repeat_interleave(group, 0)], 1)  # (B, start, N)
+                seen = torch.cat([scorer.context(episode_index)[:, : config.num_context],
+                                  prefix.frames.repeat_interleave(group, 0)], 1)
+            out = rollouts.generate(policy, context, actions, config.horizon, seeds, temperature=config.temperature,
+                                    top_k=config.top_k, top_p=config.top_p, chunk=settings.rollout_batch_size)
+            timings["generate"] = time.perf_counter() - started
 
-    metrics = trainer.reduce_reward_metrics(scores, valid_flat)
-    metrics.update({
-        "clip_fraction": trainer.reduce_sum(stats_total["clip_fraction"]) / num_sequences,
-        "kl": trainer.reduce_sum(stats_total["kl"]) / num_sequences,
-        "entropy_mc": trainer.reduce_mean(-rollouts.logprobs.mean().item()),
-        "advantage_abs_mean": trainer.reduce_mean(advantages.abs().mean().item()),
-        "skipped_nonfinite": skipped,
-    })
-    if "grad_norm" in stats:
-        metrics["grad_norm"] = stats["grad_norm"]
-    total_time = sum(timings.values())
-    metrics.update({f"time_share_{k}": v / total_time for k, v in timings.items()})
-    metrics["step_seconds"] = total_time
-    if trainer.should_save_video(step):
-        trainer.save_video(step, context[:1], rollouts.frames[:1], episode_index[:1])
-    return metrics
+            # 3. Score against the simulator; 4. group-normalised advantages.
+            started = time.perf_counter()
+            if config.credit == "frame":
+                frame_totals, frame_components, frame_valid, failures = scorer.score_frames(
+                    out.frames, episode_index, sample_ids, out.tokens, context=seen)
+                valid = frame_valid.view(len(local), group)
+                advantages = frame_advantages(frame_totals, valid, config.scale_rewards)  # (B, H)
+                # Per-frame rewards summarised per rollout (mean over frames) for logging.
+                scores = RewardOutput(total=frame_totals.mean(1), failures=failures, valid=frame_valid,
+                                      components={k: v.mean(1) for k, v in frame_components.items()})
+            else:
+                scores = scorer.score(out.frames, episode_index, sample_ids, out.tokens, context=seen)
+                valid = scores.valid.view(len(local), group)
+                advantages = group_advantages(scores.total.view(len(local), group), valid,
+                                              config.scale_rewards).view(-1)  # (B,)
+            timings["score"] = time.perf_counter() - started
 
+            # 5. Old and reference log-probs; 6. num_updates clipped policy-gradient updates.
+            started = time.perf_counter()
+            tokens = torch.cat([context, out.tokens], 1)  # (B, start + H, N)
+            old_logp = out.logprobs.flatten(1)  # (B, H*N): exact in fp32 (score() == rollout log-probs)
+            if settings.mixed_precision != "no":  # the update's own precision: first ratio == 1
+                old_logp = training.policy_logprobs(session, tokens, actions, num_context=start,
+                                                    temperature=config.temperature)
+            ref_logp = rollouts.reference_logprobs(policy, session.reference, tokens, actions, start,
+                                                   config.temperature, chunk=settings.micro_batch_size) \
+                if config.kl_coef else None
+            valid = valid.view(-1)
+            num_sequences = training.global_count(acc, valid)
+            loss_fn = micro_batch_loss(config, old_logp, advantages, valid, ref_logp, num_sequences)
+            totals, skipped = {"clip_fraction": 0.0, "kl": 0.0}, 0
+            for _ in range(config.num_updates):
+                stats = training.update(session, tokens, actions, loss_fn, num_context=start,
+                                        temperature=config.temperature)
+                for key in totals:
+                    totals[key] += stats[key] / config.num_updates
+                skipped = max(skipped, stats["skipped_nonfinite"])
+            timings["update"] = time.perf_counter() - started
 
+            # 7. Log (reduced over processes), video, checkpoint.
+            metrics = training.reward_metrics(acc, scores, valid)
+            metrics.update({
+                "clip_fraction": training.reduce_sum(acc, totals["clip_fraction"]) / num_sequences,
+                "kl": training.reduce_sum(acc, totals["kl"]) / num_sequences,
+                "entropy_mc": training.reduce_mean(acc, -out.logprobs.mean().item()),
+                "advantage_abs_mean": training.reduce_mean(acc, advantages.abs().mean().item()),
+                "skipped_nonfinite": skipped,
+            })
+            if "grad_norm" in stats:
+                metrics["grad_norm"] = stats["grad_norm"]
+            total_time = sum(timings.values())
+            metrics.update({f"time_share_{k}": v / total_time for k, v in timings.items()})
+            metrics["step_seconds"] = total_time
+            if steps.video_due(step):
+                save_step_video(session.out, step, episodes["frames"][int(episode_index[0])], start, out.frames[0])
+            steps.done(step, metrics)
+
+    result = training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
+                             eval_temperatures=config.eval_temperatures)
+    scorer.close()
+    return result

@@ -1,46 +1,16 @@
-"""Progress bars (rich, with ETA) and metrics.jsonl writing shared by every entry point."""
+"""metrics.jsonl writing and reading shared by every entry point; `progress_bar` is envs3d.jobs' (its one
+home: envs3d, the lowest layer, draws one too), re-exported here for the trainers."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from posttrain.envs3d.jobs import progress_bar
 
-@contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True):
-    """Yields `update(advance=1, **fields)`; fields (e.g. loss=0.3) show beside the bar."""
-    if not enabled or os.environ.get("POSTTRAIN_NO_PROGRESS"):
-        yield lambda advance=1, **fields: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                   transient=not sys.stderr.isatty())
-    task = bar.add_task(description, total=total, info="")
-    with bar:
-        def update(advance: int = 1, **fields) -> None:
-            info = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-            bar.update(task, advance=advance, info=info)
-        yield update
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+__all__ = ["MetricsWriter", "progress_bar", "read_metrics"]
 
 
 class MetricsWriter:

@@ -25,6 +25,7 @@ from posttrain.envs3d.jobs import (
     OUTPUT_MARKER,
     STAGING_OWNER,
     check_output_folder,
+    replace_folder,
     staging_folder,
     write_output_marker,
 )
@@ -96,9 +97,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
         (staging / CARD).write_text(model_card(run_dir, kind, base_name, base_hash, staging))
         (staging / STAGING_OWNER).unlink()  # the staging folder becomes the export itself
         write_output_marker(staging, "posttrain adapter export")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

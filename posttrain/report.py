@@ -46,24 +46,47 @@ def improvement(base: float, post: float) -> float:
     return (base - post) / base if base else float("nan")
 
 
-def write_report(trainer, history: list) -> Path:
-    """Evaluate base (adapter disabled) and post-trained on held-out seeds; write report/."""
-    from posttrain.data import load_episodes
-    from posttrain.evaluate import EPISODE_FIELDS, evaluate_model, mean_frame_for, rollout_seed
+def save_step_video(out: Path, step: int, episode_frames: torch.Tensor, num_context: int,
+                    predicted: torch.Tensor) -> Path:
+    """videos/step-NNNNNN.gif in run folder `out`: one training rollout (H, h, w, 3) beside its episode's
+    context and true future (episode_frames (T, h, w, 3) uint8)."""
+    truth = episode_frames[num_context: num_context + predicted.shape[0]]
+    return save_rollout_gif(Path(out) / "videos" / f"step-{step:06d}.gif", episode_frames[:num_context],
+                            {"prediction": predicted}, truth)
 
-    config = trainer.config
-    out = trainer.out / "report"
+
+@torch.no_grad()
+def greedy_pair(policy, base, context: torch.Tensor, actions: torch.Tensor, horizon: int, seed: int):
+    """Greedy rollouts (1, horizon, h, w, 3) of the base and the post-trained policy from one context
+    (1, C, N): `base` is the frozen base copy, or None for the policy with its adapter disabled."""
+    from posttrain.rollouts import generate, reference_policy
+
+    with reference_policy(policy, base) as model:
+        before = generate(model, context, actions, horizon, [seed], temperature=0.0, chunk=1)
+    after = generate(policy, context, actions, horizon, [seed], temperature=0.0, chunk=1)
+    return before.frames, after.frames
+
+
+def write_report(policy, base, *, out: Path, base_name: str, eval_config, temperatures, history: list) -> Path:
+    """Evaluate the base (`base`: a frozen copy, or None for the policy with its adapter disabled) and the
+    post-trained `policy` on held-out seeds (`eval_config`, an EvalConfig) at each temperature; write
+    run folder `out`'s report/."""
+    from posttrain.data import load_episodes
+    from posttrain.evaluate import evaluate_model, mean_frame_for
+    from posttrain.rollouts import EPISODE_FIELDS, reference_policy, rollout_seed
+
+    run_dir = Path(out)
+    out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    episodes = load_episodes(config.eval.data, EPISODE_FIELDS)
-    policy = trainer.policy
-    mean_frame, source = mean_frame_for(trainer.base_name, episodes)
-    results: dict = {"eval_seeds": config.eval.data.seeds, "horizon": config.eval.horizon, "temperatures": {}}
-    for temperature in config.eval_temperatures:
-        eval_config = _replace(config.eval, temperature=temperature)
-        with _base_model(trainer) as base:
-            base_report = evaluate_model(base, episodes, eval_config, description=f"base T={temperature}",
+    episodes = load_episodes(eval_config.data, EPISODE_FIELDS)
+    mean_frame, source = mean_frame_for(base_name, episodes)
+    results: dict = {"eval_seeds": eval_config.data.seeds, "horizon": eval_config.horizon, "temperatures": {}}
+    for temperature in temperatures:
+        config = _replace(eval_config, temperature=temperature)
+        with reference_policy(policy, base) as model:
+            base_report = evaluate_model(model, episodes, config, description=f"base T={temperature}",
                                          mean_frame=mean_frame, mean_frame_source=source)
-        post_report = evaluate_model(policy, episodes, eval_config, description=f"post T={temperature}",
+        post_report = evaluate_model(policy, episodes, config, description=f"post T={temperature}",
                                      mean_frame=mean_frame, mean_frame_source=source)
         results["temperatures"][str(temperature)] = {
             "base": base_report, "post": post_report,
@@ -73,22 +96,18 @@ def write_report(trainer, history: list) -> Path:
         }
     results["training"] = history
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    _plot_rewards(trainer.out / "metrics.jsonl", out / "reward_curve.png")
+    _plot_rewards(run_dir / "metrics.jsonl", out / "reward_curve.png")
     _plot_per_step(results, out / "per_step_mse.png")
     _plot_against_baselines(results, out / "per_step_ssim_objects.png")
     # One before/after/truth rollout on a held-out episode (greedy, so it is representative).
-    eval_config = _replace(config.eval, temperature=0.0)
-    index = [0]
-    frames = episodes["frames"][index]
     num_context, horizon = eval_config.num_context, eval_config.horizon
-    actions = episodes["actions"][index][:, : num_context + horizon - 1]
-    seeds = [rollout_seed(eval_config.seed, int(episodes["seed"][0]))]
+    frames = episodes["frames"][:1]
+    actions = episodes["actions"][:1, : num_context + horizon - 1]
+    seed = rollout_seed(eval_config.seed, int(episodes["seed"][0]))
     with torch.no_grad():
-        with _base_model(trainer) as base:
-            before = base.rollout(base.encode(frames[:, :num_context]), actions, horizon, temperature=0.0, seeds=seeds)
-        after = policy.rollout(policy.encode(frames[:, :num_context]), actions, horizon, temperature=0.0, seeds=seeds)
-    save_rollout_gif(out / "rollout.gif", frames[0, :num_context],
-                     {"base": before.frames[0], "post-trained": after.frames[0]},
+        context = policy.encode(frames[:, :num_context])
+    before, after = greedy_pair(policy, base, context, actions, horizon, seed)
+    save_rollout_gif(out / "rollout.gif", frames[0, :num_context], {"base": before[0], "post-trained": after[0]},
                      frames[0, num_context: num_context + horizon])
     write_index_html(out, results)
     _print_summary(results)
@@ -99,29 +118,6 @@ def _replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
-
-
-class _base_model:
-    """The base policy: the same network with the LoRA adapter disabled (or the frozen reference)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self._ctx = None
-
-    def __enter__(self):
-        policy = self.trainer.policy
-        if hasattr(policy, "disable_adapter"):
-            self._ctx = policy.disable_adapter()
-            self._ctx.__enter__()
-            return policy
-        from posttrain.models import load_model
-
-        return load_model(self.trainer.base_name).eval()
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-        return False
 
 
 def _plot_rewards(metrics_path: Path, out: Path) -> None:

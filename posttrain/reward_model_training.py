@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from posttrain import rollouts
 from posttrain.data import EpisodeDataConfig, load_episodes
-from posttrain.evaluate import EPISODE_FIELDS, episode_batch, rollout_seed
 from posttrain.logging_utils import MetricsWriter, progress_bar
-from posttrain.rewards import RewardSpec, RolloutBatch, compose
+from posttrain.rewards import RewardSpec
 from posttrain.rewards.reward_model import (
     PreferencePairs,
     RewardModelConfig,
@@ -89,44 +89,43 @@ class RewardModelRecipe:
 @torch.no_grad()
 def sample_preference_pairs(config: RewardModelRecipe, progress: bool = True) -> tuple[PreferencePairs, dict]:
     """Roll `config.model` out on every episode, rank each group with the verifiers, keep best vs worst."""
-    from posttrain.dpo import best_and_worst
     from posttrain.models import load_model
 
     model = load_model(config.model).eval()
-    episodes = load_episodes(config.data, EPISODE_FIELDS, progress=progress)
-    reward = compose(config.rewards, max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
+    episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=progress)
+    episode_tokens = rollouts.encode_episodes(model, episodes["frames"])  # (E, T, N)
+    scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, model, config.num_context,
+                                    max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
     count, group = episodes["frames"].shape[0], config.group_size
     chosen, rejected, context, prompt_ids = [], [], [], []
     stats = {"prompts": count, "skipped_ties": 0, "skipped_invalid": 0, "verifier_gap_sum": 0.0}
     per_forward = max(1, config.rollout_batch_size // group)
-    with reward, progress_bar(count, "pairs", enabled=progress) as update:
-        for start in range(0, count, per_forward):
-            prompts = torch.arange(start, min(start + per_forward, count))
-            index = prompts.repeat_interleave(group)
-            samples = torch.arange(group).repeat(len(prompts))
-            frames = episodes["frames"][index]
-            context_tokens = model.encode(frames[:, : config.num_context])
-            seeds = [rollout_seed(config.seed, int(p), int(g)) for p, g in zip(index.tolist(), samples.tolist())]
-            out = model.rollout(context_tokens, episodes["actions"][index], config.horizon,
-                                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seeds=seeds)
-            true_future = model.encode(frames[:, config.num_context:])
-            batch = RolloutBatch(frames=out.frames.float(), num_context=config.num_context,
-                                 context=frames[:, : config.num_context].float() / 255,
-                                 reference_frames=model.decode(true_future), prompt_ids=episodes["seed"][index],
-                                 sample_ids=samples)
-            scores = reward(batch, episode_batch(episodes, index))
-            totals = scores.total.view(len(prompts), group)
-            keep, best, worst, ties, invalid = best_and_worst(totals, scores.valid.view(len(prompts), group))
-            stats["skipped_ties"] += ties
-            stats["skipped_invalid"] += invalid
-            rows = torch.arange(len(prompts))[keep]
-            grouped = out.frames.view(len(prompts), group, *out.frames.shape[1:])
-            chosen.append(grouped[rows, best[rows]].float())
-            rejected.append(grouped[rows, worst[rows]].float())
-            context.append(batch.context.view(len(prompts), group, *batch.context.shape[1:])[rows, 0])
-            prompt_ids.append(episodes["seed"][prompts[rows]])
-            stats["verifier_gap_sum"] += float((totals[rows, best[rows]] - totals[rows, worst[rows]]).sum())
-            update(len(prompts))
+    try:
+        with progress_bar(count, "pairs", enabled=progress) as update:
+            for start in range(0, count, per_forward):
+                prompts = torch.arange(start, min(start + per_forward, count))
+                index = prompts.repeat_interleave(group)
+                samples = torch.arange(group).repeat(len(prompts))
+                # Seeds from (seed, episode, sample): there is no training step here.
+                seeds = [rollouts.rollout_seed(config.seed, p, g) for p, g in zip(index.tolist(), samples.tolist())]
+                out = rollouts.generate(model, episode_tokens[index, : config.num_context], episodes["actions"][index],
+                                        config.horizon, seeds, temperature=config.temperature, top_k=config.top_k,
+                                        top_p=config.top_p, chunk=len(index))
+                scores = scorer.score(out.frames, index, samples)
+                totals = scores.total.view(len(prompts), group)
+                keep, best, worst, ties, invalid = rollouts.best_and_worst(totals, scores.valid.view(len(prompts), group))
+                stats["skipped_ties"] += ties
+                stats["skipped_invalid"] += invalid
+                rows = torch.arange(len(prompts))[keep]
+                grouped = out.frames.view(len(prompts), group, *out.frames.shape[1:])
+                chosen.append(grouped[rows, best[rows]].float())
+                rejected.append(grouped[rows, worst[rows]].float())
+                context.append(scorer.context(prompts[rows]))
+                prompt_ids.append(episodes["seed"][prompts[rows]])
+                stats["verifier_gap_sum"] += float((totals[rows, best[rows]] - totals[rows, worst[rows]]).sum())
+                update(len(prompts))
+    finally:
+        scorer.close()
     pairs = PreferencePairs(chosen=torch.cat(chosen), rejected=torch.cat(rejected), context=torch.cat(context),
                             prompt_ids=torch.cat(prompt_ids).long())
     stats["pairs"] = int(pairs.chosen.shape[0])

@@ -28,7 +28,7 @@ LOCK = ".lock"
 RESUMABLE_CHANGES = ("resume", "overwrite", "steps", "eval", "eval_temperatures", "reward_workers",
                      "train.threads", "train.tensorboard", "train.eval_at_end", "train.video_every",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.rollout_batch_size", "train.max_nonfinite_steps")
+                     "train.rollout_batch_size", "train.max_nonfinite_steps", "train.max_minutes")
 """Recipe fields a resumed run may change: they do not alter what the restored state trains."""
 
 
@@ -153,6 +153,8 @@ def check_resume_config(out: Path, current: dict) -> None:
 
 def truncate_metrics(path: Path, last_step: int) -> int:
     """Drop metrics.jsonl records logged after `last_step` (they are replayed on resume); returns how many."""
+    from posttrain.envs3d.jobs import atomic_write_text
+
     path = Path(path)
     if not path.is_file():
         return 0
@@ -167,7 +169,5 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             dropped += 1
         else:
             kept.append(line)
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text("".join(line + "\n" for line in kept))
-    os.replace(staging, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return dropped

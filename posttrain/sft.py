@@ -31,10 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain import rollouts, training
 from posttrain.adapters import LoraSettings
+from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, dataset_path, load_episodes
-from posttrain.evaluate import EPISODE_FIELDS, EvalConfig
-from posttrain.trainer_utils import Trainer, TrainerSettings
+from posttrain.evaluate import EvalConfig
+from posttrain.rollouts import EPISODE_FIELDS
+from posttrain.training import TrainerSettings
 
 FOOTAGE_COLUMNS = ("frames", "actions")
 
@@ -132,97 +135,106 @@ def teacher_forced_loss(model, tokens: torch.Tensor, actions: torch.Tensor, num_
     return total / max(count, 1)
 
 
-def heldout_clips(trainer: Trainer, config: SFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout_clips(world, config: SFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The first clip_frames frames of every held-out episode, tokenised: (E, clip, N), (E, clip - 1)."""
     episodes = load_episodes(config.eval.data, FOOTAGE_COLUMNS, progress=False)
     frames = episodes["frames"][:, : config.clip_frames]
     with torch.no_grad():
-        tokens = torch.stack([trainer.world.encode(clip) for clip in frames])
+        tokens = torch.stack([world.encode(clip) for clip in frames])
     return tokens, episodes["actions"][:, : config.clip_frames - 1]
 
 
-def split_heldout(trainer: Trainer, config: SFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the last `heldout_fraction` of the training episodes out of training; return them as held-out clips."""
-    total = trainer.episode_tokens.shape[0]
+def split_heldout(tokens: torch.Tensor, actions: torch.Tensor, config: SFTConfig):
+    """Keep the last `heldout_fraction` of the training episodes (tokens (E, T, N), actions (E, T - 1)) out of
+    training. Returns ((train tokens, train actions), (held-out clips (E', clip, N), their actions))."""
+    total = tokens.shape[0]
     held = max(1, round(total * config.heldout_fraction))
     if held >= total:
         raise ValueError(f"{config.data.path or config.data.seeds}: {total} clips are too few to hold out "
                          f"heldout_fraction={config.heldout_fraction} and train on the rest")
     keep = total - held
-    tokens = trainer.episode_tokens[keep:, : config.clip_frames]
-    actions = trainer.episodes["actions"][keep:, : config.clip_frames - 1]
-    trainer.episodes = {name: values[:keep] for name, values in trainer.episodes.items()}
-    trainer.episode_tokens = trainer.prompt_tokens = trainer.episode_tokens[:keep]
-    trainer.prompt_actions, trainer.num_prompts = trainer.episodes["actions"], keep
-    trainer.context_frames = trainer.context_frames[:keep]
-    return tokens, actions
+    heldout = tokens[keep:, : config.clip_frames], actions[keep:, : config.clip_frames - 1]
+    return (tokens[:keep], actions[:keep]), heldout
+
+
+def token_nll(num_tokens: float):
+    """The `loss_fn(new_logp, index)` training.update calls per micro-batch: the summed token cross-entropy
+    divided by the step's global number of target tokens."""
+    def loss_fn(new_logp, index):
+        total = -new_logp.sum()  # summed token cross-entropy of this micro-batch
+        return total / num_tokens, {"nll": float(total.detach())}
+    return loss_fn
 
 
 def run(config: SFTConfig):
+    """Set up, tokenise the clips once, then for each step: sample clips, one teacher-forced update, log,
+    checkpoint; finally the held-out losses (base and fine-tuned) and the report."""
     columns = columns_for(config.data)
-    trainer = Trainer(config, method="sft", columns=columns)
+    session = training.setup("sft", out=config.out, model=config.model, seed=config.seed, settings=config.train,
+                             lora=config.lora, recipe=to_dict(config), resume=config.resume,
+                             overwrite=config.overwrite, dataset=config.data.path)
+    acc = session.accelerator
+    episodes = load_episodes(config.data, columns, progress=acc.is_main_process)
+    tokens, actions = rollouts.encode_episodes(session.world, episodes["frames"]), episodes["actions"]
+    if config.heldout_fraction:
+        (tokens, actions), heldout = split_heldout(tokens, actions, config)
+    else:
+        heldout = heldout_clips(session.world, config)
     # The rollout report compares against the simulator: only when both data sets are envs3d episodes.
-    trainer.write_rollout_report = (columns == EPISODE_FIELDS and not config.heldout_fraction
-                                    and columns_for(config.eval.data) == EPISODE_FIELDS)
-    heldout = split_heldout(trainer, config) if config.heldout_fraction else heldout_clips(trainer, config)
-    from posttrain.models import load_model
-
-    base_loss = teacher_forced_loss(load_model(config.model), *heldout, config.num_context)
+    rollout_report = (columns == EPISODE_FIELDS and not config.heldout_fraction
+                      and columns_for(config.eval.data) == EPISODE_FIELDS)
+    with rollouts.reference_policy(session.policy, training.frozen_base(session)) as base:
+        base_loss = teacher_forced_loss(base, *heldout, config.num_context)
     if not config.resume:  # a resumed run's log already holds the base line
-        trainer.log.write({"stage": "heldout", "step": -1, "heldout_loss": base_loss})
-    result = trainer.fit(lambda step: sft_step(trainer, config, step, heldout))
-    post_loss = teacher_forced_loss(trainer.policy, *heldout, config.num_context)
-    if trainer.accelerator.is_main_process:
+        session.metrics.write({"stage": "heldout", "step": -1, "heldout_loss": base_loss})
+
+    with training.Steps(session, total=config.steps, resume=config.resume) as steps:
+        for step in steps:
+            # The global batch is seeded by (seed, step) alone and each process takes every num_processes-th
+            # clip: a resumed run draws the clips an unbroken run would, and N processes train on what 1 would.
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
+            clips, clip_actions = sample_clips(tokens, actions, config.batch_size, config.clip_frames, generator)
+            clips = clips[acc.process_index:: acc.num_processes]  # (b, clip, N)
+            clip_actions = clip_actions[acc.process_index:: acc.num_processes]  # (b, clip - 1)
+            targets = (config.clip_frames - config.num_context) * clips.shape[-1] * len(clips)
+            num_tokens = training.reduce_sum(acc, targets)
+            stats = training.update(session, clips, clip_actions, token_nll(num_tokens), num_context=config.num_context)
+            metrics = {"loss": training.reduce_sum(acc, stats["nll"]) / num_tokens}
+            if "grad_norm" in stats:
+                metrics["grad_norm"] = stats["grad_norm"]
+            metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                metrics["heldout_loss"] = teacher_forced_loss(session.policy, *heldout, config.num_context)
+            steps.done(step, metrics)
+
+    post_loss = teacher_forced_loss(session.policy, *heldout, config.num_context)
+    if acc.is_main_process:
         held_from = (f"last {heldout[0].shape[0]} clips of {config.data.path or config.data.seeds}"
                      if config.heldout_fraction else config.eval.data.seeds or config.eval.data.path)
         summary = {"heldout_loss_base": base_loss, "heldout_loss_post": post_loss,
                    "heldout_clips": int(heldout[0].shape[0]), "clip_frames": config.clip_frames,
                    "num_context": config.num_context, "eval_seeds": held_from}
-        (trainer.out / "report").mkdir(parents=True, exist_ok=True)
-        (trainer.out / "report" / "heldout_loss.json").write_text(json.dumps(summary, indent=2))
-        trainer.log.write({"stage": "heldout", "step": config.steps, "heldout_loss": post_loss})
-        if not trainer.write_rollout_report and config.train.eval_at_end:
-            heldout_rollout_gif(trainer, config, *heldout)
+        (session.out / "report").mkdir(parents=True, exist_ok=True)
+        (session.out / "report" / "heldout_loss.json").write_text(json.dumps(summary, indent=2))
+        session.metrics.write({"stage": "heldout", "step": config.steps, "heldout_loss": post_loss})
+        if not rollout_report and config.train.eval_at_end:
+            heldout_rollout_gif(session, config, *heldout)
         print(f"held-out teacher-forced loss: base {base_loss:.4f} -> fine-tuned {post_loss:.4f} nats/token")
-    return result
+    return training.finish(session, steps.history, recipe=to_dict(config),
+                           eval_config=config.eval if rollout_report else None,
+                           eval_temperatures=config.eval_temperatures)
 
 
 @torch.no_grad()
-def heldout_rollout_gif(trainer: Trainer, config: SFTConfig, tokens: torch.Tensor, actions: torch.Tensor):
+def heldout_rollout_gif(session: training.Session, config: SFTConfig, tokens: torch.Tensor, actions: torch.Tensor):
     """report/rollout.gif for runs without the simulator report (footage): greedy rollouts of the base and the
     fine-tuned model from the first held-out clip's context; context and truth are tokenizer reconstructions."""
-    from posttrain.report import _base_model, save_rollout_gif
+    from posttrain.report import greedy_pair, save_rollout_gif
 
-    policy, num_context = trainer.policy, config.num_context
+    num_context = config.num_context
     context, horizon = tokens[:1, :num_context], tokens.shape[1] - num_context
-    with _base_model(trainer) as base:
-        before = base.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
-    after = policy.rollout(context, actions[:1], horizon, temperature=0.0, seeds=[config.seed])
-    recon = trainer.world.decode(tokens[0])
-    return save_rollout_gif(trainer.out / "report" / "rollout.gif", recon[:num_context],
-                            {"base": before.frames[0], "post-trained": after.frames[0]}, recon[num_context:])
-
-
-def sft_step(trainer: Trainer, config: SFTConfig, step: int, heldout=None) -> dict:
-    """One optimizer step of teacher-forced cross-entropy on this step's clips."""
-    acc = trainer.accelerator
-    # The global batch is seeded by (seed, step) alone and each process takes every num_processes-th clip:
-    # a resumed run draws the clips an unbroken run would, and N processes train on what 1 process would.
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
-    tokens, actions = sample_clips(trainer.episode_tokens, trainer.episodes["actions"], config.batch_size,
-                                   config.clip_frames, generator)
-    tokens, actions = tokens[acc.process_index:: acc.num_processes], actions[acc.process_index:: acc.num_processes]
-    num_tokens = trainer.reduce_sum((config.clip_frames - config.num_context) * tokens.shape[-1] * len(tokens))
-
-    def loss_fn(new_logp, index):
-        total = -new_logp.sum()  # summed token cross-entropy of this micro-batch
-        return total / num_tokens, {"nll": float(total.detach())}
-
-    stats = trainer.update(tokens, actions, None, loss_fn)
-    metrics = {"loss": trainer.reduce_sum(stats["nll"]) / num_tokens}
-    if "grad_norm" in stats:
-        metrics["grad_norm"] = stats["grad_norm"]
-    metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
-    if heldout is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-        metrics["heldout_loss"] = teacher_forced_loss(trainer.policy, *heldout, config.num_context)
-    return metrics
+    before, after = greedy_pair(session.policy, training.frozen_base(session), context, actions[:1], horizon,
+                                config.seed)
+    recon = session.world.decode(tokens[0])
+    return save_rollout_gif(session.out / "report" / "rollout.gif", recon[:num_context],
+                            {"base": before[0], "post-trained": after[0]}, recon[num_context:])

@@ -14,6 +14,10 @@ Register a class or a plain function under a name::
     get_reward("brightness", target=0.4)(rollouts, episodes)  # tensor (B,)
 
 Functions must live at module level (the process pool pickles them by name).
+
+This module imports no other module of the package: the built-in rewards import it to register
+themselves, and the package's ``__init__`` imports them, so importing any part of
+``posttrain.rewards`` registers every built-in.
 """
 
 from __future__ import annotations
@@ -111,13 +115,11 @@ def register_reward(name: str):
 
 def list_rewards() -> list[str]:
     """Registered reward names, sorted."""
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get_reward(name: str, **params) -> Reward:
     """Instantiate the reward registered under ``name`` with ``params``."""
-    _load_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -126,8 +128,3 @@ def get_reward(name: str, **params) -> Reward:
         return _REGISTRY[name](**params)
     except TypeError as e:
         raise TypeError(f"reward {name!r}: bad parameters {sorted(params)}: {e}") from e
-
-
-def _load_builtins() -> None:
-    # Imported lazily: the built-in modules import this one to register themselves.
-    from . import reward_model, stability, verifiers  # noqa: F401

@@ -34,6 +34,8 @@ __all__ = [
     "bradley_terry_loss",
     "train_reward_model",
     "pairs_from_reward",
+    "PairLine",
+    "read_pair_lines",
     "load_pairs_jsonl",
     "save_reward_model",
     "load_reward_model",
@@ -217,30 +219,55 @@ def load_rollout_file(path: str | Path, frame_width: int | None = None) -> torch
     return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
 
 
+@dataclass
+class PairLine:
+    """One line of a preference JSONL: ``{"prompt_id": int, "chosen": path, "rejected": path, "context": path?}``."""
+
+    where: str
+    """``FILE:LINE``, for error messages."""
+    prompt_id: int
+    """The prompt's id (for envs3d prompts: the episode seed)."""
+    chosen: Path
+    """The preferred rollout's file, resolved against the JSONL's folder."""
+    rejected: Path
+    """The other rollout's file, resolved likewise."""
+    context: Path | None = None
+    """Optional context frames' file."""
+
+
+def read_pair_lines(path: str | Path) -> list[PairLine]:
+    """The pairs of a preference JSONL (the one reader of the format: the reward model's and DPO's
+    loaders differ only in how they read each rollout file). Blank lines are skipped; a line that
+    lacks a key, or a file with no pair, is an error naming the file and line."""
+    path = Path(path)
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        record = json.loads(text)
+        missing = {"prompt_id", "chosen", "rejected"} - set(record)
+        if missing:
+            raise ValueError(f"{path}:{number}: missing keys {sorted(missing)}")
+        context = path.parent / record["context"] if "context" in record else None
+        lines.append(PairLine(f"{path}:{number}", int(record["prompt_id"]), path.parent / record["chosen"],
+                              path.parent / record["rejected"], context))
+    if not lines:
+        raise ValueError(f"{path}: no pairs")
+    return lines
+
+
 def load_pairs_jsonl(path: str | Path, frame_width: int | None = None) -> PreferencePairs:
     """Read ``{"prompt_id": int, "chosen": path, "rejected": path, "context": path?}`` lines.
     Relative paths are resolved against the JSONL's folder. All rollouts must share a shape."""
-    path = Path(path)
-    chosen, rejected, ctx, pids = [], [], [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        missing = {"prompt_id", "chosen", "rejected"} - set(rec)
-        if missing:
-            raise ValueError(f"{path}:{n}: missing keys {sorted(missing)}")
-        chosen.append(load_rollout_file(path.parent / rec["chosen"], frame_width))
-        rejected.append(load_rollout_file(path.parent / rec["rejected"], frame_width))
-        ctx.append(load_rollout_file(path.parent / rec["context"], frame_width) if "context" in rec else None)
-        pids.append(int(rec["prompt_id"]))
-    if not chosen:
-        raise ValueError(f"{path}: no pairs")
-    has_ctx = all(c is not None for c in ctx)
+    lines = read_pair_lines(path)
+    chosen = [load_rollout_file(line.chosen, frame_width) for line in lines]
+    rejected = [load_rollout_file(line.rejected, frame_width) for line in lines]
+    has_ctx = all(line.context is not None for line in lines)
     return PreferencePairs(
         chosen=torch.stack(chosen),
         rejected=torch.stack(rejected),
-        context=torch.stack(ctx) if has_ctx else None,
-        prompt_ids=torch.tensor(pids, dtype=torch.int64),
+        context=torch.stack([load_rollout_file(line.context, frame_width) for line in lines]) if has_ctx else None,
+        prompt_ids=torch.tensor([line.prompt_id for line in lines], dtype=torch.int64),
     )
 
 

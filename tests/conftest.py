@@ -94,17 +94,17 @@ def tiny_overrides(model, cache, out, frames: int = 6, train_seeds: str = "0:8",
 
 @pytest.fixture
 def captured_trainer(monkeypatch):
-    """Records the Trainer a run used (its in-memory policy) when the run finishes."""
-    from posttrain.trainer_utils import Trainer
+    """Records the training Session a run used (its in-memory policy) when the run finishes."""
+    from posttrain import training
 
     seen = {}
-    original = Trainer.finish
+    original = training.finish
 
-    def finish(self, history):
-        seen["trainer"] = self
-        return original(self, history)
+    def finish(session, *args, **kwargs):
+        seen["trainer"] = session
+        return original(session, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "finish", finish)
+    monkeypatch.setattr(training, "finish", finish)
     return seen
 
 

@@ -1,11 +1,11 @@
-"""Test-only hook: record the gradients `Trainer.update` hands to the optimizer.
+"""Test-only hook: record the gradients `posttrain.training.update` hands to the optimizer.
 
 Comparing weights after one AdamW step cannot check gradient scaling: Adam divides the update
 by the gradient's own RMS, so a constant factor (a dropped `* num_processes`, a per-micro-batch
 instead of a global normaliser) leaves the step unchanged; with LoRA B = 0 the first update is
 lr * sign(grad). The invariants are therefore checked on gradients:
 
-* `install(records, full_batch=True)` patches `Trainer.update` so that each call appends
+* `install(records, full_batch=True)` patches `training.update` so that each call appends
   {"step_grads": the gradients after the last micro-batch's backward and BEFORE clipping,
    "full_batch": the gradients of ONE backward of `loss_fn` over the whole local batch}
   to `records` (full_batch only on request);
@@ -19,35 +19,34 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.trainer_utils import Trainer
+from posttrain import training
+from posttrain.training import Session
 
 
-def _trainable(trainer: Trainer) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in trainer.policy.named_parameters() if p.requires_grad]
+def _trainable(session: Session) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in session.policy.named_parameters() if p.requires_grad]
 
 
-def full_batch_grads(trainer: Trainer, tokens, actions, loss_fn) -> dict:
+def full_batch_grads(session: Session, tokens, actions, loss_fn, num_context: int, temperature: float) -> dict:
     """Gradients of one forward/backward of `loss_fn` over every row (no micro-batches, no DDP)."""
-    named = _trainable(trainer)
-    trainer.policy.train()
-    num_context = getattr(trainer.config, "num_context", 1)
-    temperature = getattr(trainer.config, "temperature", 1.0)
-    new_logp = trainer.policy(tokens, actions, num_context, temperature)
+    named = _trainable(session)
+    session.policy.train()
+    new_logp = session.policy(tokens, actions, num_context, temperature)
     loss, _ = loss_fn(new_logp, torch.arange(len(tokens)))
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {name: torch.zeros_like(p) if g is None else g.detach().clone() for (name, p), g in zip(named, grads)}
 
 
 def install(records: list, full_batch: bool = False, patch=None) -> None:
-    """Patch `Trainer.update` (through `patch(obj, name, value)`, e.g. pytest's monkeypatch.setattr;
+    """Patch `training.update` (through `patch(obj, name, value)`, e.g. pytest's monkeypatch.setattr;
     a plain setattr when None) to append one record per call to `records`."""
-    original = Trainer.update
+    original = training.update
 
-    def update(self, tokens, actions, valid, loss_fn, align: int = 1):
+    def update(session, tokens, actions, loss_fn, *, num_context: int, temperature: float = 1.0, align: int = 1):
         record = {}
         if full_batch:
-            record["full_batch"] = full_batch_grads(self, tokens, actions, loss_fn)
-        named = _trainable(self)
+            record["full_batch"] = full_batch_grads(session, tokens, actions, loss_fn, num_context, temperature)
+        named = _trainable(session)
 
         def snapshot():
             if "step_grads" not in record:
@@ -55,7 +54,7 @@ def install(records: list, full_batch: bool = False, patch=None) -> None:
                                         for name, p in named}
 
         # Whichever comes first after the backward passes: clipping (if on), else the optimizer step.
-        acc, optimizer = self.accelerator, self.optimizer
+        acc, optimizer = session.accelerator, session.optimizer
         clip, step = acc.clip_grad_norm_, optimizer.step
 
         def clip_first(*args, **kwargs):
@@ -69,7 +68,8 @@ def install(records: list, full_batch: bool = False, patch=None) -> None:
         saved = [(obj, name, vars(obj).get(name)) for obj, name in ((acc, "clip_grad_norm_"), (optimizer, "step"))]
         acc.clip_grad_norm_, optimizer.step = clip_first, step_first
         try:
-            return original(self, tokens, actions, valid, loss_fn, align)
+            return original(session, tokens, actions, loss_fn, num_context=num_context, temperature=temperature,
+                            align=align)
         finally:
             for obj, name, value in saved:  # back to what the instances had (normally the class methods)
                 if value is None:
@@ -78,4 +78,4 @@ def install(records: list, full_batch: bool = False, patch=None) -> None:
                     setattr(obj, name, value)
             records.append(record)
 
-    (patch or setattr)(Trainer, "update", update)
+    (patch or setattr)(training, "update", update)

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from conftest import base_state, sigkill_resume_and_compare, split_changes, tiny_overrides
 
-from posttrain.dpo import ReferenceCache, best_and_worst, dpo_loss
+from posttrain.dpo import ReferenceCache, dpo_loss
 from posttrain.logging_utils import read_metrics
+from posttrain.rollouts import best_and_worst
 from posttrain.runner import run_recipe
 
 RECIPE = "recipes/dpo_tabletop.yaml"
@@ -208,7 +209,10 @@ def test_jsonl_pairs(tiny_model, data_cache, tmp_path):
 def test_training_makes_the_chosen_rollouts_more_likely(tiny_model, data_cache, tmp_path, captured_trainer):
     """A few DPO steps on fixed JSONL pairs raise log pi(chosen) - log pi(rejected) for every pair,
     measured with the trained policy against its own adapter-disabled base (the reference)."""
+    from posttrain.data import load_episodes
     from posttrain.dpo import load_jsonl_pairs
+    from posttrain.rollouts import EPISODE_FIELDS, encode_episodes
+    from posttrain.runner import build_config
 
     horizon, tokens_per_frame = 4, 16
     rng = np.random.default_rng(1)
@@ -219,13 +223,18 @@ def test_training_makes_the_chosen_rollouts_more_likely(tiny_model, data_cache, 
         lines.append({"prompt_id": prompt, "chosen": f"c{index}.npy", "rejected": f"r{index}.npy"})
     (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "dpo-likely"
-    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out) + SMALL + [
+    overrides = tiny_overrides(tiny_model, data_cache, out) + SMALL + [
         "pairs.source=jsonl", f"pairs.path={tmp_path / 'prefs.jsonl'}", "train.eval_at_end=false",
-        "steps=6", "train.lr=0.01", "train.checkpoint_every=0"])
+        "steps=6", "train.lr=0.01", "train.checkpoint_every=0"]
+    run_recipe(RECIPE, overrides)
     trainer = captured_trainer["trainer"]
-    pairs = load_jsonl_pairs(trainer, trainer.config, tmp_path / "prefs.jsonl")
-    actions = trainer.prompt_actions[pairs.episode_index]
-    num_context = trainer.config.num_context
+    _, config = build_config(RECIPE, overrides)
+    episodes = load_episodes(config.data, EPISODE_FIELDS, progress=False)
+    pairs = load_jsonl_pairs(tmp_path / "prefs.jsonl", world=trainer.world, episodes=episodes,
+                             episode_tokens=encode_episodes(trainer.world, episodes["frames"]),
+                             num_context=config.num_context, horizon=config.horizon)
+    actions = episodes["actions"][pairs.episode_index]
+    num_context = config.num_context
 
     @torch.no_grad()
     def margins():

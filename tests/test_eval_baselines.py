@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from posttrain.data import EpisodeDataConfig, load_episodes
-from posttrain.evaluate import EPISODE_FIELDS, EvalConfig, evaluate_model, skill_scores, useful_horizon
+from posttrain.evaluate import EvalConfig, evaluate_model, skill_scores, useful_horizon
 from posttrain.models import RolloutOutput
 from posttrain.rewards import metrics as M
+from posttrain.rollouts import EPISODE_FIELDS
 
 
 class ReplayThenBlack(torch.nn.Module):

@@ -11,10 +11,11 @@ import torch
 from conftest import make_tiny_model, sigkill_resume_and_compare, tiny_overrides
 
 from posttrain.config import RecipeError
-from posttrain.forcing import ForcingConfig, forcing_inputs, forcing_loss, own_frames_at
+from posttrain.forcing import ForcingConfig, forcing_inputs, own_frames_at
 from posttrain.logging_utils import read_metrics
 from posttrain.models.world_model import forced_score_by_prefix
 from posttrain.runner import run_recipe
+from posttrain.sft import token_nll
 
 RECIPE = "recipes/forcing_tabletop.yaml"
 # 6-frame tiny episodes: 2 true context frames + up to 3 own frames + 1 (the tiny model's window is 4 frames,
@@ -33,7 +34,7 @@ def test_loss_is_the_cross_entropy_of_true_frames_after_own_frames_worked_out_fr
     actions = torch.randint(8, (batch, c + r))
     teacher_forced = torch.tensor([False, True, False])
     inputs, targets = forcing_inputs(true, own, c, teacher_forced)
-    loss, _ = forcing_loss(model.score(inputs, actions, c, targets=targets), targets.numel())
+    loss, _ = token_nll(targets.numel())(model.score(inputs, actions, c, targets=targets), None)
     # By hand: target frame C + t is predicted from the true context then own frames 1..t (row 1: true
     # frames), running the raw dynamics on that prefix ALONE (so nothing later can leak in).
     total = 0.0
@@ -46,7 +47,7 @@ def test_loss_is_the_cross_entropy_of_true_frames_after_own_frames_worked_out_fr
                 logp = torch.log_softmax(model.dynamics.logits(hidden).double(), -1)[0]  # (N, V)
             total -= float(logp.gather(-1, true[b, c + t][:, None]).sum())
     expected = total / targets.numel()
-    assert math.isclose(float(loss), expected, rel_tol=1e-5), (float(loss), expected)
+    assert math.isclose(float(loss.detach()), expected, rel_tol=1e-5), (float(loss.detach()), expected)
     # The generic per-prefix fallback (what token-by-token models use) gives the same log-probs.
     fallback = forced_score_by_prefix(model, inputs, actions, c, 1.0, targets)
     torch.testing.assert_close(fallback, model.score(inputs, actions, c, targets=targets), rtol=1e-5, atol=1e-5)
@@ -65,27 +66,30 @@ def test_curriculum_grows_own_frames_linearly():
 def test_context_is_the_models_own_greedy_rollout_not_the_truth(tiny_model, data_cache, tmp_path, monkeypatch):
     """Step 0 (the LoRA policy still equals the base): the frames the update sees after the true context
     are exactly the base model's greedy rollout for clips not teacher-forced, and the targets the truth."""
+    from posttrain import rollouts, training
+    from posttrain.data import EpisodeDataConfig, load_episodes
     from posttrain.models import load_model
-    from posttrain.trainer_utils import Trainer
 
     seen = {}
-    original = Trainer.update
+    original = training.update
 
-    def update(self, tokens, actions, valid, loss_fn, align=1, targets=None):
-        seen.setdefault("batches", []).append((tokens.clone(), actions.clone(), targets.clone(), self))
-        return original(self, tokens, actions, valid, loss_fn, align, targets)
+    def update(session, tokens, actions, loss_fn, **kwargs):
+        seen.setdefault("batches", []).append((tokens.clone(), actions.clone(), kwargs["targets"].clone()))
+        return original(session, tokens, actions, loss_fn, **kwargs)
 
-    monkeypatch.setattr(Trainer, "update", update)
+    monkeypatch.setattr(training, "update", update)
     out = tmp_path / "own"
     run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out) + SMALL + [
         "steps=1", "curriculum_steps=0", "train.eval_at_end=false"])
-    tokens, actions, targets, trainer = seen["batches"][0]
+    tokens, actions, targets = seen["batches"][0]
     c, r = 2, 3
-    truth = trainer.episode_tokens
+    base = load_model(tiny_model).eval()
+    episodes = load_episodes(EpisodeDataConfig(seeds="0:8", frames=6, image_size=32, cache_dir=str(data_cache)),
+                             ("frames",), progress=False)
+    truth = rollouts.encode_episodes(base, episodes["frames"])
     # Every target row is some episode's true frames c..c+r; find which, to know the row's episode.
     rows = [next(e for e in range(len(truth)) if torch.equal(truth[e, c: c + r + 1], targets[i]))
             for i in range(len(targets))]
-    base = load_model(tiny_model).eval()
     greedy = base.rollout(tokens[:, :c], actions, r, temperature=0.0, decode=False).tokens
     own_rows = [i for i in range(len(rows)) if not torch.equal(tokens[i, c: c + r], truth[rows[i], c: c + r])]
     forced_rows = [i for i in range(len(rows)) if i not in own_rows]

@@ -14,9 +14,10 @@ import torch
 from conftest import base_state, split_changes, tiny_grpo_overrides
 from safetensors.torch import load_file
 
-from posttrain.grpo import policy_loss
+from posttrain.grpo import group_advantages, policy_loss
+from posttrain.logging_utils import read_metrics
+from posttrain.rollouts import prompt_schedule
 from posttrain.runner import run_recipe
-from posttrain.trainer_utils import group_advantages, prompt_schedule
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "grpo_tabletop.yaml"
 LOG = [[math.log(1.1), math.log(0.5)], [math.log(1.5), 0.0]]
@@ -180,7 +181,7 @@ def test_frame_credit_returns_to_go_and_group_advantages_by_hand(tiny_model_dir,
       prompt 1, every frame: [0,2,-2]: mean 0, std 2 -> [0, 0.99995, -0.99995]; "none": [0, 2, -2].
     """
     import posttrain.grpo as grpo
-    from posttrain.trainer_utils import Trainer
+    from posttrain.rollouts import RolloutScorer
 
     totals = torch.tensor(FRAME_REWARDS)
 
@@ -195,7 +196,7 @@ def test_frame_credit_returns_to_go_and_group_advantages_by_hand(tiny_model_dir,
         seen.append(advantages.clone())
         return original(new_logp, old_logp, advantages, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "score_frame_rewards", hand_rewards)
+    monkeypatch.setattr(RolloutScorer, "score_frames", hand_rewards)
     monkeypatch.setattr(grpo, "policy_loss", recording_loss)
     run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "frame", steps=1, extra=[
         "credit=frame", f"scale_rewards={scale}", "train.micro_batch_size=6", "train.eval_at_end=false",
@@ -334,3 +335,42 @@ def test_sigkill_and_resume_equals_unbroken_run(tiny_model_dir, data_cache, tmp_
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model_dir, data_cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "none"), resume=True)
+
+
+def test_branched_groups_share_a_self_generated_prefix_exactly(tiny_model_dir, data_cache, tmp_path, monkeypatch):
+    """prefix_frames=2: each prompt's group continues from ONE prefix, the policy's own greedy rollout from the
+    true context (step 0: the LoRA policy equals the base), identical token for token across the group; only
+    the continuations are scored and trained (num_context = context + prefix), and they differ (T = 1)."""
+    from posttrain import rollouts, training
+    from posttrain.data import EpisodeDataConfig, load_episodes
+    from posttrain.models import load_model
+
+    seen = {}
+    original = training.update
+
+    def update(session, tokens, actions, loss_fn, **kwargs):
+        seen["update"] = (tokens.clone(), actions.clone(), kwargs["num_context"])
+        return original(session, tokens, actions, loss_fn, **kwargs)
+
+    monkeypatch.setattr(training, "update", update)
+    out = tmp_path / "branch"
+    run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=1, extra=[
+        "prefix_frames=2", "prefix_temperature=0", "horizon=2", "train.eval_at_end=false"]))
+    tokens, actions, num_context = seen["update"]
+    assert num_context == 4 and tokens.shape[1] == 6
+    groups = tokens.view(2, 3, *tokens.shape[1:])  # 2 prompts x group of 3
+    for g in groups:
+        assert all(torch.equal(g[0, :4], other[:4]) for other in g[1:]), "the group must share its prefix"
+        assert not all(torch.equal(g[0, 4:], other[4:]) for other in g[1:]), "continuations are sampled"
+    base = load_model(tiny_model_dir).eval()
+    episodes = load_episodes(EpisodeDataConfig(seeds="0:8", frames=6, image_size=32, cache_dir=str(data_cache)),
+                             ("frames",), progress=False)
+    truth = rollouts.encode_episodes(base, episodes["frames"])
+    firsts = groups[:, 0]
+    for row, first_actions in zip(firsts, actions.view(2, 3, -1)[:, 0]):
+        episode = next(e for e in range(len(truth)) if torch.equal(truth[e, :2], row[:2]))
+        greedy = base.rollout(row[None, :2], first_actions[None], 2, temperature=0.0, decode=False).tokens[0]
+        assert torch.equal(row[2:4], greedy), "the prefix is the policy's own greedy rollout"
+        assert not torch.equal(row[2:4], truth[episode, 2:4]), "... not the true frames"
+    record = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step") == 0][0]
+    assert record["clip_fraction"] == 0.0  # old log-probs == the update's: the first ratio is exactly 1

@@ -13,7 +13,9 @@ from conftest import make_tiny_model
 
 from posttrain.adapters import load_adapter
 from posttrain.cli import main
+from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.models import load_model, weights_hash
+from posttrain.rollouts import encode_episodes
 
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 RECIPE = "recipes/sft_lora_footage.yaml"
@@ -46,7 +48,8 @@ def test_studio_flow_footage_to_exported_adapter(tiny_model, tmp_path, captured_
     held = json.loads((run_dir / "report" / "heldout_loss.json").read_text())
     assert held["heldout_clips"] == 1 and math.isfinite(held["heldout_loss_post"])
     trainer = captured_trainer["trainer"]
-    assert trainer.episode_tokens.shape[0] == 4  # 5 clips, the last one held out
+    clips = load_episodes(EpisodeDataConfig(path=str(footage)), ("frames", "actions"), progress=False)
+    assert clips["frames"].shape[0] == 5  # 5 clips: 4 trained on, the last one held out (heldout_clips == 1)
 
     export = tmp_path / "export"
     assert main(["adapter", "export", str(run_dir), "--out", str(export)]) == 0
@@ -64,7 +67,7 @@ def test_studio_flow_footage_to_exported_adapter(tiny_model, tmp_path, captured_
 
     from peft import PeftModel
 
-    tokens, actions = trainer.episode_tokens[:3, :4], trainer.episodes["actions"][:3, :3]
+    tokens, actions = encode_episodes(trainer.world, clips["frames"][:3, :4]), clips["actions"][:3, :3]
     in_memory = _score(trainer.policy, tokens, actions)
     reloaded = _score(PeftModel.from_pretrained(load_model(tiny_model), str(export)), tokens, actions)
     base = _score(load_model(tiny_model), tokens, actions)

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from posttrain.envs3d import SceneConfig, generate_episode
-from posttrain.evaluate import EPISODE_FIELDS
 from posttrain.rewards import RolloutBatch, get_reward
 from posttrain.rewards.synthetic import noise_frames, shift_frames
 from posttrain.rewards.types import EpisodeBatch
+from posttrain.rollouts import EPISODE_FIELDS
 
 SIZE, FRAMES, CONTEXT, SEEDS = 64, 7, 1, range(4)
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from posttrain.runfolder import MARKER, RunLock
 from posttrain.runner import run_recipe
-from posttrain.trainer_utils import TrainingDiverged
+from posttrain.training import TrainingDiverged
 
 RECIPE = "recipes/grpo_tabletop.yaml"
 

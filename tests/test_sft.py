@@ -107,3 +107,20 @@ def test_footage_folder(tiny_model, tmp_path):
     summary = json.loads((out / "report" / "heldout_loss.json").read_text())
     assert summary["heldout_clips"] == 2 and math.isfinite(summary["heldout_loss_post"])
     assert not (out / "report" / "metrics.json").exists()  # no simulator truth: no rollout report
+
+
+def test_time_budget_stops_after_the_step_that_crosses_it(tiny_model, data_cache, tmp_path, monkeypatch):
+    """train.max_minutes: a fake clock (no real timing) that advances 40 s per reading crosses a 1-minute
+    budget at the end of step 1 of 5: that step is checkpointed and the run finishes with its adapter."""
+    from posttrain import training
+
+    ticks = iter(range(0, 10_000, 40))
+    monkeypatch.setattr(training.time, "monotonic", lambda: next(ticks))
+    out = tmp_path / "budget"
+    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out) + SMALL + [
+        "steps=5", "train.max_minutes=1", "train.checkpoint_every=0", "train.eval_at_end=false"])
+    records = steps_of(out)
+    assert [r["step"] for r in records] == [0, 1] and records[-1]["stopped_by_time_budget"] is True
+    assert "stopped_by_time_budget" not in records[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

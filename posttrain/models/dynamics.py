@@ -221,9 +221,3 @@ class DynamicsTransformer(nn.Module):
             return logits
         sub = self.config.patch * self.config.patch
         return self.unpatchify(logits.unflatten(-1, (sub, self.config.vocab_size)))
-
-
-def num_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-

@@ -300,26 +300,3 @@ class HFWorldModel(nn.Module):
                 raise ValueError(f"{folder / CONFIG_FILE}: {key}={config[key]} but the tokenizer config gives {value}")
         model.metadata = config.get("metadata", {})
         return model.to(map_location).eval()
-
-
-def init_model(arch: str, layers: int, width: int, heads: int | None, tokenizer: str | Path = "default",
-               num_actions: int = DEFAULT_NUM_ACTIONS, max_frames: int = 16, seed: int = 0) -> HFWorldModel:
-    """A fresh (untrained) HFWorldModel with the given tokenizer ('default': the embedded model's)."""
-    from .registry import load_model
-
-    if arch != "llama":
-        raise ValueError(f"--arch {arch!r}: only 'llama' is built in; for another transformers causal LM "
-                         "write its save_pretrained folder into backbone/ (see posttrain/models/hf_world_model.py)")
-    if layers < 1 or width < 1 or max_frames < 2:
-        raise ValueError(f"--layers {layers}, --width {width} and --max-frames {max_frames} must be positive "
-                         "(max frames at least 2)")
-    source = load_model(tokenizer)
-    if not hasattr(source, "tokenizer") or not isinstance(source.tokenizer, FrameTokenizer):
-        raise ValueError(f"--tokenizer {tokenizer}: that model has no posttrain FrameTokenizer to copy")
-    frame_tokenizer = FrameTokenizer(source.tokenizer.config)
-    frame_tokenizer.load_state_dict(source.tokenizer.state_dict())
-    n = frame_tokenizer.config.tokens_per_frame
-    torch.manual_seed(seed)
-    backbone = llama_backbone(lm_vocab_size(frame_tokenizer.config.vocab_size, num_actions), layers, width,
-                              heads or max(1, width // 64), max_positions=max_frames * (n + 1))
-    return HFWorldModel(backbone, frame_tokenizer, num_actions).eval()

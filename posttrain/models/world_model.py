@@ -7,8 +7,9 @@
     out.frames                                           # (B, 12, H, W, 3) float in [0, 1]
     model.score(torch.cat([tokens[:, :2], out.tokens], 1), actions, num_context=2)  # == out.logprobs
 
-Plugging in another model: implement `WorldModel` (encode, decode, score, rollout,
-plus `tokens_per_frame`); see the README's "Bring your own world model".
+Plugging in another model: implement `WorldModel` (encode, decode, score, rollout, plus
+`tokens_per_frame`, `vocab_size`, `lora_target_modules`, `frozen_modules`, forward == score and
+save_pretrained); see the README's "Bring your own world model" and docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ def _seed_generators(seeds: list[int] | None, batch: int, device) -> list[torch.
 
 @runtime_checkable
 class WorldModel(Protocol):
-    """What trainers, rewards and `posttrain eval` need from a world model."""
+    """What trainers, rewards and `posttrain eval` need from a world model: everything they use is here.
+
+    Besides the attributes and methods below, a world model is a `torch.nn.Module` whose `forward` is
+    `score` (the trainers' update calls the model, so DDP, DeepSpeed and PEFT wrappers see the call),
+    and, for a full fine-tune, offers `save_pretrained(folder, metadata=None)` writing a folder that
+    `load_model` reads back. LoRA wraps it in PEFT (`disable_adapter()` then gives the base back, the
+    reference policy); the trainers never reach inside it (no `.tokenizer`, no module-name prefixes).
+    """
 
     tokens_per_frame: int
     """N: tokens per frame."""

@@ -1,0 +1,234 @@
+"""Reading footage for `posttrain footage ingest` (posttrain/footage.py): action sidecars, and frames from
+video files (PyAV, one frame at a time) or image folders, resized, centre-cropped and resampled to a rate.
+
+Every error a source can cause is a `SourceError` naming what is wrong; only that source fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from posttrain.envs3d.actions import ACTION_NAMES, NUM_ACTIONS
+
+NULL_ACTION = NUM_ACTIONS
+"""Action id meaning "no action label" (= posttrain.envs3d.actions.NUM_ACTIONS = 35, one past the real ids)."""
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# Frame times are floats from pts * time_base: compare them with a tolerance far below any frame period.
+_TIME_EPS = 1e-6
+
+
+class SourceError(Exception):
+    """A source cannot be ingested (corrupt, unreadable, too short, bad sidecar); only that file fails."""
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting 'frame_2' before 'frame_10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+def _action_value(raw, where: str) -> int:
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lstrip("-").isdigit():
+            raw = int(text)
+        elif text in ACTION_NAMES:
+            return ACTION_NAMES.index(text)
+        else:
+            raise SourceError(f"{where}: unknown action {text!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= NULL_ACTION:
+        raise SourceError(f"{where}: action {raw!r} is not an id in [0, {NULL_ACTION}] or a known name")
+    return int(raw)
+
+
+def load_actions(path: Path) -> np.ndarray:
+    """Per-source-frame action ids from a `.actions.csv` (frame,action) or `.actions.json` (list) sidecar."""
+    try:
+        if path.name.endswith(".json"):
+            data = json.loads(path.read_text())
+            if not isinstance(data, list):
+                raise SourceError(f"{path.name}: expected a JSON list of actions, got {type(data).__name__}")
+            return np.array([_action_value(a, f"{path.name}[{i}]") for i, a in enumerate(data)], dtype=np.int64)
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"frame", "action"} <= {f.strip() for f in reader.fieldnames}:
+                raise SourceError(f"{path.name}: needs a header with columns frame,action")
+            rows = [{k.strip(): v for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise SourceError(f"{path.name}: unreadable action sidecar: {exc}") from None
+    actions = np.empty(len(rows), dtype=np.int64)
+    seen = np.zeros(len(rows), dtype=bool)
+    for line, row in enumerate(rows, start=2):
+        where = f"{path.name} line {line}"
+        try:
+            frame = int(row["frame"])
+        except (TypeError, ValueError):
+            raise SourceError(f"{where}: frame {row['frame']!r} is not an integer") from None
+        if not 0 <= frame < len(rows) or seen[frame]:
+            raise SourceError(f"{where}: frame {frame} is repeated or outside 0..{len(rows) - 1} "
+                              "(one row per source frame)")
+        seen[frame] = True
+        actions[frame] = _action_value(row["action"], where)
+    return actions
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+def _scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side equal to size, aspect kept."""
+    if width <= height:
+        return size, max(size, round(height * size / width))
+    return max(size, round(width * size / height)), size
+
+
+def _centre_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+def open_video(path: Path):
+    """An opened PyAV container and its first video stream, decoding with threads (as the benchmark does)."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise SourceError(f"unreadable video: {_short(exc)}") from None
+    if not container.streams.video:
+        container.close()
+        raise SourceError("no video stream")
+    stream = container.streams.video[0]
+    # Frame threading decodes several frames at once; it changes speed, not pixels.
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _short(exc: BaseException) -> str:
+    # FFmpeg errors carry an errno and the absolute path; the manifest wants the message alone.
+    text = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def declared_frames(container, stream) -> int | None:
+    """Frames the container says the stream has: its frame count, else duration x average rate."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and stream.time_base and rate:
+        return round(float(stream.duration * stream.time_base * rate))
+    if container.duration and rate:  # container.duration is in microseconds
+        return round(container.duration / 1_000_000 * float(rate))
+    return None
+
+
+def video_frames(path: Path, size: int, result=None,
+                 ) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
+    """(time in seconds from the first frame, lazy RGB getter) per decoded frame; only kept frames get converted.
+
+    Sets `result.expected_frames` to the frame count the container declares.
+    """
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    container, stream = open_video(path)
+    if result is not None:
+        result.expected_frames = declared_frames(container, stream)
+    # One reformatter per video keeps swscale's context cached: frame.to_ndarray(width=...) builds
+    # a new one per call, which costs 15x the scaling itself.
+    reformatter = VideoReformatter()
+    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    first = last = None
+    index = 0
+    try:
+        decoded = container.decode(stream)
+        while True:
+            try:
+                frame = next(decoded)
+            except StopIteration:
+                break
+            except (av.FFmpegError, OSError, ValueError) as exc:
+                raise SourceError(f"corrupt video after {index} frames: {_short(exc)}") from None
+            t = frame.time
+            # Missing or non-increasing timestamps (some raw streams): fall back to the nominal rate.
+            if t is None or (last is not None and t <= last):
+                t = (last + 1.0 / rate) if last is not None else 0.0
+            if first is None:
+                first = t
+            last = t
+            yield t - first, _frame_getter(frame, size, reformatter)
+            index += 1
+    finally:
+        container.close()
+    if index == 0:
+        raise SourceError("no decodable frames")
+
+
+def _frame_getter(frame, size: int, reformatter) -> Callable[[], np.ndarray]:
+    def get() -> np.ndarray:
+        width, height = _scaled_size(frame.width, frame.height, size)
+        # swscale's area filter averages every source pixel (no aliasing when shrinking 640 -> 64).
+        rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
+        return _centre_crop(rgb.to_ndarray(), size)
+
+    return get
+
+
+def resize_image(image, size: int) -> np.ndarray:
+    """A PIL image as (size, size, 3) uint8: shorter side to size (box filter), centre crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = _scaled_size(image.width, image.height, size)
+    return _centre_crop(np.asarray(image.resize((width, height), Image.Resampling.BOX)), size)
+
+
+def image_frames(folder: Path, size: int, image_fps: float) -> Iterator[tuple[float, Callable[[], np.ndarray]]]:
+    """(time, lazy RGB getter) for the images of a sequence folder in natural order."""
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")),
+                   key=natural_key)
+    for index, name in enumerate(names):
+        yield index / image_fps, _image_getter(folder / name, size)
+
+
+def _image_getter(path: Path, size: int) -> Callable[[], np.ndarray]:
+    def get() -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                return resize_image(image, size)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise SourceError(f"unreadable image {path.name}: {_short(exc)}") from None
+
+    return get
+
+
+def subsample(frames: Iterator[tuple[float, Callable]], fps: float) -> Iterator[tuple[int, float, Callable]]:
+    """(source index, target time, getter) at times k / fps, each taking the source frame nearest in time.
+
+    Streams with one frame of look-ahead. A source slower than fps repeats frames; the
+    stream ends at the last source frame (no target time past it is filled).
+    """
+    k = 0
+    previous = None
+    for index, (t, getter) in enumerate(frames):
+        while k / fps <= t + _TIME_EPS:
+            target = k / fps
+            if previous is not None and target - previous[1] < t - target - _TIME_EPS:
+                yield previous[0], target, previous[2]
+            else:
+                yield index, target, getter
+            k += 1
+        previous = (index, t, getter)

@@ -1,0 +1,504 @@
+"""Training plumbing the method loops call: Accelerate set-up, the micro-batched update, reductions
+over processes, atomic checkpoints with exact resume, the per-step bookkeeping, and the finish
+(adapter or model, held-out report).
+
+    session = setup("grpo", out=..., model=..., seed=0, settings=config.train, lora=config.lora, ...)
+    with Steps(session, total=config.steps, resume=config.resume) as steps:
+        for step in steps:
+            stats = update(session, tokens, actions, loss_fn, num_context=2)
+            steps.done(step, metrics)          # non-finite count, metrics.jsonl, checkpoint
+    finish(session, steps.history, recipe=to_dict(config))
+
+A method file (grpo.py, dpo.py, sft.py) owns its loop and calls these; nothing here calls a method
+back or reads a recipe: every function takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.adapters import LoraSettings, apply_lora, freeze_for_full_finetune, save_adapter
+from posttrain.envs3d.jobs import atomic_write_text, fault_point, replace_folder
+from posttrain.logging_utils import MetricsWriter, progress_bar
+from posttrain.rollouts import score_in_chunks
+
+
+@dataclass
+class TrainerSettings:
+    """Optimisation, precision, micro-batching, checkpointing and logging."""
+
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (then constant)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; the step's batch is accumulated over micro-batches."""
+    rollout_batch_size: int = 64
+    """Rollouts sampled per forward pass while generating."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision: no | bf16 | fp16."""
+    checkpoint_every: int = 25
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+    log_every: int = 1
+    """Steps between metrics.jsonl / TensorBoard records."""
+    video_every: int = 25
+    """Steps between rollout GIFs in videos/ (0 disables)."""
+    tensorboard: bool = True
+    """Log to TensorBoard through Accelerate's tracker when tensorboard is installed."""
+    eval_at_end: bool = True
+    """Evaluate base vs post-trained on held-out seeds and write report/ at the end."""
+    threads: int = 0
+    """torch intra-op threads per process (0: leave torch's default)."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradient is not finite (each is skipped and logged) before the run
+    stops with an error."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for the training loop of this process run, in minutes (0: none). When a step
+    ends past it, the run checkpoints that step and finishes early (adapter or model, then the report),
+    as if `steps` had been that many; metrics.jsonl marks it with `stopped_by_time_budget`. Compares
+    methods on equal CPU time (benchmarks/bench_methods.py)."""
+
+    def __post_init__(self) -> None:
+        from posttrain.config import require
+
+        require(self, positive=("lr", "micro_batch_size", "rollout_batch_size", "log_every", "keep_checkpoints",
+                                "max_nonfinite_steps"),
+                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "checkpoint_every", "video_every",
+                              "threads", "max_minutes"))
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose no, bf16 or fp16")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the CLI reports it in one line (exit code 1)."""
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """One training run's accelerator, policy, optimizer and run folder (what `setup` builds)."""
+
+    method: str
+    """grpo | dpo | sft | ... (logged, and written into the saved adapter's metadata)."""
+    out: Path
+    """The run folder."""
+    settings: TrainerSettings
+    """The recipe's `train:` section."""
+    accelerator: object
+    """accelerate.Accelerator."""
+    model: torch.nn.Module
+    """What accelerate.prepare returned (DDP/DeepSpeed engine or the policy): the update calls this."""
+    policy: torch.nn.Module
+    """The unwrapped policy (a PEFT model under LoRA): rollouts and evaluation use this."""
+    world: object
+    """The WorldModel inside the policy's wrappers (encode, decode, score, rollout)."""
+    reference: torch.nn.Module | None
+    """A frozen copy of the base (full fine-tuning, when asked for); None under LoRA, where the reference
+    is the policy with its adapter disabled (see rollouts.reference_policy)."""
+    optimizer: object
+    scheduler: object
+    lora: bool
+    """Whether the policy trains a LoRA adapter (else: a full fine-tune)."""
+    base_name: str
+    """The base model's name or folder, as the recipe gave it."""
+    base_hash: str
+    """sha256 of the base model's weights (recorded in adapters)."""
+    deepspeed: bool
+    """Running under a DeepSpeed engine (one micro-batch per step; it clips and skips overflow itself)."""
+    metrics: MetricsWriter
+    """metrics.jsonl (writes on the main process only)."""
+    lock: object = None
+    """The run folder's RunLock (main process), released by `finish`."""
+
+
+def setup(method: str, *, out: str | Path, model: str, seed: int, settings: TrainerSettings, lora: LoraSettings,
+          recipe: dict, resume: bool = False, overwrite: bool = False, frozen_reference: bool = False,
+          dataset: str | None = None) -> Session:
+    """Accelerator, run folder (refuse to clobber, lock, resume checks), base model + LoRA or full
+    fine-tuning, AdamW with linear warm-up, all through accelerate.prepare; config.json written.
+
+    recipe: the whole recipe as a dict (config.json, resume check, adapter metadata); frozen_reference:
+    load a frozen copy of the base as the reference under full fine-tuning (under LoRA the reference is
+    the adapter-disabled policy); dataset: a dataset folder the run folder must not overlap."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from posttrain.models import load_model, weights_hash
+    from posttrain.models.registry import resolve_model_path
+    from posttrain.runfolder import RunLock, check_resume_config, prepare_run_folder
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(out)
+    use_cpu = not torch.cuda.is_available()
+    trackers = "tensorboard" if settings.tensorboard and _has_tensorboard() else None
+    acc = Accelerator(
+        cpu=use_cpu, mixed_precision=settings.mixed_precision, log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+        # gloo: DeepSpeed on CPU needs an explicit process group backend (STACK-NOTES.md).
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if use_cpu and _launched_distributed() else [],
+    )
+    lock = None
+    if acc.is_main_process:
+        # Before anything is written: refuse to clobber, then hold the folder for the run's life.
+        prepare_run_folder(out, resume=resume, overwrite=overwrite,
+                           inputs={"model folder": resolve_model_path(model), "dataset": dataset or None})
+        lock = RunLock(out, method)
+        if resume:
+            check_resume_config(out, recipe)
+    acc.wait_for_everyone()
+    plugin = acc.state.deepspeed_plugin
+    if plugin is not None:
+        # No dataloader goes through prepare(), so DeepSpeed cannot infer its batch size.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        plugin.deepspeed_config["gradient_accumulation_steps"] = 1
+        plugin.deepspeed_config["gradient_clipping"] = settings.max_grad_norm or 0.0
+    if resume and not latest_checkpoint(out):
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    base_hash = weights_hash(resolve_model_path(model))
+    policy = load_model(model)
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same run
+    for parameter in policy.parameters():
+        parameter.requires_grad_(False)
+    reference = None  # under LoRA the adapter-disabled policy is the reference
+    if lora.enabled:
+        policy = apply_lora(policy, lora)
+    else:
+        reference = load_model(model).eval() if frozen_reference else None
+        freeze_for_full_finetune(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = settings.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    wrapped, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
+    # accelerate's unwrap_model imports deepspeed whenever it is installed, and deepspeed's import prints
+    # "Setting accelerator to CPU" on every run; only a DeepSpeed engine needs it, DDP is one .module away.
+    ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    policy = acc.unwrap_model(wrapped) if plugin is not None else wrapped.module if ddp else wrapped
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(recipe, indent=2))
+    return Session(method=method, out=out, settings=settings, accelerator=acc, model=wrapped, policy=policy,
+                   world=unwrap(policy), reference=reference, optimizer=optimizer, scheduler=scheduler,
+                   lora=lora.enabled, base_name=model, base_hash=base_hash, deepspeed=plugin is not None,
+                   metrics=MetricsWriter(out / "metrics.jsonl", enabled=acc.is_main_process), lock=lock)
+
+
+def unwrap(model):
+    """The world model inside PEFT wrappers (what trainers see through the WorldModel protocol)."""
+    while hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def frozen_base(session: Session):
+    """The base model to compare against or score the reference with: None under LoRA (the
+    adapter-disabled policy is the base, see rollouts.reference_policy), else the frozen reference
+    copy, loaded now if the run has none."""
+    if session.lora:
+        return None
+    if session.reference is None:
+        from posttrain.models import load_model
+
+        session.reference = load_model(session.base_name).eval()
+    return session.reference
+
+
+# --- the update -----------------------------------------------------------------------------------
+def micro_batch_rows(session: Session, rows: int, align: int = 1) -> int:
+    """Rows per micro-batch: micro_batch_size rounded down to a multiple of `align` (at least `align`);
+    all rows at once under DeepSpeed, which steps its engine inside every backward."""
+    if session.deepspeed:
+        return rows
+    return max(align, session.settings.micro_batch_size // align * align)
+
+
+def update(session: Session, tokens: torch.Tensor, actions: torch.Tensor, loss_fn, *, num_context: int,
+           temperature: float = 1.0, align: int = 1, targets: torch.Tensor | None = None) -> dict:
+    """One optimizer step accumulated over micro-batches. `loss_fn(new_logp, index) -> (loss, stats)`
+    must return micro-batch losses normalised by the GLOBAL batch, so their sum is the batch loss.
+    new_logp: (b, T - num_context, N) log-probs of the micro-batch rows `index` at `temperature`.
+    `align`: micro-batches hold a multiple of this many rows (DPO: 2, so a chosen/rejected pair
+    is never split across micro-batches). `targets` (B, T - num_context, N): frames scored in place of
+    the inputs' own (`WorldModel.score(..., targets=)`; simulator-forcing). Returns the summed stats,
+    grad_norm and skipped_nonfinite (1 when a non-finite loss or gradient made the step a no-op)."""
+    acc, model = session.accelerator, session.model
+    model.train()
+    chunk = micro_batch_rows(session, len(tokens), align)
+    starts = list(range(0, len(tokens), chunk))
+    totals: dict = {}
+    for i, start in enumerate(starts):
+        index = torch.arange(start, min(start + chunk, len(tokens)))
+        sync = i == len(starts) - 1
+        context = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
+        with context:
+            extra = {} if targets is None else {"targets": targets[index]}
+            new_logp = model(tokens[index], actions[index], num_context, temperature, **extra)
+            loss, stats = loss_fn(new_logp, index)
+            # DDP averages gradients over processes; scale so the sum matches one process.
+            acc.backward(loss * acc.num_processes)
+            stats = {**stats, "loss_sum": float(loss.detach())}
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value
+    if not session.deepspeed:  # DeepSpeed clips with its own config and skips overflowing steps itself
+        # The global norm (after DDP's all-reduce the gradients are identical on every rank, so
+        # every rank takes the same decision below); inf clipping only measures it.
+        clip = session.settings.max_grad_norm or float("inf")
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), clip))
+        totals["grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm) or not all(math.isfinite(float(v)) for v in totals.values()):
+            # A non-finite loss or gradient would poison the weights (and Adam's moments) for good.
+            session.optimizer.zero_grad(set_to_none=True)
+            totals["skipped_nonfinite"] = 1
+            return totals
+    session.optimizer.step()
+    session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    totals["skipped_nonfinite"] = 0
+    return totals
+
+
+@torch.no_grad()
+def policy_logprobs(session: Session, tokens: torch.Tensor, actions: torch.Tensor, *, num_context: int,
+                    temperature: float = 1.0, align: int = 1) -> torch.Tensor:
+    """Log-probs (B, L) of `tokens` under the current policy, computed exactly as `update` will
+    (same wrapped model, same autocast, same micro-batches). Under mixed precision the sampler's
+    fp32 log-probs differ from the update's bf16 ones by up to ~7e-2, so the first ratio would not
+    be 1; these are the old log-probs to use then."""
+    chunk = micro_batch_rows(session, len(tokens), align)
+    return score_in_chunks(session.model, tokens, actions, num_context, temperature, chunk=chunk)
+
+
+# --- reductions over processes --------------------------------------------------------------------
+def reduce_sum(accelerator, value: float) -> float:
+    """The sum of `value` over processes (every process gets it)."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], device=accelerator.device)
+    return float(accelerator.reduce(tensor, reduction="sum"))
+
+
+def reduce_mean(accelerator, value: float) -> float:
+    """The mean of `value` over processes."""
+    return reduce_sum(accelerator, value) / accelerator.num_processes
+
+
+def global_count(accelerator, mask: torch.Tensor) -> int:
+    """True entries of `mask` summed over processes (at least 1: it is a loss normaliser)."""
+    return max(int(round(reduce_sum(accelerator, float(mask.sum())))), 1)
+
+
+def reward_metrics(accelerator, scores, valid: torch.Tensor) -> dict:
+    """reward_mean/std, reward/<name>_mean/std over the valid samples of every process, failed_samples."""
+    gather = (lambda t: accelerator.gather(t.float())) if accelerator.num_processes > 1 else (lambda t: t)
+    metrics = {}
+    total = gather(scores.total[valid])
+    metrics["reward_mean"] = float(total.mean()) if total.numel() else float("nan")
+    metrics["reward_std"] = float(total.std()) if total.numel() > 1 else 0.0
+    for name, values in scores.components.items():
+        values = gather(values[valid])
+        metrics[f"reward/{name}_mean"] = float(values.mean()) if values.numel() else float("nan")
+        metrics[f"reward/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
+    metrics["failed_samples"] = int(round(reduce_sum(accelerator, float((~valid).sum()))))
+    return metrics
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, if it is there."""
+    pointer = Path(out) / "checkpoints" / "latest"
+    if pointer.is_file():
+        path = Path(out) / "checkpoints" / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    return None
+
+
+def save_checkpoint(session: Session, step: int, history: list) -> Path:
+    """accelerate.save_state into a staging folder, then rename it into place, then move the `latest`
+    pointer (each a single rename: a kill at any point leaves the previous checkpoint usable)."""
+    acc = session.accelerator
+    root = session.out / "checkpoints"
+    final = root / f"step-{step:06d}"
+    staging = root / f".tmp-step-{step:06d}"
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(staging))
+    if acc.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
+        replace_folder(staging, final)
+        atomic_write_text(root / "latest", final.name)
+        kept = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in kept[: -max(1, session.settings.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    # Deterministic fault injection for tests: POSTTRAIN_FAULT=after_checkpoint:3 SIGKILLs the process
+    # right after checkpoint step-000003 is committed (no timers, no polling).
+    fault_point(f"after_checkpoint:{step}")
+    return final
+
+
+def load_checkpoint(session: Session) -> tuple[int, list]:
+    """Restore the latest checkpoint (weights, optimizer, scheduler, RNG states); cut metrics.jsonl back to
+    its step. Returns (the first step to run, the metrics history so far)."""
+    path = latest_checkpoint(session.out)
+    session.accelerator.load_state(str(path))
+    state = json.loads((path / "trainer_state.json").read_text())
+    if session.accelerator.is_main_process:
+        from posttrain.runfolder import truncate_metrics
+
+        # Steps logged after the checkpoint are replayed now: drop them so none appears twice.
+        dropped = truncate_metrics(session.out / "metrics.jsonl", state["step"])
+        if dropped:
+            print(f"resume: dropped {dropped} metrics.jsonl records logged after step {state['step']}")
+    return state["step"] + 1, state["history"]
+
+
+# --- the per-step bookkeeping ---------------------------------------------------------------------
+class Steps:
+    """The bookkeeping a method's loop calls once per step, so each loop does not repeat it:
+
+        with Steps(session, total=config.steps, resume=config.resume) as steps:
+            for step in steps:               # from the checkpoint's next step when resuming
+                ...                          # the method's own step
+                steps.done(step, metrics)
+
+    `done` adds step/lr/processes to the metrics, counts non-finite steps in a row (raising
+    TrainingDiverged at settings.max_nonfinite_steps), writes metrics.jsonl and TensorBoard every
+    log_every steps, checkpoints every checkpoint_every steps and at the last, and moves the bar."""
+
+    def __init__(self, session: Session, *, total: int, resume: bool):
+        self.session, self.total, self.resume = session, total, resume
+        self.start, self.history = 0, []
+        self._nonfinite_in_a_row = 0
+        self._bar = None
+        self._started = time.monotonic()
+        self._out_of_time = False
+
+    def __enter__(self) -> Steps:
+        acc = self.session.accelerator
+        if self.resume:
+            self.start, self.history = load_checkpoint(self.session)
+        if acc.is_main_process and acc.log_with:
+            acc.init_trackers("posttrain", config={"method": self.session.method})
+        self._bar = progress_bar(self.total - self.start, self.session.method, enabled=acc.is_main_process)
+        self._advance = self._bar.__enter__()
+        return self
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            if self._out_of_time:
+                return
+            yield step
+
+    def _over_budget(self) -> bool:
+        """Past settings.max_minutes; decided on the main process and broadcast, so all ranks stop together."""
+        budget = self.session.settings.max_minutes
+        if not budget:
+            return False
+        over = time.monotonic() - self._started > budget * 60
+        acc = self.session.accelerator
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flag = torch.tensor([float(over)], device=acc.device)
+            over = bool(broadcast(flag, from_process=0).item())
+        return over
+
+    def video_due(self, step: int) -> bool:
+        """Whether this step saves a rollout GIF (main process, every video_every steps)."""
+        every = self.session.settings.video_every
+        return bool(every) and self.session.accelerator.is_main_process and step % every == 0
+
+    def done(self, step: int, metrics: dict) -> None:
+        """Record step `step`'s metrics (already reduced over processes); may write a checkpoint."""
+        session, settings, acc = self.session, self.session.settings, self.session.accelerator
+        metrics.update({"step": step, "lr": session.scheduler.get_last_lr()[0], "processes": acc.num_processes})
+        if metrics.get("skipped_nonfinite"):
+            self._nonfinite_in_a_row += 1
+            print(f"step {step}: non-finite loss or gradient (grad_norm={metrics.get('grad_norm')}); "
+                  f"update skipped ({self._nonfinite_in_a_row} in a row)")
+            if self._nonfinite_in_a_row >= settings.max_nonfinite_steps:
+                session.metrics.write(metrics)
+                raise TrainingDiverged(
+                    f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step "
+                    f"{step}); stopped. The last good checkpoint is in {session.out / 'checkpoints'}; lower "
+                    f"train.lr or check the rewards, then --resume or start again")
+        else:
+            self._nonfinite_in_a_row = 0
+        self._out_of_time = step < self.total - 1 and self._over_budget()
+        last = step == self.total - 1 or self._out_of_time
+        if self._out_of_time:
+            metrics["stopped_by_time_budget"] = True
+            print(f"step {step}: train.max_minutes={settings.max_minutes} reached; checkpointing and finishing")
+        self.history.append({k: v for k, v in metrics.items() if k in ("step", "reward_mean", "loss")})
+        if step % settings.log_every == 0 or last:
+            session.metrics.write(metrics)
+            if acc.log_with:
+                acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        # POSTTRAIN_FAULT=after_log:3 SIGKILLs the process right after step 3's metrics are written.
+        fault_point(f"after_log:{step}")
+        every = settings.checkpoint_every
+        if (every and (step + 1) % every == 0) or last:
+            save_checkpoint(session, step, self.history)
+        self._advance(**{k: metrics[k] for k in ("reward_mean", "loss", "kl") if k in metrics})
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+        if exc[0] is None:
+            acc = self.session.accelerator
+            acc.wait_for_everyone()
+            if acc.log_with:
+                acc.end_training()
+
+
+# --- the end --------------------------------------------------------------------------------------
+def finish(session: Session, history: list, *, recipe: dict, eval_config=None,
+           eval_temperatures: tuple[float, ...] | list[float] = ()) -> Path:
+    """Save the adapter (LoRA) or the whole model (full fine-tune) and, with `eval_config` and
+    settings.eval_at_end, the held-out base-vs-post-trained report (main process); release the run folder."""
+    if session.accelerator.is_main_process:
+        if session.lora:
+            save_adapter(session.policy, session.out / "adapter", session.base_name, session.base_hash,
+                         {"method": session.method, "recipe": recipe})
+        else:
+            session.world.save_pretrained(session.out / "model", metadata={"method": session.method,
+                                                                          "base": session.base_name})
+        if session.settings.eval_at_end and eval_config is not None:
+            from posttrain.report import write_report
+
+            write_report(session.policy, frozen_base(session), out=session.out, base_name=session.base_name,
+                         eval_config=eval_config, temperatures=eval_temperatures, history=history)
+    if session.lock is not None:
+        session.lock.release()
+    return session.out
+
+
+def _launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
