@@ -55,7 +55,8 @@ def train(name: str, recipe: str, overrides: list[str], model: str, minutes: flo
     started = time.time()
     process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "POSTTRAIN_NO_PROGRESS": "1"})
     if process.returncode:
-        raise SystemExit(f"{name}: `{' '.join(command)}` failed:\n{process.stderr[-3000:]}")
+        print(f"{name}: `{' '.join(command)}` failed:\n{process.stderr[-3000:]}", flush=True)
+        return {"recipe": recipe, "overrides": overrides, "failed": process.stderr[-500:]}
     from posttrain.logging_utils import read_metrics
 
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "step" in r and "lr" in r]
@@ -139,8 +140,9 @@ def main() -> None:
     for name in names:
         out = runs / name
         info = {"reused": True} if args.reuse else train(name, *METHODS[name], args.model, args.minutes, out)
-        results[name] = {"adapter": str(out / "adapter"), **info}
         print(f"{name}: {info}", flush=True)
+        if "failed" not in info:
+            results[name] = {"adapter": str(out / "adapter"), **info}
     for name, entry in results.items():
         entry["eval"] = {}
         for scene, (settings, seeds) in scenes.items():
