@@ -259,6 +259,32 @@ def test_dpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer
     _assert_only_adapter_changed(captured_trainer["trainer"].policy, tiny_hf_dir)
 
 
+def test_forcing_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer):
+    """Simulator-forcing on a token-by-token backbone: `score(..., targets=)` goes through the per-prefix
+    fallback, and its log-probs equal scoring each prefix + target frame on its own."""
+    from posttrain.models import load_model
+    from posttrain.models.world_model import forced_score_by_prefix
+
+    model = load_model(tiny_hf_dir).eval()
+    torch.manual_seed(0)
+    inputs = torch.randint(model.vocab_size, (2, 4, model.tokens_per_frame))
+    targets = torch.randint(model.vocab_size, (2, 2, model.tokens_per_frame))
+    actions = torch.randint(8, (2, 3))
+    with torch.no_grad():
+        got = model.score(inputs, actions, 2, targets=targets)
+        second = model.score(torch.cat([inputs[:, :3], targets[:, 1:]], 1), actions, 3)
+    assert torch.equal(got, forced_score_by_prefix(model, inputs, actions, 2, 1.0, targets))
+    torch.testing.assert_close(got[:, 1:], second)
+    out = tmp_path / "forcing"
+    run_recipe("recipes/forcing_tabletop.yaml", tiny_overrides(tiny_hf_dir, data_cache, out) + [
+        "own_frames=2", "own_frames_start=1", "curriculum_steps=0", "clips_per_step=2", "steps=2",
+        "train.micro_batch_size=2", "train.video_every=0", "train.eval_at_end=false", "train.tensorboard=false"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [0, 1]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    _assert_only_adapter_changed(captured_trainer["trainer"].policy, tiny_hf_dir)
+
+
 def test_grpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer):
     out = tmp_path / "grpo"
     run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(tiny_hf_dir, data_cache, out, steps=2, extra=[
