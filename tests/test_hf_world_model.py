@@ -285,6 +285,16 @@ def test_forcing_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_tra
     _assert_only_adapter_changed(captured_trainer["trainer"].policy, tiny_hf_dir)
 
 
+def test_reward_model_recipe_runs_on_it(tiny_hf_dir, data_cache, tmp_path):
+    """Reward-model training ranks pairs of the HF world model's own rollouts: changing `model=` is enough."""
+    out = tmp_path / "rm"
+    run_recipe("recipes/reward_model.yaml", tiny_overrides(tiny_hf_dir, data_cache, out, eval_section="") + [
+        "horizon=4", "group_size=3", "reward_model.steps=4", "reward_model.batch_size=8"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["pairs"] + report["skipped_ties"] + report["skipped_invalid"] == report["prompts"] == 8
+    assert math.isfinite(report["train_loss"])
+
+
 def test_grpo_lora_runs_on_it(tiny_hf_dir, data_cache, tmp_path, captured_trainer):
     out = tmp_path / "grpo"
     run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(tiny_hf_dir, data_cache, out, steps=2, extra=[
