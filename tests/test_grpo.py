@@ -185,8 +185,8 @@ def test_frame_credit_returns_to_go_and_group_advantages_by_hand(tiny_model_dir,
 
     totals = torch.tensor(FRAME_REWARDS)
 
-    def hand_rewards(self, frames, episode_index, sample_ids, tokens=None):
-        assert frames.shape[:2] == totals.shape
+    def hand_rewards(self, frames, episode_index, sample_ids, tokens=None, context=None):
+        assert frames.shape[:2] == totals.shape and context is None  # no shared prefix: the true context
         return totals.clone(), {"hand": totals.clone()}, torch.ones(len(totals), dtype=torch.bool), []
 
     seen = []
