@@ -151,28 +151,39 @@ def run(config: ForcingConfig):
             true_tokens = episode_tokens[index, : c + own + 1]  # (b, C + R + 1, N)
             actions = episodes["actions"][index, : c + own]
 
-            # 2. Own frames: R frames rolled out by the current policy from the true context (no gradient).
+            # 2. Own frames: R frames rolled out by the current policy from the true context (no gradient),
+            #    for the clips not teacher-forced only (each rollout has its own seed, so which others
+            #    share its batch does not change it).
             session.model.eval()
-            seeds = [rollouts.rollout_seed(config.seed, step, int(e)) for e in index.tolist()]
-            out = rollouts.generate(policy, true_tokens[:, :c], actions, own, seeds,
-                                    temperature=config.context_temperature, chunk=settings.rollout_batch_size)
+            rows = (~teacher_forced).nonzero().squeeze(1)
+            own_tokens = true_tokens[:, c: c + own].clone()
+            if len(rows):
+                seeds = [rollouts.rollout_seed(config.seed, step, int(e)) for e in index[rows].tolist()]
+                out = rollouts.generate(policy, true_tokens[rows, :c], actions[rows], own, seeds,
+                                        temperature=config.context_temperature, chunk=settings.rollout_batch_size)
+                own_tokens[rows] = out.tokens
 
             # 3. One update: cross-entropy of the true frames C..C+R after the own (or true) context
             #    (the same per-token loss as SFT; only the inputs differ).
-            inputs, targets = forcing_inputs(true_tokens, out.tokens, c, teacher_forced)
+            inputs, targets = forcing_inputs(true_tokens, own_tokens, c, teacher_forced)
             num_tokens = training.reduce_sum(acc, targets.numel())
             stats = training.update(session, inputs, actions, token_nll(num_tokens), num_context=c, targets=targets)
 
-            # 4. Log: the loss, and how far the own context had drifted (PSNR of own frames vs the truth).
-            truth = episodes["frames"][index, c: c + own].float() / 255
+            # 4. Log: the loss, and how far the own context had drifted (mean PSNR of the own frames against
+            #    the truth, over every process's own-context clips).
+            psnr_sum = 0.0
+            if len(rows):
+                truth = episodes["frames"][index[rows], c: c + own].float() / 255
+                psnr_sum = float(psnr(out.frames, truth).mean(1).sum())
+            own_clips = training.reduce_sum(acc, float(len(rows)))
             metrics = {"loss": training.reduce_sum(acc, stats["nll"]) / num_tokens, "own_frames": own,
-                       "own_context_psnr": training.reduce_mean(acc, float(psnr(out.frames, truth).mean())),
+                       "own_context_psnr": training.reduce_sum(acc, psnr_sum) / own_clips if own_clips else None,
                        "teacher_forced_clips": int(training.reduce_sum(acc, float(teacher_forced.sum()))),
                        "skipped_nonfinite": stats["skipped_nonfinite"]}
             if "grad_norm" in stats:
                 metrics["grad_norm"] = stats["grad_norm"]
-            if steps.video_due(step):
-                save_step_video(session.out, step, episodes["frames"][int(index[0])], c, out.frames[0])
+            if steps.video_due(step) and len(rows):
+                save_step_video(session.out, step, episodes["frames"][int(index[rows[0]])], c, out.frames[0])
             steps.done(step, metrics)
 
     return training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
