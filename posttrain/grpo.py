@@ -93,6 +93,10 @@ class GRPOConfig:
     rewards, and each frame's tokens get the group-normalised return-to-go from that frame on."""
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="psnr", weight=1.0)])
     """Weighted rewards (see `posttrain.rewards.list_rewards()`)."""
+    monitor_rewards: list[RewardSpec] = field(default_factory=list)
+    """Rewards scored on every step's rollouts and logged (`monitor_mean`, `monitor/<name>_mean`) but never
+    trained on. With a learned reward in `rewards`, put the simulator's reward here to watch for reward-model
+    over-optimisation (Gao et al. 2022): the learned reward climbing while the true one stalls or falls."""
     max_failure_fraction: float = 0.25
     """Stop the run when more than this share of a batch's samples fail reward evaluation."""
     reward_workers: int = 1
@@ -230,6 +234,9 @@ def run(config: GRPOConfig):
     start = config.num_context + config.prefix_frames
     scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, start,
                                     max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
+    monitor = rollouts.RolloutScorer(config.monitor_rewards, episodes, episode_tokens, session.world, start,
+                                     max_failure_fraction=config.max_failure_fraction) \
+        if config.monitor_rewards else None
     group = config.group_size
     prefix_temperature = config.temperature if config.prefix_temperature is None else config.prefix_temperature
 
@@ -305,6 +312,11 @@ def run(config: GRPOConfig):
 
             # 7. Log (reduced over processes), video, checkpoint.
             metrics = training.reward_metrics(acc, scores, valid)
+            if monitor is not None:  # watched, never trained on: rollout-level, on the samples trained on
+                watched = monitor.score(out.frames, episode_index, sample_ids, out.tokens, context=seen)
+                metrics.update({f"monitor{k[len('reward'):]}": v for k, v in
+                                training.reward_metrics(acc, watched, valid & watched.valid.cpu()).items()
+                                if k.startswith("reward")})
             metrics.update({
                 "clip_fraction": training.reduce_sum(acc, totals["clip_fraction"]) / num_sequences,
                 "kl": training.reduce_sum(acc, totals["kl"]) / num_sequences,
@@ -324,4 +336,6 @@ def run(config: GRPOConfig):
     result = training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
                              eval_temperatures=config.eval_temperatures)
     scorer.close()
+    if monitor is not None:
+        monitor.close()
     return result

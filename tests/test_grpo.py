@@ -374,3 +374,28 @@ def test_branched_groups_share_a_self_generated_prefix_exactly(tiny_model_dir, d
         assert not torch.equal(row[2:4], truth[episode, 2:4]), "... not the true frames"
     record = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step") == 0][0]
     assert record["clip_fraction"] == 0.0  # old log-probs == the update's: the first ratio is exactly 1
+
+
+def test_monitor_rewards_are_logged_and_never_trained_on(tiny_model_dir, data_cache, tmp_path):
+    """`monitor_rewards` (the simulator's reward beside a learned one, for the over-optimisation curve):
+    the monitor equal to the trained reward logs the same mean, and adding a monitor changes no weight."""
+    import json
+
+    runs = {}
+    for name, monitor in (("plain", []), ("same", ["monitor_rewards=[{name: psnr, weight: 1.0}]"]),
+                          ("other", ["monitor_rewards=[{name: ssim, weight: 2.0}, {name: object_presence}]"])):
+        out = tmp_path / name
+        run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=2, extra=[
+            "rewards=[{name: psnr, weight: 1.0}]", "train.eval_at_end=false", "train.checkpoint_every=0", *monitor]))
+        runs[name] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], _adapter(out))
+    for record in runs["same"][0]:
+        assert record["monitor_mean"] == pytest.approx(record["reward_mean"], abs=1e-6)
+        assert record["monitor/psnr_mean"] == pytest.approx(record["reward/psnr_mean"], abs=1e-6)
+    other = runs["other"][0][0]
+    assert other["monitor_mean"] == pytest.approx(2 * other["monitor/ssim_mean"] + other["monitor/object_presence_mean"],
+                                                  abs=1e-5)
+    assert "monitor_mean" not in runs["plain"][0][0]
+    for name in ("same", "other"):
+        for key, value in runs["plain"][1].items():
+            assert torch.equal(value, runs[name][1][key]), (name, key)
+        assert [r["reward_mean"] for r in runs[name][0]] == [r["reward_mean"] for r in runs["plain"][0]]
