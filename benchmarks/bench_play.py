@@ -34,14 +34,11 @@ import argparse
 import json
 import os
 import platform
-import queue
-import re
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
+
+from posttrain.play.process import PlayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 # A walk that stays legal (turns, short moves both ways, a push and waits while it moves).
@@ -129,37 +126,11 @@ def two_panels(model_name: str, frames: int, default_threads: int) -> dict:
 
 
 # --- 2. the server over its WebSocket ----------------------------------------------------------------
-class Server:
-    def __init__(self, model: str, adapter: str | None):
-        command = [sys.executable, "-m", "posttrain", "play", "--port", "0", "--model", model]
-        if adapter:
-            command += ["--adapter", adapter]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stdout] + [lines.put(None)],
-                         daemon=True).start()
-        while True:
-            line = lines.get(timeout=600)
-            if line is None:
-                raise RuntimeError(f"posttrain play exited: {self.process.stderr.read()}")
-            found = re.search(r"(http://\S+/) \(Ctrl-C to stop\)", line)
-            if found:
-                self.url = found.group(1)
-                self.ws_url = self.url.replace("http://", "ws://") + "ws"
-                return
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
-
-    def stop(self) -> None:
-        import signal
-
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=120)
+def start_server(model: str, adapter: str | None) -> PlayProcess:
+    return PlayProcess("--model", model, *(["--adapter", adapter] if adapter else []))
 
 
-def drive(server: Server, frames: int, interval_s: float | None) -> dict:
+def drive(server: PlayProcess, frames: int, interval_s: float | None) -> dict:
     """Send `frames` actions; interval None: the next as soon as a frame arrives (held key), else one
     press every interval_s (a press made while a frame is in flight waits for it, as the page does)."""
     from websockets.sync.client import connect
@@ -199,7 +170,7 @@ def drive(server: Server, frames: int, interval_s: float | None) -> dict:
 
 
 # --- 3. the page in headless Chromium -----------------------------------------------------------------
-def browser_run(server: Server, frames: int, screenshot: str | None) -> dict:
+def browser_run(server: PlayProcess, frames: int, screenshot: str | None) -> dict:
     from posttrain.play.browser import HeadlessChromium
 
     with HeadlessChromium(width=1160, height=760, timeout=600) as browser:
@@ -247,7 +218,7 @@ def main() -> None:
     print("bare", results["bare_model"], flush=True)
     results["two_panels_in_process"] = two_panels(args.model, max(20, args.frames // 5), default_threads)
     print("two panels", results["two_panels_in_process"], flush=True)
-    server = Server(args.model, args.adapter)
+    server = start_server(args.model, args.adapter)
     try:
         results["loadavg_before_server"] = load()
         results["server_held_key"] = drive(server, args.frames, None)
@@ -258,7 +229,7 @@ def main() -> None:
             results["browser_held_key"] = browser_run(server, args.frames, args.screenshot)
             print("browser", results["browser_held_key"], flush=True)
     finally:
-        server.stop()
+        server.interrupt()
     results["loadavg_end"] = load()
     held = results["server_held_key"]
     results["targets"] = {"measured_frames_per_second_at_least_20": held["frames_per_second"] >= 20,

@@ -1,21 +1,21 @@
 """What a learned reward costs next to a verifiable one: the reward-model over-optimisation curve.
 
-    python benchmarks/bench_reward_overoptimisation.py --minutes 6
-    python benchmarks/bench_reward_overoptimisation.py --minutes 6 --reuse-reward-model   (skip step 1)
+    python benchmarks/bench_reward_overoptimisation.py --steps 30
+    python benchmarks/bench_reward_overoptimisation.py --steps 30 --reuse-reward-model   (skip step 1)
 
 1. Fit a Bradley-Terry reward model to pairs of the base's rollouts ranked by the simulator's
    reward R* = 10 x -MSE + SSIM + object presence (`recipes/reward_model_drift.yaml`).
 2. GRPO on the learned reward, R* watched beside it (`recipes/grpo_learned_reward.yaml`,
    `monitor_rewards`: logged, never trained on).
-3. The same GRPO, on the same wall-clock budget and prompts, trained on R* itself, the learned
-   reward watched beside it.
+3. The same GRPO, with the same steps, prompts and sampling seeds, trained on R* itself, the
+   learned reward watched beside it.
 
 Both runs log both rewards on every step's rollouts (the policy's own samples at temperature 1),
 so the plot shows, for each run, the reward it optimises and the one it does not. Gao et al.
 (2022): a proxy reward keeps climbing while the true one stalls or falls. The JSON holds the
 per-step curves, the reward model's held-out pair accuracy and the change of each reward between
-the first and the last quarter of training. Run it alone on the machine: step counts depend on the
-CPU each run gets.
+the first and the last quarter of training. Both runs take the same number of steps (not the same
+wall-clock budget, so the result does not depend on what else the CPU was doing).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=6.0, help="GRPO wall-clock budget per run")
+    parser.add_argument("--steps", type=int, default=30, help="GRPO steps per run")
     parser.add_argument("--model", default="default")
     parser.add_argument("--work", default="runs/overoptimisation", help="folder for the three runs")
     parser.add_argument("--reuse-reward-model", action="store_true", help="keep a reward model already in --work")
@@ -105,15 +105,15 @@ def main() -> None:
     work = Path(args.work)
     rm_out = work / "reward_model"
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "model": args.model,
-                     "minutes_per_run": args.minutes, "true_reward": TRUE_MIX, "runs": {}}
+                     "steps_per_run": args.steps, "true_reward": TRUE_MIX, "runs": {}}
     if not (args.reuse_reward_model and (rm_out / "report.json").is_file()):
-        seconds = run(["run", str(ROOT / RM_RECIPE), f"out={rm_out}", f"model={args.model}", "--overwrite"])
+        seconds = run(["run", str(ROOT / RM_RECIPE), f"out={rm_out}", f"model={args.model}"])
         print(f"reward model fitted in {seconds} s", flush=True)
     report = json.loads((rm_out / "report.json").read_text())
     results["reward_model"] = {k: report.get(k) for k in ("pairs", "heldout_accuracy", "train_accuracy",
                                                           "verifier_gap_mean", "pairs_seconds", "train_seconds")}
     learned = f"[{{name: learned, weight: 1.0, params: {{path: {rm_out / 'reward_model'}}}}}]"
-    common = [f"model={args.model}", f"train.max_minutes={args.minutes}", "steps=100000", "train.eval_at_end=false",
+    common = [f"model={args.model}", f"steps={args.steps}", "train.eval_at_end=false",
               "train.tensorboard=false", "train.checkpoint_every=0", "--overwrite"]
     for name, rewards, monitor, trained in (("grpo_on_learned", learned, TRUE_MIX, "learned"),
                                             ("grpo_on_simulator", TRUE_MIX, learned, "simulator")):

@@ -11,13 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +23,7 @@ import torch
 from conftest import make_tiny_model
 
 from posttrain.envs3d import SceneConfig, action_id
+from posttrain.play import process as play_process
 from posttrain.play.browser import find_chromium
 from posttrain.play.server import unpack
 
@@ -36,8 +32,8 @@ SEED = 3
 CHROMIUM = find_chromium()
 
 
-class PlayProcess:
-    """`posttrain play` in a subprocess, in empty folders; `url` once it says it is serving."""
+class PlayProcess(play_process.PlayProcess):
+    """`posttrain play` in a subprocess, in empty folders (so a test can check it writes nothing)."""
 
     def __init__(self, root: Path, *args: str):
         self.cwd, self.home, self.tmp = root / "cwd", root / "home", root / "tmp"
@@ -45,35 +41,7 @@ class PlayProcess:
             folder.mkdir(parents=True)
         env = {**os.environ, "HOME": str(self.home), "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1",
                "PYTHONDONTWRITEBYTECODE": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "posttrain", "play", "--port", "0", *args],
-                                        cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.stdout: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        while True:
-            line = self.lines.get(timeout=TIMEOUT)
-            if line is None:
-                raise AssertionError(f"posttrain play exited: {self.process.wait()} {self.process.stderr.read()}")
-            found = re.search(r"(http://\S+/) \(Ctrl-C to stop\)", line)
-            if found:
-                self.url = found.group(1)
-                self.ws_url = self.url.replace("http://", "ws://") + "ws"
-                return
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.stdout.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def interrupt(self) -> int:
-        """Ctrl-C, then the exit code (once everything it printed has been read)."""
-        self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(timeout=TIMEOUT)
-        self.reader.join(timeout=TIMEOUT)
-        return code
+        super().__init__(*args, cwd=self.cwd, env=env, timeout=TIMEOUT)
 
     def written(self) -> list[str]:
         """Files left in the folders the process could write to."""
