@@ -47,14 +47,11 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import rollouts, training
-from posttrain.adapters import LoraSettings
 from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.envs3d.jobs import atomic_write
-from posttrain.evaluate import EvalConfig
 from posttrain.report import save_step_video
 from posttrain.rewards import RewardSpec
-from posttrain.training import TrainerSettings
 
 OFFLINE_STEP = -1
 """The `step` mixed into the rollout seeds of offline pairs (no training step is negative)."""
@@ -71,17 +68,13 @@ class PairSettings:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(training.RunConfig):
     """DPO recipe: model, data, pairs, loss, optimisation, rewards, logging, evaluation."""
 
     method: str = "dpo"
     """Recipe kind (fixed)."""
     out: str = "runs/dpo"
     """Run folder (metrics.jsonl, checkpoints/, reference_cache/, adapter/, report/)."""
-    model: str = "default"
-    """Base model: 'default' (embedded) or a save_pretrained folder."""
-    seed: int = 0
-    """Seed for the pair order and every rollout's sampling seed."""
     data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="10000:10512", frames=14))
     """Training episodes (prompts); frames must equal num_context + horizon."""
     num_context: int = 2
@@ -114,30 +107,14 @@ class DPOConfig:
     """Stop the run when more than this share of a batch's samples fail reward evaluation."""
     reward_workers: int = 1
     """Processes scoring rewards (1 is fastest on 2 cores)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings (enabled=False trains the full dynamics transformer against a frozen copy)."""
-    train: TrainerSettings = field(default_factory=TrainerSettings)
-    """Optimiser, precision, micro-batching (pairs are never split), checkpoints and logging."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation of base vs post-trained at the end."""
-    eval_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
-    """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
-    overwrite: bool = False
-    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
-    holding this toolkit's run marker is ever deleted)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from posttrain.config import require
-        from posttrain.data import check_held_out
 
         require(self, positive=("num_context", "horizon", "group_size", "prompts_per_step", "steps",
                                 "reward_workers", "top_k"),
                 non_negative=("sample_temperature",), unit=("max_failure_fraction", "top_p"))
-        if any(not t >= 0 for t in self.eval_temperatures):
-            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
-        check_held_out(self.data, self.eval.data)
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"loss_type={self.loss_type!r}; choose sigmoid or ipo")
         if self.pairs.source not in ("online", "offline", "jsonl"):

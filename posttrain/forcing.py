@@ -36,27 +36,20 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain import rollouts, training
-from posttrain.adapters import LoraSettings
 from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, load_episodes
-from posttrain.evaluate import EvalConfig
 from posttrain.report import save_step_video
 from posttrain.sft import token_nll
-from posttrain.training import TrainerSettings
 
 
 @dataclass
-class ForcingConfig:
+class ForcingConfig(training.RunConfig):
     """Simulator-forcing recipe: model, data, own-rollout context, optimisation, evaluation."""
 
     method: str = "forcing"
     """Recipe kind (fixed)."""
     out: str = "runs/forcing"
     """Run folder (metrics.jsonl, checkpoints/, adapter/ or model/, report/)."""
-    model: str = "default"
-    """Base model: 'default' (embedded) or a save_pretrained folder."""
-    seed: int = 0
-    """Seed for the clip order and the own rollouts' sampling seeds."""
     data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="40000:40512", frames=12))
     """Training episodes; frames must be at least num_context + own_frames + 1."""
     num_context: int = 2
@@ -75,33 +68,18 @@ class ForcingConfig:
     """Clips per optimizer step (split across processes; accumulated over train.micro_batch_size)."""
     steps: int = 100
     """Optimizer steps."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings (enabled=False: full fine-tuning of the dynamics)."""
-    train: TrainerSettings = field(default_factory=TrainerSettings)
-    """Optimiser, precision, micro-batching, checkpoints and logging."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation of base vs post-trained at the end."""
-    eval_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
-    """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
-    overwrite: bool = False
-    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from posttrain.config import require
-        from posttrain.data import check_held_out
 
         require(self, positive=("num_context", "own_frames", "own_frames_start", "clips_per_step", "steps"),
                 non_negative=("curriculum_steps", "context_temperature"), unit=("teacher_forced_fraction",))
-        if any(not t >= 0 for t in self.eval_temperatures):
-            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
         if self.own_frames_start > self.own_frames:
             raise ValueError(f"own_frames_start={self.own_frames_start} exceeds own_frames={self.own_frames}")
         if self.data.frames < self.num_context + self.own_frames + 1 and not self.data.path:
             raise ValueError(f"data.frames={self.data.frames} must be at least num_context + own_frames + 1 = "
                              f"{self.num_context + self.own_frames + 1}")
-        check_held_out(self.data, self.eval.data)
 
 
 def own_frames_at(step: int, config: ForcingConfig) -> int:

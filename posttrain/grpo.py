@@ -30,27 +30,20 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain import rollouts, training
-from posttrain.adapters import LoraSettings
 from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, load_episodes
-from posttrain.evaluate import EvalConfig
 from posttrain.report import save_step_video
 from posttrain.rewards import RewardOutput, RewardSpec
-from posttrain.training import TrainerSettings
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(training.RunConfig):
     """GRPO recipe: model, data, sampling, loss, optimisation, rewards, logging, evaluation."""
 
     method: str = "grpo"
     """Recipe kind (fixed)."""
     out: str = "runs/grpo"
     """Run folder (metrics.jsonl, checkpoints/, adapter/, report/)."""
-    model: str = "default"
-    """Base model: 'default' (embedded) or a save_pretrained folder."""
-    seed: int = 0
-    """Seed for the prompt order and every rollout's sampling seed."""
     data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="10000:10512", frames=14))
     """Training episodes (prompts); frames must equal num_context + prefix_frames + horizon."""
     num_context: int = 2
@@ -101,32 +94,16 @@ class GRPOConfig:
     """Stop the run when more than this share of a batch's samples fail reward evaluation."""
     reward_workers: int = 1
     """Processes scoring rewards (1 is fastest on 2 cores; see benchmarks/results/rewards_cpu.json)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings (enabled=False trains the full dynamics transformer)."""
-    train: TrainerSettings = field(default_factory=TrainerSettings)
-    """Optimiser, precision, micro-batching, checkpoints and logging."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation of base vs post-trained at the end (temperatures in `eval_temperatures`)."""
-    eval_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
-    """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
-    overwrite: bool = False
-    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
-    holding this toolkit's run marker is ever deleted)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from posttrain.config import require
-        from posttrain.data import check_held_out
 
         require(self, positive=("num_context", "horizon", "prompts_per_step", "steps", "num_updates",
                                 "reward_workers", "top_k"),
                 non_negative=("temperature", "epsilon_low", "epsilon_high", "kl_coef", "prefix_frames",
                               "prefix_temperature"),
                 unit=("max_failure_fraction", "top_p"))
-        if any(not t >= 0 for t in self.eval_temperatures):
-            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
-        check_held_out(self.data, self.eval.data)
         if self.loss_type not in ("grpo", "dr_grpo", "dapo", "gspo"):
             raise ValueError(f"loss_type={self.loss_type!r}; choose grpo, dr_grpo, dapo or gspo")
         if self.scale_rewards not in ("group", "none"):

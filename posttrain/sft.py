@@ -32,28 +32,22 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain import rollouts, training
-from posttrain.adapters import LoraSettings
 from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, dataset_path, load_episodes
 from posttrain.evaluate import EvalConfig
 from posttrain.rollouts import EPISODE_FIELDS
-from posttrain.training import TrainerSettings
 
 FOOTAGE_COLUMNS = ("frames", "actions")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(training.RunConfig):
     """SFT recipe: model, data, clips, optimisation, held-out evaluation."""
 
     method: str = "sft"
     """Recipe kind (fixed)."""
     out: str = "runs/sft"
     """Run folder (metrics.jsonl, checkpoints/, adapter/ or model/, report/)."""
-    model: str = "default"
-    """Base model: 'default' (embedded) or a save_pretrained folder."""
-    seed: int = 0
-    """Seed for the clip sampling order."""
     data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="30000:30256", frames=16))
     """Training episodes: envs3d seeds, or a footage folder in `path` (frames + actions columns)."""
     clip_frames: int = 8
@@ -69,29 +63,17 @@ class SFTConfig:
     heldout_fraction: float = 0.0
     """Share of the training dataset's clips kept out of training as the held-out set instead of eval.data
     (0: eval.data); the last clips, i.e. the last sources of footage sorted by path (one may straddle the split)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings (enabled=False: full fine-tuning of the dynamics transformer)."""
-    train: TrainerSettings = field(default_factory=TrainerSettings)
-    """Optimiser, precision, micro-batching, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out clips (teacher-forced loss) and, for envs3d data, the rollout report."""
-    eval_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
-    """Temperatures for the final base-vs-fine-tuned rollout comparison (0 = greedy)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
-    overwrite: bool = False
-    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
-    holding this toolkit's run marker is ever deleted)."""
+
+    def evaluates_on_eval_data(self) -> bool:
+        return not self.heldout_fraction  # else the held-out clips come from `data` itself
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from posttrain.config import require
-        from posttrain.data import check_held_out
 
         require(self, positive=("clip_frames", "batch_size", "steps"), non_negative=("eval_every",))
-        if any(not t >= 0 for t in self.eval_temperatures):
-            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
-        if not self.heldout_fraction:
-            check_held_out(self.data, self.eval.data)
         if not 1 <= self.num_context < self.clip_frames:
             raise ValueError(f"need 1 <= num_context ({self.num_context}) < clip_frames ({self.clip_frames})")
         if not 0.0 <= self.heldout_fraction < 1.0:

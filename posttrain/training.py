@@ -21,13 +21,15 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from posttrain.adapters import LoraSettings, apply_lora, freeze_for_full_finetune, save_adapter
+from posttrain.data import EpisodeDataConfig, check_held_out
 from posttrain.envs3d.jobs import atomic_write_text, fault_point, replace_folder
+from posttrain.evaluate import EvalConfig
 from posttrain.logging_utils import MetricsWriter, progress_bar
 from posttrain.rollouts import score_in_chunks
 
@@ -316,6 +318,49 @@ def reward_metrics(accelerator, scores, valid: torch.Tensor) -> dict:
         metrics[f"reward/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
     metrics["failed_samples"] = int(round(reduce_sum(accelerator, float((~valid).sum()))))
     return metrics
+
+
+@dataclass
+class RunConfig:
+    """What every post-training recipe (grpo, dpo, sft, forcing) shares: the model, the run folder, the
+    seed, the training data, LoRA or full, the trainer settings, the held-out report and resume/overwrite.
+    A method's config subclasses it, redeclares `method`, `out` and `data` with its own defaults (and
+    docstrings), and adds its own fields after these."""
+
+    method: str = ""
+    """Recipe kind (fixed)."""
+    out: str = "runs/run"
+    """Run folder (metrics.jsonl, checkpoints/, adapter/ or model/, report/)."""
+    model: str = "default"
+    """Base model: 'default' (embedded), a save_pretrained folder, or a transformers world-model folder."""
+    seed: int = 0
+    """Seed for initialisation, the data order and every rollout's sampling seed."""
+    data: EpisodeDataConfig = field(default_factory=EpisodeDataConfig)
+    """Training episodes."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (enabled=False: full fine-tuning of the dynamics transformer; methods with a reference
+    model then keep a frozen copy of the base)."""
+    train: TrainerSettings = field(default_factory=TrainerSettings)
+    """Optimiser, precision, micro-batching, checkpoints and logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation of base vs post-trained at the end (temperatures in `eval_temperatures`)."""
+    eval_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    """Temperatures for the final base-vs-post-trained comparison (0 = greedy)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `out` (set by `posttrain run --resume`)."""
+    overwrite: bool = False
+    """Replace a finished or failed run in `out` (set by `posttrain run --overwrite`; only a folder
+    holding this toolkit's run marker is ever deleted)."""
+
+    def __post_init__(self) -> None:
+        if any(not t >= 0 for t in self.eval_temperatures):
+            raise ValueError(f"eval_temperatures={self.eval_temperatures} must be >= 0")
+        if self.evaluates_on_eval_data():
+            check_held_out(self.data, self.eval.data)
+
+    def evaluates_on_eval_data(self) -> bool:
+        """Whether `eval.data` is the held-out set (then it may not overlap `data`)."""
+        return True
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
