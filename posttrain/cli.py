@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="new or empty output folder")
     init.set_defaults(func=_models_init)
 
-    run = sub.add_parser("run", help="run a recipe (pretrain, sft, dpo, grpo, reward_model)")
+    from posttrain.runner import METHODS
+
+    run = sub.add_parser("run", help=f"run a recipe ({', '.join(METHODS)})")
     run.add_argument("recipe", help="recipe YAML, e.g. recipes/grpo_tabletop.yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe fields")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
