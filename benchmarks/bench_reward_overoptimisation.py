@@ -1,7 +1,7 @@
 """What a learned reward costs next to a verifiable one: the reward-model over-optimisation curve.
 
-    python benchmarks/bench_reward_overoptimisation.py --steps 30
-    python benchmarks/bench_reward_overoptimisation.py --steps 30 --reuse-reward-model   (skip step 1)
+    python benchmarks/bench_reward_overoptimisation.py --steps 24
+    python benchmarks/bench_reward_overoptimisation.py --steps 24 --reuse-reward-model   (skip step 1)
 
 1. Fit a Bradley-Terry reward model to pairs of the base's rollouts ranked by the simulator's
    reward R* = 10 x -MSE + SSIM + object presence (`recipes/reward_model_drift.yaml`).
@@ -95,7 +95,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="GRPO steps per run")
+    parser.add_argument("--steps", type=int, default=24, help="GRPO steps per run")
     parser.add_argument("--model", default="default")
     parser.add_argument("--work", default="runs/overoptimisation", help="folder for the three runs")
     parser.add_argument("--reuse-reward-model", action="store_true", help="keep a reward model already in --work")
