@@ -120,8 +120,7 @@ def main() -> None:
         out = work / name
         seconds = run(["run", str(ROOT / GRPO_RECIPE), f"out={out}", f"rewards={rewards}",
                        f"monitor_rewards={monitor}", *common])
-        results["runs"][name] = {**curves(out, "learned" if trained == "learned" else "simulator"),
-                                 "seconds": seconds}
+        results["runs"][name] = {**curves(out, trained), "seconds": seconds}
         run_curves = results["runs"][name]
         run_curves["change_first_to_last_quarter"] = {k: quarter_change(run_curves[k]) for k in ("learned", "true")}
         print(f"{name}: {run_curves['steps']} steps, change first -> last quarter: "
