@@ -86,7 +86,7 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set_title("learned reward model")
     for ax in axes:
         ax.set_xlabel("GRPO step")
-        ax.set_ylabel("mean over the step's rollouts (5-step moving average)")
+        ax.set_ylabel("step mean, 5-step moving average")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
