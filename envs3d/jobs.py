@@ -181,6 +181,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda staging: staging.write_text(text))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only be read by
+    setting it, which races other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(folder: str | os.PathLike) -> None:
+    """Give the files in `folder` (not below) the mode a plain `open()` would: 0o666 minus the umask.
+    safetensors writes its files 0600 (readable by their owner only), which breaks a published model
+    or adapter that others on the machine, or a web server, are to read."""
+    mask = current_umask()
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 def replace_folder(new: str | os.PathLike, out: str | os.PathLike, set_aside: str | os.PathLike | None = None) -> Path:
     """Move the finished folder `new` to `out` with one rename. An existing `out` is deleted first, or,
     with `set_aside` (a path inside the job's staging folder), moved there and put back if the rename

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain.envs3d.jobs import match_umask
+
 ADAPTER_INFO = "posttrain_adapter.json"
 
 
@@ -58,6 +60,7 @@ def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str,
     peft_model.save_pretrained(str(folder))
     info = {"base_model": base_name, "base_weights_sha256": base_hash, **(extra or {})}
     (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+    match_umask(folder)
     return folder
 
 

@@ -234,6 +234,16 @@ def _eval_argv(tiny_model, adapter, tmp_path) -> list[str]:
             "--json", str(tmp_path / "eval.json")]
 
 
+def test_saved_adapter_files_follow_the_umask(saved_adapter):
+    """PEFT's safetensors file would be 0600; a published adapter must be readable as the umask allows."""
+    from posttrain.envs3d.jobs import current_umask
+
+    expected = 0o666 & ~current_umask()
+    assert {p.name: p.stat().st_mode & 0o777 for p in saved_adapter.iterdir()} == {
+        p.name: expected for p in saved_adapter.iterdir()}
+    assert (saved_adapter / "adapter_model.safetensors").exists()
+
+
 def test_adapter_without_its_base_record_needs_force(tiny_model, saved_adapter, tmp_path, capsys):
     from posttrain.adapters import load_adapter
     from posttrain.models import load_model

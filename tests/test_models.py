@@ -103,6 +103,19 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.metadata == {"note": "test"}
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    """safetensors alone writes 0600; a published model must be readable by whoever the umask allows."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        make_tiny_model().save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}
+
+
 def test_bad_checkpoint_folders_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TokenWorldModel.from_pretrained(tmp_path / "nope")

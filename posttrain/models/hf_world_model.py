@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from posttrain.envs3d.jobs import match_umask
 from posttrain.kernels import sample, selective_log_softmax
 
 from .tokenizer import FrameTokenizer, TokenizerConfig
@@ -262,6 +263,8 @@ class HFWorldModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.tokenizer.state_dict().items()}
         save_file(state, str(folder / TOKENIZER_FILE), metadata={"architecture": ARCHITECTURE})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        match_umask(folder)
+        match_umask(folder / BACKBONE_DIR)
         return folder
 
     @classmethod

@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from posttrain.envs3d.jobs import match_umask
 from posttrain.kernels import sample, selective_log_softmax
 
 from .dynamics import DynamicsConfig, DynamicsTransformer
@@ -303,6 +304,7 @@ class TokenWorldModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": ARCHITECTURE})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        match_umask(folder)
         return folder
 
     @classmethod
