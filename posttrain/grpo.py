@@ -211,9 +211,7 @@ def run(config: GRPOConfig):
     start = config.num_context + config.prefix_frames
     scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, start,
                                     max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
-    monitor = rollouts.RolloutScorer(config.monitor_rewards, episodes, episode_tokens, session.world, start,
-                                     max_failure_fraction=config.max_failure_fraction) \
-        if config.monitor_rewards else None
+    monitor = scorer.with_rewards(config.monitor_rewards) if config.monitor_rewards else None
     group = config.group_size
     prefix_temperature = config.temperature if config.prefix_temperature is None else config.prefix_temperature
 

@@ -130,6 +130,14 @@ class RolloutScorer:
         self.frame_reward = None  # built on the first per-frame call
         self._reconstructions: dict[int, torch.Tensor] = {}
 
+    def with_rewards(self, rewards: list[RewardSpec], *, workers: int = 1) -> RolloutScorer:
+        """Another scorer of the same episodes with other rewards (e.g. GRPO's monitored ones), sharing
+        this one's cache of reference frames, so each episode's true future is decoded once."""
+        other = RolloutScorer(rewards, self.episodes, self.episode_tokens, self.world, self.num_context,
+                              max_failure_fraction=self.max_failure_fraction, workers=workers)
+        other._reconstructions = self._reconstructions
+        return other
+
     def score(self, frames: torch.Tensor, episode_index: torch.Tensor, sample_ids: torch.Tensor,
               tokens: torch.Tensor | None = None, context: torch.Tensor | None = None) -> RewardOutput:
         """One composite reward per rollout. frames (B, H, h, w, 3) in [0, 1]; episode_index (B,) rows of
