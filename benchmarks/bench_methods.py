@@ -14,6 +14,12 @@ depend on how long it goes on). A second block repeats this on shifted scenes.
 Choices (which variant of each method, its learning rate, ...) were made with `--split val`
 (seeds 2000000+, 2100000+); the final table is `--split test` (seeds 3000000+, 3100000+), run once.
 Run it alone on the machine: a method's step count depends on the CPU it gets.
+
+Trying variants on the validation split (each is a method's recipe with extra overrides; the base's
+evaluation can be taken from an earlier result file of the same split and model):
+
+    python benchmarks/bench_methods.py --split val --methods dpo --variant "dpo_h24=dpo horizon=24 data.frames=26" \
+        --base-from benchmarks/results/methods_val.json --out runs/methods_val_dpo.json
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -126,24 +133,46 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bakeoff", help="folder for the methods' run folders")
     parser.add_argument("--cache-dir", default="data")
     parser.add_argument("--reuse", action="store_true", help="evaluate existing run folders instead of training")
+    parser.add_argument("--variant", action="append", default=[], metavar='"NAME=METHOD KEY=VALUE ..."',
+                        help="also run METHOD's recipe with these extra overrides, as NAME (repeatable)")
+    parser.add_argument("--base-from", default=None, metavar="JSON",
+                        help="take the base's evaluation from this earlier result file (same split and model)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     names = [m for m in args.methods.split(",") if m]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    methods = dict(METHODS)
+    for variant in args.variant:
+        head, *extra = shlex.split(variant)
+        name, _, method = head.partition("=")
+        if method not in METHODS or not name or name in methods:
+            parser.error(f"--variant {variant!r}: expected a new NAME=METHOD (one of {sorted(METHODS)}) "
+                         "followed by overrides")
+        recipe, overrides = METHODS[method]
+        methods[name] = (recipe, [*overrides, *extra])
+        names.append(name)
     split = SPLITS[args.split]
     out_json = Path(args.out or f"benchmarks/results/methods_{args.split}.json")
     runs = Path(args.runs) / args.split
     scenes = {"default": ({}, split["seeds"]), **{k: (v, split["shifted_seeds"]) for k, v in SHIFTS.items()}}
     results: dict = {"base": {"adapter": None}}
+    if args.base_from:
+        earlier = json.loads(Path(args.base_from).read_text())
+        if (earlier["split"], earlier["model"], earlier["horizon"]) != (args.split, args.model, HORIZON):
+            parser.error(f"--base-from {args.base_from}: it is split {earlier['split']!r}, model {earlier['model']!r}, "
+                         f"horizon {earlier['horizon']}; this run is {args.split!r}, {args.model!r}, {HORIZON}")
+        results["base"] = {**earlier["results"]["base"], "eval_from": args.base_from}
     for name in names:
         out = runs / name
-        info = {"reused": True} if args.reuse else train(name, *METHODS[name], args.model, args.minutes, out)
+        info = {"reused": True} if args.reuse else train(name, *methods[name], args.model, args.minutes, out)
         print(f"{name}: {info}", flush=True)
         if "failed" not in info:
             results[name] = {"adapter": str(out / "adapter"), **info}
     for name, entry in results.items():
+        if "eval_from" in entry:
+            continue
         entry["eval"] = {}
         for scene, (settings, seeds) in scenes.items():
             entry["eval"][scene] = {str(t): evaluate(args.model, entry["adapter"], seeds, settings, t, args.cache_dir)

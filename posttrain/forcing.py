@@ -25,6 +25,12 @@ Options (what the issue's trial showed matters):
   its context; greedy or low-temperature own frames are the default.
 - `teacher_forced_fraction`: that share of each step's clips uses the true frames as context (an
   anchor to the base's teacher-forced skill).
+- `own_anchor` (lambda): also train, with weight lambda, each own-context position toward the frame the
+  model itself predicted there (the own frame that follows it in the context). Cross-entropy toward
+  a truth the drifted context cannot pin down spreads the next-frame distribution (hedging), which
+  sampling at temperature 1 turns into noise; the anchor keeps mass on the model's own mode, so the
+  per-position target is a two-point mixture (truth, own prediction) rather than the truth alone.
+  It is self-distillation toward the greedy rollout, so it needs `context_temperature` 0.
 - LoRA (the default) or full fine-tuning, as every method.
 """
 
@@ -64,6 +70,8 @@ class ForcingConfig(training.RunConfig):
     """Sampling temperature of the own rollouts (0 = greedy)."""
     teacher_forced_fraction: float = 0.25
     """Share of each step's clips trained with the true frames as context (plain teacher forcing)."""
+    own_anchor: float = 0.0
+    """Weight of the cross-entropy toward the model's own greedy next frame at own-context positions (0: off)."""
     clips_per_step: int = 16
     """Clips per optimizer step (split across processes; accumulated over train.micro_batch_size)."""
     steps: int = 100
@@ -74,7 +82,11 @@ class ForcingConfig(training.RunConfig):
         from posttrain.config import require
 
         require(self, positive=("num_context", "own_frames", "own_frames_start", "clips_per_step", "steps"),
-                non_negative=("curriculum_steps", "context_temperature"), unit=("teacher_forced_fraction",))
+                non_negative=("curriculum_steps", "context_temperature", "own_anchor"),
+                unit=("teacher_forced_fraction",))
+        if self.own_anchor and self.context_temperature:
+            raise ValueError(f"own_anchor={self.own_anchor} anchors to the greedy own frames: it needs "
+                             f"context_temperature=0 (got {self.context_temperature})")
         if self.own_frames_start > self.own_frames:
             raise ValueError(f"own_frames_start={self.own_frames_start} exceeds own_frames={self.own_frames}")
         if self.data.frames < self.num_context + self.own_frames + 1 and not self.data.path:
@@ -101,6 +113,33 @@ def forcing_inputs(true_tokens: torch.Tensor, own_tokens: torch.Tensor, num_cont
     context, future = true_tokens[:, :num_context], true_tokens[:, num_context:]
     own = torch.where(teacher_forced[:, None, None], future[:, :-1], own_tokens)
     return torch.cat([context, own, future[:, -1:]], 1), future
+
+
+def anchored_batch(inputs: torch.Tensor, targets: torch.Tensor, actions: torch.Tensor, own_rows: torch.Tensor,
+                   num_context: int):
+    """The `own_anchor` batch: the rows of (inputs, targets, actions) followed by a copy of the own-context
+    rows whose targets are the inputs' own frames (position j, read after inputs[:C + j], is trained toward
+    inputs[C + j], the model's own greedy frame there), and a (rows, R + 1) mask of the copies' positions
+    that count: all but the last, whose input frame is the truth, not an own frame."""
+    anchor_targets = inputs[own_rows, num_context:]
+    batch = (torch.cat([inputs, inputs[own_rows]]), torch.cat([targets, anchor_targets]),
+             torch.cat([actions, actions[own_rows]]))
+    mask = torch.ones(len(own_rows), targets.shape[1])
+    mask[:, -1] = 0
+    return batch, mask
+
+
+def anchored_nll(num_tokens: float, rows: int, anchor_mask: torch.Tensor, weight: float):
+    """`training.update`'s loss_fn for an `anchored_batch`: the truth rows' summed token cross-entropy plus
+    `weight` x the copies' (masked), both divided by the step's global number of TRUE target tokens."""
+    def loss_fn(new_logp, index):  # new_logp (b, R + 1, N)
+        frame_nll = -new_logp.sum(-1)  # (b, R + 1)
+        truth = index < rows
+        anchor = frame_nll[~truth] * anchor_mask[index[~truth] - rows]
+        total, anchored = frame_nll[truth].sum(), anchor.sum()
+        return (total + weight * anchored) / num_tokens, {"nll": float(total.detach()),
+                                                           "anchor_nll": float(anchored.detach())}
+    return loss_fn
 
 
 def run(config: ForcingConfig):
@@ -145,7 +184,12 @@ def run(config: ForcingConfig):
             #    (the same per-token loss as SFT; only the inputs differ).
             inputs, targets = forcing_inputs(true_tokens, own_tokens, c, teacher_forced)
             num_tokens = training.reduce_sum(acc, targets.numel())
-            stats = training.update(session, inputs, actions, token_nll(num_tokens), num_context=c, targets=targets)
+            batch, loss_fn = (inputs, targets, actions), token_nll(num_tokens)
+            if config.own_anchor:  # + a copy of the own-context clips, trained toward their own greedy frames
+                batch, mask = anchored_batch(inputs, targets, actions, rows, c)
+                loss_fn = anchored_nll(num_tokens, len(index), mask, config.own_anchor)
+                anchor_tokens = training.reduce_sum(acc, float(mask.sum()) * targets.shape[-1])
+            stats = training.update(session, batch[0], batch[2], loss_fn, num_context=c, targets=batch[1])
 
             # 4. Log: the loss, and how far the own context had drifted (mean PSNR of the own frames against
             #    the truth, over every process's own-context clips).
@@ -158,6 +202,9 @@ def run(config: ForcingConfig):
                        "own_context_psnr": training.reduce_sum(acc, psnr_sum) / own_clips if own_clips else None,
                        "teacher_forced_clips": int(training.reduce_sum(acc, float(teacher_forced.sum()))),
                        "skipped_nonfinite": stats["skipped_nonfinite"]}
+            if config.own_anchor:
+                metrics["anchor_loss"] = (training.reduce_sum(acc, stats["anchor_nll"]) / anchor_tokens
+                                          if anchor_tokens else None)
             if "grad_norm" in stats:
                 metrics["grad_norm"] = stats["grad_norm"]
             if steps.video_due(step) and len(rows):

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model, sigkill_resume_and_compare, tiny_overrides
 
 from posttrain.config import RecipeError
-from posttrain.forcing import ForcingConfig, forcing_inputs, own_frames_at
+from posttrain.forcing import ForcingConfig, anchored_batch, anchored_nll, forcing_inputs, own_frames_at
 from posttrain.logging_utils import read_metrics
 from posttrain.models.world_model import forced_score_by_prefix
 from posttrain.runner import run_recipe
@@ -55,6 +55,50 @@ def test_loss_is_the_cross_entropy_of_true_frames_after_own_frames_worked_out_fr
     torch.testing.assert_close(model.score(true, actions, c, targets=true[:, c:]), model.score(true, actions, c))
     with pytest.raises(ValueError, match="targets must be"):
         model.score(inputs, actions, c, targets=targets[:, 1:])
+
+
+def test_own_anchor_adds_the_cross_entropy_of_the_models_own_frames_worked_out_frame_by_frame():
+    """own_anchor = w: loss = (CE of the true targets + w x CE, at each own-context position j < R, of the
+    own frame the context holds next) / true target tokens, checked against the raw dynamics."""
+    model = make_tiny_model(seed=5).eval()
+    torch.manual_seed(1)
+    batch, c, r, n, v, weight = 3, 2, 2, model.tokens_per_frame, model.vocab_size, 0.5
+    true = torch.randint(v, (batch, c + r + 1, n))
+    own = torch.randint(v, (batch, r, n))
+    actions = torch.randint(8, (batch, c + r))
+    teacher_forced = torch.tensor([True, False, False])
+    rows = (~teacher_forced).nonzero().squeeze(1)
+    inputs, targets = forcing_inputs(true, own, c, teacher_forced)
+    (tokens, all_targets, all_actions), mask = anchored_batch(inputs, targets, actions, rows, c)
+    assert tokens.shape[0] == batch + len(rows) and mask.tolist() == [[1, 1, 0], [1, 1, 0]]
+    loss_fn = anchored_nll(targets.numel(), batch, mask, weight)
+    logp = model.score(tokens, all_actions, c, targets=all_targets)
+    # Two micro-batches, split across the truth rows and the anchor copies, sum to the one-batch loss.
+    whole, stats = loss_fn(logp, torch.arange(len(tokens)))
+    parts = [loss_fn(logp[i], i)[0] for i in (torch.arange(0, 2), torch.arange(2, len(tokens)))]
+    torch.testing.assert_close(sum(parts), whole)
+
+    def next_frame_logp(prefix, acts):
+        with torch.no_grad():
+            hidden = model.dynamics(prefix[None], acts[None])[:, -1]
+            return torch.log_softmax(model.dynamics.logits(hidden).double(), -1)[0]  # (N, V)
+
+    truth_total = anchor_total = 0.0
+    for b in range(batch):
+        context = true[b] if teacher_forced[b] else torch.cat([true[b, :c], own[b]])
+        for t in range(r + 1):
+            logp_t = next_frame_logp(context[: c + t], actions[b, : c + t])
+            truth_total -= float(logp_t.gather(-1, true[b, c + t][:, None]).sum())
+            if not teacher_forced[b] and t < r:  # the own frame the model put after this prefix
+                anchor_total -= float(logp_t.gather(-1, own[b, t][:, None]).sum())
+    expected = (truth_total + weight * anchor_total) / targets.numel()
+    assert math.isclose(float(whole.detach()), expected, rel_tol=1e-5), (float(whole), expected)
+    assert math.isclose(stats["anchor_nll"], anchor_total, rel_tol=1e-5)
+
+
+def test_own_anchor_needs_greedy_own_frames():
+    with pytest.raises(ValueError, match="context_temperature=0"):
+        ForcingConfig(own_anchor=0.5, context_temperature=1.0)
 
 
 def test_curriculum_grows_own_frames_linearly():
@@ -111,6 +155,21 @@ def test_sigkill_and_resume_equals_unbroken_run(tiny_model, data_cache, tmp_path
     assert unbroken.keys() == resumed.keys() and any("lora_B" in k and v.abs().max() > 0 for k, v in unbroken.items())
     for key in unbroken:
         assert torch.equal(unbroken[key], resumed[key]), key
+
+
+def test_own_anchor_runs_and_logs_its_loss(tiny_model, data_cache, tmp_path):
+    out = tmp_path / "anchored"
+    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out) + SMALL + [
+        "steps=2", "own_anchor=0.5", "train.checkpoint_every=0", "train.eval_at_end=false"])
+    records = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m and "loss" in m]
+    assert len(records) == 2
+    for record in records:  # a step whose clips all drew teacher forcing has no own frames to anchor to
+        assert math.isfinite(record["loss"])
+        if record["teacher_forced_clips"] < 4:
+            assert math.isfinite(record["anchor_loss"]) and record["anchor_loss"] > 0
+        else:
+            assert record["anchor_loss"] is None
+    assert any(record["anchor_loss"] is not None for record in records)
 
 
 @pytest.mark.parametrize("override, message", [
