@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 quickstart: install
-	$(BIN)/posttrain run recipes/dpo_drift.yaml
+	$(BIN)/posttrain run recipes/grpo_drift.yaml
 
 lint: install-dev
 	$(BIN)/ruff check .
