@@ -43,6 +43,11 @@ METHODS = {
     "forcing": ("recipes/forcing_tabletop.yaml", []),
     "dpo": ("recipes/dpo_drift.yaml", []),
 }
+SEQUENCES = {
+    # name -> stages (method, share of the budget): each stage post-trains the previous one's merged result,
+    # as SFT then RL for language models (#13 item 4). The whole sequence gets the same minutes as a method.
+    "forcing_then_grpo": (("forcing", 0.5), ("grpo_branch", 0.5)),
+}
 SPLITS = {
     "val": {"seeds": "2000000:2000032", "shifted_seeds": "2100000:2100024"},
     "test": {"seeds": "3000000:3000048", "shifted_seeds": "3100000:3100032"},
@@ -71,6 +76,29 @@ def train(name: str, recipe: str, overrides: list[str], model: str, minutes: flo
             "train_seconds": round(time.time() - started, 1)}
 
 
+def train_sequence(name: str, stages, model: str, minutes: float, out: Path) -> dict:
+    """Run a SEQUENCES entry: each stage for its share of `minutes`, the adapter of every stage but the last
+    merged into a full model (`posttrain adapter export --merge`) that the next stage starts from. Returns
+    the last stage's folder info plus `model`, the merged model its adapter applies to."""
+    current, infos = model, []
+    for i, (method, share) in enumerate(stages):
+        stage_out = out / f"stage{i}-{method}"
+        info = train(f"{name}/{method}", *METHODS[method], current, minutes * share, stage_out)
+        infos.append(info)
+        if "failed" in info:
+            return {"stages": infos, "failed": info["failed"]}
+        if i < len(stages) - 1:
+            merged = out / f"stage{i}-merged"
+            command = [sys.executable, "-m", "posttrain", "adapter", "export", str(stage_out), "--merge",
+                       "--out", str(merged), "--overwrite"]
+            process = subprocess.run(command, capture_output=True, text=True)
+            if process.returncode:
+                return {"stages": infos, "failed": process.stderr[-500:]}
+            current = str(merged)
+    return {"stages": infos, "model": current, "adapter_dir": str(stage_out / "adapter"),
+            "steps": [i["steps"] for i in infos], "train_seconds": sum(i["train_seconds"] for i in infos)}
+
+
 def summarise(report: dict, upto: int) -> dict:
     """Means over the first `upto` steps of a 32-step eval report, and the useful horizon within them."""
     def mean(values):
@@ -82,7 +110,10 @@ def summarise(report: dict, upto: int) -> dict:
             "ssim_last8": mean(report["ssim_per_step"][upto - 8: upto]) if upto >= 8 else None}
 
 
-def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str) -> dict:
+def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str,
+             base_name: str | None = None) -> dict:
+    """`model_name` (+ `adapter`) rolled out HORIZON frames on `seeds`; the mean-image baseline is the
+    mean frame of `base_name` (default: model_name), so every entry of a bake-off shares one baseline."""
     from posttrain.data import EpisodeDataConfig, load_episodes
     from posttrain.evaluate import (
         EPISODE_FIELDS,
@@ -96,7 +127,7 @@ def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temp
                         num_context=CONTEXT, horizon=HORIZON, temperature=temperature, batch_size=16)
     episodes = load_episodes(config.data, EPISODE_FIELDS, progress=False)
     model = load_with_adapter(model_name, adapter)
-    mean_frame, source = mean_frame_for(model_name, episodes)
+    mean_frame, source = mean_frame_for(base_name or model_name, episodes)
     report = evaluate_model(model, episodes, config, progress=False, mean_frame=mean_frame, mean_frame_source=source)
     return {"12": summarise(report, SHORT), "32": summarise(report, HORIZON),
             "baselines": {name: {k: report["baselines"][name][f"{m}_mean"] for k, m in
@@ -128,7 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=sorted(SPLITS), default="val")
     parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget per method")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of " + ",".join([*METHODS, *SEQUENCES]))
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default="runs/bakeoff", help="folder for the methods' run folders")
     parser.add_argument("--cache-dir", default="data")
@@ -140,9 +172,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     names = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in METHODS and m not in SEQUENCES]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {sorted([*METHODS, *SEQUENCES])}")
     methods = dict(METHODS)
     for variant in args.variant:
         head, *extra = shlex.split(variant)
@@ -166,16 +198,22 @@ def main() -> None:
         results["base"] = {**earlier["results"]["base"], "eval_from": args.base_from}
     for name in names:
         out = runs / name
-        info = {"reused": True} if args.reuse else train(name, *methods[name], args.model, args.minutes, out)
+        if name in SEQUENCES:
+            if args.reuse:
+                parser.error("--reuse does not cover sequences")
+            info = train_sequence(name, SEQUENCES[name], args.model, args.minutes, out)
+        else:
+            info = {"reused": True} if args.reuse else train(name, *methods[name], args.model, args.minutes, out)
         print(f"{name}: {info}", flush=True)
         if "failed" not in info:
-            results[name] = {"adapter": str(out / "adapter"), **info}
+            results[name] = {"adapter": info.pop("adapter_dir", str(out / "adapter")), **info}
     for name, entry in results.items():
         if "eval_from" in entry:
             continue
         entry["eval"] = {}
         for scene, (settings, seeds) in scenes.items():
-            entry["eval"][scene] = {str(t): evaluate(args.model, entry["adapter"], seeds, settings, t, args.cache_dir)
+            entry["eval"][scene] = {str(t): evaluate(entry.get("model", args.model), entry["adapter"], seeds,
+                                                     settings, t, args.cache_dir, base_name=args.model)
                                     for t in (0.0, 1.0)}
         print(f"evaluated {name}", flush=True)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
