@@ -236,6 +236,9 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
     if not enabled or os.environ.get("POSTTRAIN_NO_PROGRESS"):
         yield lambda advance=1, **fields: None
         return
+    if not sys.stderr.isatty():  # a log file or a pipe (nohup, CI): rich draws nothing there; plain lines
+        yield plain_progress(total, description, unit)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -266,6 +269,41 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
             info = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
             bar.update(task, advance=advance, info=info)
         yield update
+
+
+PLAIN_PROGRESS_SECONDS = 30.0
+"""How often `plain_progress` prints a line (besides the first and the last step)."""
+
+
+def plain_progress(total: int, description: str, unit: str = "", *, every: float | None = None,
+                   clock: Callable[[], float] = time.monotonic, stream=None) -> Callable:
+    """`progress_bar`'s update for output that is not a terminal: one line such as
+    `grpo: 12/24 (50%) 2m10s elapsed, eta 2m10s, reward_mean=0.21` after the first step, after the last,
+    and at most every `every` seconds (default PLAIN_PROGRESS_SECONDS) between them."""
+    every = PLAIN_PROGRESS_SECONDS if every is None else every
+    started, state = clock(), {"done": 0, "printed": None, "fields": {}}
+
+    def minutes(seconds: float) -> str:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+    def update(advance: int = 1, **fields) -> None:
+        state["done"] += advance
+        state["fields"].update(fields)
+        now, done = clock(), state["done"]
+        due = done >= total or state["printed"] is None or now - state["printed"] >= every
+        if not advance or not done or not due:
+            return
+        state["printed"] = now
+        elapsed = now - started
+        line = f"{description}: {done}/{total} ({100 * done / max(total, 1):.0f}%) {minutes(elapsed)} elapsed"
+        if done < total:
+            line += f", eta {minutes(elapsed / done * (total - done))}"
+        if unit and elapsed > 0:
+            line += f", {done / elapsed:.1f} {unit}/s"
+        if state["fields"]:
+            line += ", " + " ".join(f"{k}={_fmt(v)}" for k, v in state["fields"].items())
+        print(line, file=stream or sys.stderr, flush=True)
+    return update
 
 
 def _fmt(value) -> str:

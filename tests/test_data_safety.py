@@ -331,3 +331,24 @@ def test_a_run_without_deepspeed_does_not_import_it(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr
     for line in NOISE:
         assert line not in done.stdout + done.stderr
+
+
+def test_plain_progress_lines_for_logs():
+    """Where stderr is not a terminal (nohup, CI) progress is plain lines: after the first step, after the
+    last, and between them at most every `every` seconds of an injected clock (no real timer in the test)."""
+    import io
+
+    from posttrain.envs3d.jobs import plain_progress
+
+    now = [100.0]
+    out = io.StringIO()
+    update = plain_progress(4, "grpo", every=30.0, clock=lambda: now[0], stream=out)
+    for seconds, fields in ((10, {"reward_mean": 0.25}), (10, {}), (25, {"reward_mean": 0.5}), (1, {})):
+        now[0] += seconds
+        update(**fields)
+    update(advance=0, loss=1.0)  # a field-only update prints nothing
+    assert out.getvalue().splitlines() == [
+        "grpo: 1/4 (25%) 0m10s elapsed, eta 0m30s, reward_mean=0.25",
+        "grpo: 3/4 (75%) 0m45s elapsed, eta 0m15s, reward_mean=0.5",
+        "grpo: 4/4 (100%) 0m46s elapsed, reward_mean=0.5",
+    ]
