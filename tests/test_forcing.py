@@ -126,6 +126,11 @@ def test_context_is_the_models_own_greedy_rollout_not_the_truth(tiny_model, data
     run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out) + SMALL + [
         "steps=1", "curriculum_steps=0", "train.eval_at_end=false"])
     tokens, actions, targets = seen["batches"][0]
+    # The recipe's own_anchor > 0: after SMALL's 4 clips come copies of the own-context ones, whose
+    # targets are their own frames (checked below).
+    clips = 4
+    copies = tokens[clips:], targets[clips:]
+    tokens, actions, targets = tokens[:clips], actions[:clips], targets[:clips]
     c, r = 2, 3
     base = load_model(tiny_model).eval()
     episodes = load_episodes(EpisodeDataConfig(seeds="0:8", frames=6, image_size=32, cache_dir=str(data_cache)),
@@ -141,16 +146,19 @@ def test_context_is_the_models_own_greedy_rollout_not_the_truth(tiny_model, data
     for i in own_rows:
         assert torch.equal(tokens[i, :c], truth[rows[i], :c])
         assert torch.equal(tokens[i, c: c + r], greedy[i])
+    assert torch.equal(copies[0], tokens[own_rows]) and torch.equal(copies[1], tokens[own_rows][:, c:])
     record = [m for m in read_metrics(out / "metrics.jsonl") if m.get("step") == 0][0]
     assert record["own_frames"] == r and record["teacher_forced_clips"] == len(forced_rows)
     assert math.isfinite(record["loss"]) and math.isfinite(record["own_context_psnr"])
 
 
-def test_sigkill_and_resume_equals_unbroken_run(tiny_model, data_cache, tmp_path):
+@pytest.mark.parametrize("context", [["context_temperature=1.0", "own_anchor=0.0"],
+                                     ["context_temperature=0.0", "own_anchor=1.0"]], ids=["sampled", "anchored"])
+def test_sigkill_and_resume_equals_unbroken_run(tiny_model, data_cache, tmp_path, context):
     """Killed right after checkpoint 1 of 3 and resumed: bit-identical adapter (own rollouts at T=1, so
-    the sampling seeds must come back exactly too)."""
-    overrides = lambda out: tiny_overrides(tiny_model, data_cache, out) + SMALL + [  # noqa: E731
-        "steps=3", "context_temperature=1.0", "train.checkpoint_every=1", "train.eval_at_end=false"]
+    the sampling seeds must come back exactly too; and greedy ones with the anchor)."""
+    overrides = lambda out: tiny_overrides(tiny_model, data_cache, out) + SMALL + context + [  # noqa: E731
+        "steps=3", "train.checkpoint_every=1", "train.eval_at_end=false"]
     unbroken, resumed = sigkill_resume_and_compare(RECIPE, overrides, tmp_path)
     assert unbroken.keys() == resumed.keys() and any("lora_B" in k and v.abs().max() > 0 for k, v in unbroken.items())
     for key in unbroken:
