@@ -175,6 +175,8 @@ def main() -> None:
     unknown = [m for m in names if m not in METHODS and m not in SEQUENCES]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted([*METHODS, *SEQUENCES])}")
+    if args.reuse and any(name in SEQUENCES for name in names):
+        parser.error("--reuse does not cover sequences")
     methods = dict(METHODS)
     for variant in args.variant:
         head, *extra = shlex.split(variant)
@@ -199,8 +201,6 @@ def main() -> None:
     for name in names:
         out = runs / name
         if name in SEQUENCES:
-            if args.reuse:
-                parser.error("--reuse does not cover sequences")
             info = train_sequence(name, SEQUENCES[name], args.model, args.minutes, out)
         else:
             info = {"reused": True} if args.reuse else train(name, *methods[name], args.model, args.minutes, out)

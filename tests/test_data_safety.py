@@ -234,14 +234,24 @@ def _eval_argv(tiny_model, adapter, tmp_path) -> list[str]:
             "--json", str(tmp_path / "eval.json")]
 
 
-def test_saved_adapter_files_follow_the_umask(saved_adapter):
-    """PEFT's safetensors file would be 0600; a published adapter must be readable as the umask allows."""
-    from posttrain.envs3d.jobs import current_umask
+def test_saved_adapter_files_follow_the_umask(tiny_model, tmp_path):
+    """PEFT's safetensors file would be 0600; a published adapter must be readable as the umask allows
+    (umask 022 pinned, so the test cannot pass because the runner's umask happens to be 077)."""
+    import os
 
-    expected = 0o666 & ~current_umask()
-    assert {p.name: p.stat().st_mode & 0o777 for p in saved_adapter.iterdir()} == {
-        p.name: expected for p in saved_adapter.iterdir()}
-    assert (saved_adapter / "adapter_model.safetensors").exists()
+    from posttrain.adapters import LoraSettings, apply_lora, save_adapter
+    from posttrain.envs3d.jobs import current_umask
+    from posttrain.models import load_model, weights_hash
+
+    old = os.umask(0o022)
+    try:
+        assert current_umask() == 0o022
+        folder = save_adapter(apply_lora(load_model(tiny_model), LoraSettings(r=4, alpha=8)), tmp_path / "adapter",
+                              str(tiny_model), weights_hash(tiny_model))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert "adapter_model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_adapter_without_its_base_record_needs_force(tiny_model, saved_adapter, tmp_path, capsys):

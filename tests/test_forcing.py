@@ -25,6 +25,14 @@ SMALL = ["num_context=2", "own_frames=3", "own_frames_start=1", "curriculum_step
          "eval.horizon=4", "eval.batch_size=4"]
 
 
+def _next_frame_logp(model, prefix: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """(N, V) float64 log-probs of the frame after `prefix` (T, N), from the raw dynamics run on that
+    prefix ALONE (so nothing later can leak in)."""
+    with torch.no_grad():
+        hidden = model.dynamics(prefix[None], actions[None])[:, -1]
+        return torch.log_softmax(model.dynamics.logits(hidden).double(), -1)[0]
+
+
 def test_loss_is_the_cross_entropy_of_true_frames_after_own_frames_worked_out_frame_by_frame():
     model = make_tiny_model(seed=3).eval()
     torch.manual_seed(0)
@@ -41,10 +49,7 @@ def test_loss_is_the_cross_entropy_of_true_frames_after_own_frames_worked_out_fr
     for b in range(batch):
         context = true[b] if teacher_forced[b] else torch.cat([true[b, :c], own[b]])
         for t in range(r + 1):
-            prefix = context[: c + t][None]
-            with torch.no_grad():
-                hidden = model.dynamics(prefix, actions[b: b + 1, : c + t])[:, -1]
-                logp = torch.log_softmax(model.dynamics.logits(hidden).double(), -1)[0]  # (N, V)
+            logp = _next_frame_logp(model, context[: c + t], actions[b, : c + t])
             total -= float(logp.gather(-1, true[b, c + t][:, None]).sum())
     expected = total / targets.numel()
     assert math.isclose(float(loss.detach()), expected, rel_tol=1e-5), (float(loss.detach()), expected)
@@ -78,16 +83,11 @@ def test_own_anchor_adds_the_cross_entropy_of_the_models_own_frames_worked_out_f
     parts = [loss_fn(logp[i], i)[0] for i in (torch.arange(0, 2), torch.arange(2, len(tokens)))]
     torch.testing.assert_close(sum(parts), whole)
 
-    def next_frame_logp(prefix, acts):
-        with torch.no_grad():
-            hidden = model.dynamics(prefix[None], acts[None])[:, -1]
-            return torch.log_softmax(model.dynamics.logits(hidden).double(), -1)[0]  # (N, V)
-
     truth_total = anchor_total = 0.0
     for b in range(batch):
         context = true[b] if teacher_forced[b] else torch.cat([true[b, :c], own[b]])
         for t in range(r + 1):
-            logp_t = next_frame_logp(context[: c + t], actions[b, : c + t])
+            logp_t = _next_frame_logp(model, context[: c + t], actions[b, : c + t])
             truth_total -= float(logp_t.gather(-1, true[b, c + t][:, None]).sum())
             if not teacher_forced[b] and t < r:  # the own frame the model put after this prefix
                 anchor_total -= float(logp_t.gather(-1, own[b, t][:, None]).sum())
