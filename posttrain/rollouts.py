@@ -119,24 +119,26 @@ class RolloutScorer:
     episodes: a `load_episodes` dict with `EPISODE_FIELDS`; episode_tokens: (E, T, N), every frame
     tokenised by `world`, whose decoder also gives each rollout its reference frames (the tokenizer's
     reconstruction of the true future, cached per episode). Rollouts start after `num_context` frames.
+    reconstructions: a cache {episode row: reference frames} to share with another scorer of the same
+    episodes and world (see `with_rewards`); a fresh one by default.
     """
 
     def __init__(self, rewards: list[RewardSpec], episodes: dict, episode_tokens: torch.Tensor, world,
-                 num_context: int, *, max_failure_fraction: float, workers: int = 1):
+                 num_context: int, *, max_failure_fraction: float, workers: int = 1,
+                 reconstructions: dict[int, torch.Tensor] | None = None):
         self.specs, self.episodes, self.episode_tokens = list(rewards), episodes, episode_tokens
         self.world, self.num_context = world, num_context
         self.max_failure_fraction, self.workers = max_failure_fraction, workers
         self.reward = compose(self.specs, max_failure_fraction=max_failure_fraction, workers=workers)
         self.frame_reward = None  # built on the first per-frame call
-        self._reconstructions: dict[int, torch.Tensor] = {}
+        self._reconstructions: dict[int, torch.Tensor] = {} if reconstructions is None else reconstructions
 
     def with_rewards(self, rewards: list[RewardSpec], *, workers: int = 1) -> RolloutScorer:
         """Another scorer of the same episodes with other rewards (e.g. GRPO's monitored ones), sharing
         this one's cache of reference frames, so each episode's true future is decoded once."""
-        other = RolloutScorer(rewards, self.episodes, self.episode_tokens, self.world, self.num_context,
-                              max_failure_fraction=self.max_failure_fraction, workers=workers)
-        other._reconstructions = self._reconstructions
-        return other
+        return RolloutScorer(rewards, self.episodes, self.episode_tokens, self.world, self.num_context,
+                             max_failure_fraction=self.max_failure_fraction, workers=workers,
+                             reconstructions=self._reconstructions)
 
     def score(self, frames: torch.Tensor, episode_index: torch.Tensor, sample_ids: torch.Tensor,
               tokens: torch.Tensor | None = None, context: torch.Tensor | None = None) -> RewardOutput:

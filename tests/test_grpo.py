@@ -399,3 +399,27 @@ def test_monitor_rewards_are_logged_and_never_trained_on(tiny_model_dir, data_ca
         for key, value in runs["plain"][1].items():
             assert torch.equal(value, runs[name][1][key]), (name, key)
         assert [r["reward_mean"] for r in runs[name][0]] == [r["reward_mean"] for r in runs["plain"][0]]
+
+
+def test_monitor_scorer_shares_the_reference_frame_cache():
+    """`with_rewards` builds a scorer of the same episodes whose reference frames come from the first
+    scorer's cache: each episode's true future is decoded once, whichever scorer asks first."""
+    from posttrain.rewards import RewardSpec
+    from posttrain.rollouts import RolloutScorer
+
+    class CountingWorld:
+        decoded: list[int] = []
+
+        def decode(self, tokens):  # (E, T, N) -> (E, T, 2, 2, 3), one value per token sum
+            self.decoded.append(len(tokens))
+            return tokens.float().sum(-1)[..., None, None, None].expand(*tokens.shape[:2], 2, 2, 3)
+
+    world, tokens = CountingWorld(), torch.arange(4 * 3 * 5).view(4, 3, 5)
+    trained = RolloutScorer([RewardSpec("psnr")], {}, tokens, world, 1, max_failure_fraction=0.0)
+    monitor = trained.with_rewards([RewardSpec("ssim")])
+    first = monitor.reference_frames(torch.tensor([2, 0]))
+    again = trained.reference_frames(torch.tensor([0, 2, 3]))
+    assert world.decoded == [2, 1]   # episodes 0 and 2 once (by the monitor), then only episode 3
+    assert torch.equal(again[:2], first.flip(0))
+    assert torch.equal(again[2], tokens[3, 1:].float().sum(-1)[:, None, None, None].expand(2, 2, 2, 3))
+    assert [s.name for s in monitor.specs] == ["ssim"] and [s.name for s in trained.specs] == ["psnr"]
