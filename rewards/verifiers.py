@@ -77,6 +77,12 @@ class Fidelity(Reward):
 
     ``target="reference"`` scores against ``rollouts.reference_frames`` (the tokenizer's
     reconstruction), so the reward does not ask for detail the tokenizer cannot express.
+
+    ``object_weight`` (MSE and MAE only): pixels of objects (the true segmentation > 0) count this many
+    times a background pixel, in a weighted mean over the frame, so the score stays in the metric's
+    units. Why: under plain MSE, a model unsure where an object is scores better erasing it (it pays once,
+    where the object is) than drawing it in a wrong place (it pays twice); with object pixels weighted
+    w, drawing it pays off once its chance of being right exceeds 1 / (w + 1) instead of 1 / 2.
     """
 
     default_metric = "psnr"
@@ -88,14 +94,21 @@ class Fidelity(Reward):
         gamma: float = 0.9,
         target: str = "truth",
         max_psnr: float = 60.0,
+        object_weight: float = 1.0,
     ):
         self.metric = metric or self.default_metric
         self.aggregate = aggregate
         self.gamma = gamma
         self.target = target
         self.max_psnr = max_psnr
+        self.object_weight = float(object_weight)
         if target not in ("truth", "reference"):
             raise ValueError(f"target must be 'truth' or 'reference', got {target!r}")
+        if self.object_weight != 1.0 and self.metric not in ("mse", "mae"):
+            raise ValueError(f"object_weight is for metric 'mse' or 'mae' (a weighted mean over pixels), "
+                             f"not {self.metric!r}")
+        if not self.object_weight > 0:
+            raise ValueError(f"object_weight must be > 0, got {object_weight!r}")
 
     def evaluate(self, rollouts: RolloutBatch, episodes: EpisodeBatch) -> RewardResult:
         if self.target == "reference":
@@ -104,7 +117,15 @@ class Fidelity(Reward):
             tgt = rollouts.reference_frames.float()
         else:
             tgt = true_frames(rollouts, episodes)
-        per_step = _frame_metric(self.metric, rollouts.frames.float(), tgt, self.max_psnr)  # (B, T)
+        if self.object_weight != 1.0:
+            steps = slice(rollouts.num_context, rollouts.num_context + rollouts.horizon)
+            objects = episodes.segmentation[:, steps].to(tgt.device) > 0  # (B, T, H, W)
+            weight = 1.0 + (self.object_weight - 1.0) * objects.float()
+            diff = rollouts.frames.float() - tgt
+            error = (diff.square() if self.metric == "mse" else diff.abs()).mean(-1)  # (B, T, H, W)
+            per_step = -(error * weight).sum((-2, -1)) / weight.sum((-2, -1))
+        else:
+            per_step = _frame_metric(self.metric, rollouts.frames.float(), tgt, self.max_psnr)  # (B, T)
         return RewardResult(reward=aggregate(per_step, self.aggregate, self.gamma))
 
 

@@ -157,3 +157,42 @@ def test_fidelity_options(scene):
     assert torch.equal(get_reward("ssim", target="reference")(ref, episodes), torch.ones(6))
     with pytest.raises(ValueError, match="reference_frames"):
         get_reward("ssim", target="reference")(gt, episodes)
+
+
+def test_object_weighted_mse_by_hand():
+    """`object_weight` w: a weighted mean of the squared error in which object pixels count w times.
+    Hand-worked on one 2x2 frame: object pixel error 0.5 (squared 0.25), background errors 0, 0.1, 0."""
+    episodes = make_episodes(range(1), num_steps=2)
+    gt = truth_rollouts(episodes, num_context=1)
+    seg = torch.zeros_like(episodes.segmentation)
+    seg[0, 1, 0, 0] = 3   # step 1 (the rollout's only frame): one object pixel at (0, 0)
+    small = dataclasses.replace(episodes, segmentation=seg[:, :, :2, :2], frames=episodes.frames[:, :, :2, :2])
+    truth = small.frames[:, 1:].float() / 255
+    pred = truth.clone()
+    pred[0, 0, 0, 0] += 0.5    # the object pixel, every channel: squared error 0.25
+    pred[0, 0, 1, 0] += 0.1    # one background pixel: 0.01
+    rollouts = _with(dataclasses.replace(gt, frames=gt.frames[:, :, :2, :2]), pred)
+    plain = get_reward("neg_mse")(rollouts, small)
+    weighted = get_reward("neg_mse", object_weight=5.0)(rollouts, small)
+    mae = get_reward("neg_mae", object_weight=5.0)(rollouts, small)
+    assert plain.item() == pytest.approx(-(0.25 + 0.01) / 4, abs=1e-6)
+    assert weighted.item() == pytest.approx(-(5 * 0.25 + 0.01) / (5 + 3), abs=1e-6)
+    assert mae.item() == pytest.approx(-(5 * 0.5 + 0.1) / (5 + 3), abs=1e-6)
+    # The decision it changes: unsure where the object is (right or one pixel off, 50/50), drawing it
+    # scores the same as erasing it under plain MSE, and better once object pixels weigh 5.
+    truth = torch.zeros(1, 1, 2, 2, 3)
+    truth[0, 0, 0, 0] = 1.0                       # a white object pixel on black
+    small.frames[:, 1:] = (truth * 255).to(small.frames.dtype)
+    misplaced, erased = torch.zeros_like(truth), torch.zeros_like(truth)
+    misplaced[0, 0, 1, 1] = 1.0
+    for weight, drawing_wins in ((1.0, False), (5.0, True)):
+        reward = get_reward("neg_mse", object_weight=weight)
+        draw = (reward(_with(rollouts, truth), small) + reward(_with(rollouts, misplaced), small)) / 2
+        erase = reward(_with(rollouts, erased), small)
+        assert (draw.item() > erase.item() + 1e-6) == drawing_wins, weight
+        if not drawing_wins:
+            assert draw.item() == pytest.approx(erase.item())
+    with pytest.raises(ValueError, match="object_weight is for metric"):
+        get_reward("ssim", object_weight=2.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        get_reward("neg_mse", object_weight=0.0)
