@@ -103,6 +103,37 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.metadata == {"note": "test"}
 
 
+def test_bfloat16_weights_halve_the_file_and_load_exactly(tmp_path):
+    """weights_dtype='bfloat16': floating weights stored at half the bytes; the loaded model holds exactly
+    the bf16-rounded weights (in float32 parameters), and its score() equals its rollout log-probs."""
+    from safetensors.torch import load_file
+
+    model = make_tiny_model()
+    model.save_pretrained(tmp_path / "f32")
+    model.save_pretrained(tmp_path / "bf16", weights_dtype="bfloat16")
+    stored = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.bfloat16}
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("f32", "bf16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    loaded = TokenWorldModel.from_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["weights_dtype"] == "bfloat16"
+    for key, value in loaded.state_dict().items():
+        original = model.state_dict()[key]
+        expected = original.to(torch.bfloat16).float() if original.is_floating_point() else original
+        assert value.dtype == original.dtype and torch.equal(value, expected), key
+    context, actions = _inputs(loaded)[:, :2], torch.randint(0, 35, (2, 4))
+    out = loaded.rollout(context, actions, 3, seeds=[1, 2])
+    scored = loaded.score(torch.cat([context, out.tokens], 1), actions, num_context=2)
+    torch.testing.assert_close(scored, out.logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="weights_dtype must be one of"):
+        model.save_pretrained(tmp_path / "f16", weights_dtype="float16")
+    from posttrain.pretrain import PretrainConfig
+
+    assert PretrainConfig(weights_dtype="bfloat16").weights_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="weights_dtype must be one of"):
+        PretrainConfig(weights_dtype="float16")
+
+
 def test_saved_files_follow_the_umask(tmp_path):
     """safetensors alone writes 0600; a published model must be readable by whoever the umask allows."""
     import os

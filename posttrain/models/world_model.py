@@ -292,16 +292,26 @@ class TokenWorldModel(nn.Module):
         return {"architecture": ARCHITECTURE, "tokenizer": dataclasses.asdict(self.tokenizer.config),
                 "dynamics": dataclasses.asdict(self.dynamics.config)}
 
-    def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> Path:
-        """Write config.json + model.safetensors (+ metadata in the config) to `folder`."""
+    def save_pretrained(self, folder: str | Path, metadata: dict | None = None,
+                        weights_dtype: str = "float32") -> Path:
+        """Write config.json + model.safetensors (+ metadata in the config) to `folder`.
+
+        weights_dtype "bfloat16" stores floating-point weights at half the size (a wider model then fits a
+        size budget); `from_pretrained` loads them back into float32 parameters, so the loaded model is the
+        bf16-rounded one, exactly and for every later use (score() still equals the rollout log-probs)."""
         from safetensors.torch import save_file
 
+        if weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = self.config_dict()
+        config["weights_dtype"] = weights_dtype
         if metadata:
             config["metadata"] = metadata
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        dtype = WEIGHTS_DTYPES[weights_dtype]
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": ARCHITECTURE})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         match_umask(folder)
@@ -328,6 +338,9 @@ class TokenWorldModel(nn.Module):
         model.load_state_dict(state)
         model.metadata = config.get("metadata", {})
         return model.eval()
+
+
+WEIGHTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def read_model_config(folder: Path, architecture: str, required: tuple[str, ...]) -> dict:
