@@ -127,10 +127,9 @@ class PretrainConfig:
         from posttrain.data import check_held_out
 
         require(self, positive=("log_every",), non_negative=("threads",))
-        from posttrain.models.world_model import WEIGHTS_DTYPES
+        from posttrain.models.world_model import weights_torch_dtype
 
-        if self.weights_dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}")
+        weights_torch_dtype(self.weights_dtype)  # refuse a bad name now, not after hours of training
         for held_out in [self.eval_data, *self.shifted_eval_data]:
             for train in [self.data, *self.extra_data]:
                 check_held_out(train, held_out, "eval_data")

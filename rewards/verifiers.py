@@ -31,18 +31,28 @@ from .registry import Reward, RewardResult, register_reward
 from .types import EpisodeBatch, RolloutBatch
 
 __all__ = ["Fidelity", "Consistency3D", "LoopClosure", "ObjectPermanence", "ObjectPresence", "true_frames",
-           "aggregate"]
+           "true_segmentation", "rollout_steps", "aggregate"]
 
 
-def true_frames(rollouts: RolloutBatch, episodes: EpisodeBatch) -> torch.Tensor:
-    """The episode frames for the rollout's steps, float in [0, 1]: (B, T, H, W, 3)."""
+def rollout_steps(rollouts: RolloutBatch, episodes: EpisodeBatch) -> slice:
+    """The episode steps a rollout's frames stand for, after checking the episodes cover them."""
     nc, t = rollouts.num_context, rollouts.horizon
     e = episodes.frames.shape[1]
     if nc + t > e:
         raise ValueError(f"rollout covers steps {nc}..{nc + t - 1} but episodes have {e} frames")
     if episodes.batch_size != rollouts.batch_size:
         raise ValueError(f"batch sizes differ: rollouts {rollouts.batch_size}, episodes {episodes.batch_size}")
-    return episodes.frames[:, nc : nc + t].to(rollouts.frames.device).float() / 255.0
+    return slice(nc, nc + t)
+
+
+def true_frames(rollouts: RolloutBatch, episodes: EpisodeBatch) -> torch.Tensor:
+    """The episode frames for the rollout's steps, float in [0, 1]: (B, T, H, W, 3)."""
+    return episodes.frames[:, rollout_steps(rollouts, episodes)].to(rollouts.frames.device).float() / 255.0
+
+
+def true_segmentation(rollouts: RolloutBatch, episodes: EpisodeBatch) -> torch.Tensor:
+    """The episode segmentation for the rollout's steps (0 background, k object k): (B, T, H, W)."""
+    return episodes.segmentation[:, rollout_steps(rollouts, episodes)].to(rollouts.frames.device)
 
 
 def aggregate(values: torch.Tensor, how: str = "mean", gamma: float = 0.9) -> torch.Tensor:
@@ -118,8 +128,7 @@ class Fidelity(Reward):
         else:
             tgt = true_frames(rollouts, episodes)
         if self.object_weight != 1.0:
-            steps = slice(rollouts.num_context, rollouts.num_context + rollouts.horizon)
-            objects = episodes.segmentation[:, steps].to(tgt.device) > 0  # (B, T, H, W)
+            objects = true_segmentation(rollouts, episodes) > 0  # (B, T, H, W)
             weight = 1.0 + (self.object_weight - 1.0) * objects.float()
             diff = rollouts.frames.float() - tgt
             error = (diff.square() if self.metric == "mse" else diff.abs()).mean(-1)  # (B, T, H, W)
@@ -279,12 +288,11 @@ class ObjectPermanence(Reward):
         self.centroid_weight = centroid_weight
 
     def evaluate(self, rollouts: RolloutBatch, episodes: EpisodeBatch) -> RewardResult:
-        true_frames(rollouts, episodes)
         frames = rollouts.frames.float()  # (B, T, H, W, 3)
         b, t, h, w, _ = frames.shape
         dev = frames.device
-        steps = slice(rollouts.num_context, rollouts.num_context + t)
-        seg = episodes.segmentation[:, steps].to(dev)  # (B, T, H, W)
+        steps = rollout_steps(rollouts, episodes)
+        seg = true_segmentation(rollouts, episodes)  # (B, T, H, W)
         vis = episodes.object_visible[:, steps].to(dev).bool()  # (B, T, 6)
         colors = episodes.object_colors.to(dev).float() / 255.0  # (B, 6, 3)
         pos = episodes.object_positions[:, steps].to(dev).float()  # (B, T, 6, 3)
@@ -344,9 +352,7 @@ class ObjectPresence(Reward):
         self.threshold, self.erode, self.aggregate, self.gamma = threshold, erode, aggregate, gamma
 
     def evaluate(self, rollouts: RolloutBatch, episodes: EpisodeBatch) -> RewardResult:
-        truth = true_frames(rollouts, episodes)
-        steps = slice(rollouts.num_context, rollouts.num_context + rollouts.horizon)
-        seg = episodes.segmentation[:, steps].to(truth.device)
+        truth, seg = true_frames(rollouts, episodes), true_segmentation(rollouts, episodes)
         presence = metrics.object_presence(rollouts.frames.float(), truth, seg, self.threshold, self.erode)  # (B,T,K)
         seen = ~presence.isnan()
         per_frame = torch.nan_to_num(presence).sum(-1) / seen.sum(-1).clamp_min(1)  # (B, T)

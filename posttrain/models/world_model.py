@@ -301,15 +301,13 @@ class TokenWorldModel(nn.Module):
         bf16-rounded one, exactly and for every later use (score() still equals the rollout log-probs)."""
         from safetensors.torch import save_file
 
-        if weights_dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+        dtype = weights_torch_dtype(weights_dtype)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = self.config_dict()
         config["weights_dtype"] = weights_dtype
         if metadata:
             config["metadata"] = metadata
-        dtype = WEIGHTS_DTYPES[weights_dtype]
         state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
                  for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": ARCHITECTURE})
@@ -341,6 +339,13 @@ class TokenWorldModel(nn.Module):
 
 
 WEIGHTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def weights_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype `save_pretrained(weights_dtype=name)` stores; a clear error for any other name."""
+    if name not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {name!r}")
+    return WEIGHTS_DTYPES[name]
 
 
 def read_model_config(folder: Path, architecture: str, required: tuple[str, ...]) -> dict:
