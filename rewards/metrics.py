@@ -86,16 +86,33 @@ def _out(t: torch.Tensor, is_numpy: bool):
     return t.cpu().numpy() if is_numpy else t
 
 
-def mse(a, b, data_range: float | None = None):
-    """Mean squared error per image over (H, W, C), in [0, 1]-scaled units. Shape (...)."""
-    ta, tb, is_numpy = _prepare(a, b, data_range)
-    return _out((ta - tb).square().mean(dim=(-3, -2, -1)), is_numpy)
+def _pixel_mean(error: torch.Tensor, weight) -> torch.Tensor:
+    """Mean of a (..., H, W, C) error over each image; `weight` (..., H, W) >= 0 weighs the pixels."""
+    if weight is None:
+        return error.mean(dim=(-3, -2, -1))
+    w = torch.as_tensor(weight, dtype=error.dtype, device=error.device)
+    if w.shape != error.shape[:-1]:
+        raise ValueError(f"weight must have the images' shape without channels {tuple(error.shape[:-1])}, "
+                         f"got {tuple(w.shape)}")
+    if (w < 0).any():
+        raise ValueError("weight must be >= 0")
+    return (error.mean(-1) * w).sum((-2, -1)) / w.sum((-2, -1))
 
 
-def mae(a, b, data_range: float | None = None):
-    """Mean absolute error per image over (H, W, C), in [0, 1]-scaled units. Shape (...)."""
+def mse(a, b, data_range: float | None = None, weight=None):
+    """Mean squared error per image over (H, W, C), in [0, 1]-scaled units. Shape (...).
+
+    ``weight`` (..., H, W): a weighted mean over pixels (e.g. object pixels counting w times)."""
     ta, tb, is_numpy = _prepare(a, b, data_range)
-    return _out((ta - tb).abs().mean(dim=(-3, -2, -1)), is_numpy)
+    return _out(_pixel_mean((ta - tb).square(), weight), is_numpy)
+
+
+def mae(a, b, data_range: float | None = None, weight=None):
+    """Mean absolute error per image over (H, W, C), in [0, 1]-scaled units. Shape (...).
+
+    ``weight`` (..., H, W): a weighted mean over pixels, as in `mse`."""
+    ta, tb, is_numpy = _prepare(a, b, data_range)
+    return _out(_pixel_mean((ta - tb).abs(), weight), is_numpy)
 
 
 def psnr(a, b, data_range: float | None = None):

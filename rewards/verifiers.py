@@ -68,11 +68,13 @@ def aggregate(values: torch.Tensor, how: str = "mean", gamma: float = 0.9) -> to
     raise ValueError(f"aggregate must be 'mean', 'last' or 'discounted', got {how!r}")
 
 
-def _frame_metric(metric: str, pred: torch.Tensor, tgt: torch.Tensor, max_psnr: float) -> torch.Tensor:
+def _frame_metric(metric: str, pred: torch.Tensor, tgt: torch.Tensor, max_psnr: float,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-frame score, higher is better; `weight` (pixels, MSE/MAE only) as in `metrics.mse`."""
     if metric == "mse":
-        return -metrics.mse(pred, tgt)
+        return -metrics.mse(pred, tgt, weight=weight)
     if metric == "mae":
-        return -metrics.mae(pred, tgt)
+        return -metrics.mae(pred, tgt, weight=weight)
     if metric == "psnr":
         # Identical frames give +inf dB; clamp so a perfect rollout is a finite best score.
         return metrics.psnr(pred, tgt).clamp(max=max_psnr)
@@ -127,14 +129,11 @@ class Fidelity(Reward):
             tgt = rollouts.reference_frames.float()
         else:
             tgt = true_frames(rollouts, episodes)
+        weight = None
         if self.object_weight != 1.0:
             objects = true_segmentation(rollouts, episodes) > 0  # (B, T, H, W)
             weight = 1.0 + (self.object_weight - 1.0) * objects.float()
-            diff = rollouts.frames.float() - tgt
-            error = (diff.square() if self.metric == "mse" else diff.abs()).mean(-1)  # (B, T, H, W)
-            per_step = -(error * weight).sum((-2, -1)) / weight.sum((-2, -1))
-        else:
-            per_step = _frame_metric(self.metric, rollouts.frames.float(), tgt, self.max_psnr)  # (B, T)
+        per_step = _frame_metric(self.metric, rollouts.frames.float(), tgt, self.max_psnr, weight)  # (B, T)
         return RewardResult(reward=aggregate(per_step, self.aggregate, self.gamma))
 
 

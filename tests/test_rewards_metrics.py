@@ -66,3 +66,18 @@ def test_rejects_bad_shapes():
         metrics.mse(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
     with pytest.raises(ValueError, match="at least 11x11"):
         metrics.ssim(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)))
+
+
+def test_weighted_mse_and_mae_match_numpy_average():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((2, 5, 6, 3)), rng.random((2, 5, 6, 3))
+    weight = rng.integers(1, 6, size=(2, 5, 6)).astype(np.float64)
+    for fn, err in [(metrics.mse, np.square(a - b)), (metrics.mae, np.abs(a - b))]:
+        expected = [np.average(err[i].mean(-1), weights=weight[i]) for i in range(2)]
+        np.testing.assert_allclose(fn(a, b, weight=weight), expected, rtol=1e-12)
+        # Equal weights are the plain mean.
+        np.testing.assert_allclose(fn(a, b, weight=np.full((2, 5, 6), 7.0)), fn(a, b), rtol=1e-12)
+    with pytest.raises(ValueError, match="without channels"):
+        metrics.mse(a, b, weight=weight[..., None])
+    with pytest.raises(ValueError, match=">= 0"):
+        metrics.mse(a, b, weight=-weight)
