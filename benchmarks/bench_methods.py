@@ -192,11 +192,19 @@ def main() -> None:
     runs = Path(args.runs) / args.split
     scenes = {"default": ({}, split["seeds"]), **{k: (v, split["shifted_seeds"]) for k, v in SHIFTS.items()}}
     results: dict = {"base": {"adapter": None}}
+    from posttrain.models import weights_hash
+    from posttrain.models.registry import resolve_model_path
+
+    # The name "default" outlives the weights behind it: results are tied to the weights' hash.
+    model_sha = weights_hash(resolve_model_path(args.model))
     if args.base_from:
         earlier = json.loads(Path(args.base_from).read_text())
-        if (earlier["split"], earlier["model"], earlier["horizon"]) != (args.split, args.model, HORIZON):
-            parser.error(f"--base-from {args.base_from}: it is split {earlier['split']!r}, model {earlier['model']!r}, "
-                         f"horizon {earlier['horizon']}; this run is {args.split!r}, {args.model!r}, {HORIZON}")
+        mine = (args.split, args.model, HORIZON, model_sha)
+        theirs = (earlier["split"], earlier["model"], earlier["horizon"], earlier.get("model_weights_sha256"))
+        if theirs != mine:
+            parser.error(f"--base-from {args.base_from}: it is split {theirs[0]!r}, model {theirs[1]!r}, horizon "
+                         f"{theirs[2]}, weights sha256 {str(theirs[3])[:12]}; this run is {mine[0]!r}, {mine[1]!r}, "
+                         f"{mine[2]}, {mine[3][:12]} (a file without the hash predates it: evaluate the base again)")
         results["base"] = {**earlier["results"]["base"], "eval_from": args.base_from}
     for name in names:
         out = runs / name
@@ -217,7 +225,8 @@ def main() -> None:
                                     for t in (0.0, 1.0)}
         print(f"evaluated {name}", flush=True)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
-              "split": args.split, "minutes_per_method": args.minutes, "model": args.model, "horizon": HORIZON,
+              "split": args.split, "minutes_per_method": args.minutes, "model": args.model,
+              "model_weights_sha256": model_sha, "horizon": HORIZON,
               "scenes": {k: {"scene": v[0], "seeds": v[1]} for k, v in scenes.items()}, "results": results,
               "tables": {scene: table(results, scene) for scene in scenes}}
     out_json.parent.mkdir(parents=True, exist_ok=True)
