@@ -291,7 +291,7 @@ class ObjectPermanence(Reward):
         b, t, h, w, _ = frames.shape
         dev = frames.device
         steps = rollout_steps(rollouts, episodes)
-        seg = true_segmentation(rollouts, episodes)  # (B, T, H, W)
+        seg = episodes.segmentation[:, steps].to(dev)  # (B, T, H, W), as true_segmentation (steps already checked)
         vis = episodes.object_visible[:, steps].to(dev).bool()  # (B, T, 6)
         colors = episodes.object_colors.to(dev).float() / 255.0  # (B, 6, 3)
         pos = episodes.object_positions[:, steps].to(dev).float()  # (B, T, 6, 3)
