@@ -51,7 +51,7 @@ from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.envs3d.jobs import atomic_write
 from posttrain.report import save_step_video
-from posttrain.rewards import RewardSpec
+from posttrain.rewards import RewardSpec, check_reward_specs
 
 OFFLINE_STEP = -1
 """The `step` mixed into the rollout seeds of offline pairs (no training step is negative)."""
@@ -315,6 +315,8 @@ class ReferenceCache:
     def lookup(self, ids: list[str], compute) -> tuple[torch.Tensor, int, int]:
         """(P, 2) float64 reference log-probs for `ids`; `compute(missing_positions) -> (M, 2)` fills
         the missing ones, which are then written to disk. Returns (values, hits, misses)."""
+        if not ids:  # a step whose every group tied or failed has no pair to look up
+            return torch.zeros(0, 2, dtype=torch.float64), 0, 0
         missing = [i for i, key in enumerate(ids) if key not in self.values]
         if missing:
             computed = compute(torch.tensor(missing)).double().cpu()
@@ -370,6 +372,8 @@ def pair_loss(config: DPOConfig, ref: torch.Tensor, weight: torch.Tensor, num_pa
 def run(config: DPOConfig):
     """Set up, make the fixed pairs (offline/jsonl) once, then for each step: make (online) or pick this
     step's pairs with their reference log-probs, take one optimizer step on the DPO loss, log, checkpoint."""
+    if config.pairs.source != "jsonl":  # before any work: a bad reward would otherwise fail after the rollouts
+        check_reward_specs(config.rewards)
     session = training.setup("dpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
                              overwrite=config.overwrite, frozen_reference=True, dataset=config.data.path)

@@ -254,6 +254,16 @@ def run_eval_cli(args) -> int:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     if Path(args.json).is_dir():
         raise ValueError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'eval.json'}")
+    if Path(args.json).suffix.lower() == ".png":
+        raise ValueError(f"--json {args.json} ends in .png, the filmstrip's name (it is written beside the JSON as "
+                         f"{Path(args.json).with_suffix('.png').name}); give a .json path")
+    from posttrain.models.registry import resolve_model_path
+    from posttrain.runfolder import check_not_overlapping
+
+    # The report and its filmstrip may not land on or inside an input (a model's config.json, its mean frame).
+    inputs = {"model": resolve_model_path(args.model), "adapter": args.adapter, "episode cache": args.cache_dir}
+    for written in (Path(args.json), Path(args.json).with_suffix(".png")):
+        check_not_overlapping(written, inputs)
     config = EvalConfig(
         data=EpisodeDataConfig(seeds=args.seeds, frames=args.context + args.horizon, image_size=args.size,
                                scene=dict(s.split("=", 1) if "=" in s else (s, None) for s in (args.scene or [])), cache_dir=args.cache_dir),

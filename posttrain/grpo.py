@@ -33,7 +33,7 @@ from posttrain import rollouts, training
 from posttrain.config import to_dict
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.report import save_step_video
-from posttrain.rewards import RewardOutput, RewardSpec
+from posttrain.rewards import RewardOutput, RewardSpec, check_reward_specs
 
 
 @dataclass
@@ -200,6 +200,9 @@ def micro_batch_loss(config: GRPOConfig, old_logp, advantages, valid, ref_logp, 
 
 def run(config: GRPOConfig):
     """Set up, then for each step: pick prompts, generate groups, score, advantages, update, log, checkpoint."""
+    check_reward_specs(config.rewards)  # before any work: a bad reward would otherwise fail after the rollouts
+    if config.monitor_rewards:
+        check_reward_specs(config.monitor_rewards, key="monitor_rewards")
     session = training.setup("grpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
                              overwrite=config.overwrite, frozen_reference=bool(config.kl_coef),

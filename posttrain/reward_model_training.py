@@ -29,7 +29,7 @@ import torch
 from posttrain import rollouts
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.logging_utils import MetricsWriter, progress_bar
-from posttrain.rewards import RewardSpec
+from posttrain.rewards import RewardSpec, check_reward_specs
 from posttrain.rewards.reward_model import (
     PreferencePairs,
     RewardModelConfig,
@@ -75,6 +75,8 @@ class RewardModelRecipe:
     """Processes scoring rewards."""
     pairs_path: str = ""
     """A person's preference JSONL (see load_pairs_jsonl); when set, no rollouts are sampled."""
+    overwrite: bool = False
+    """Replace a previous reward-model run in `out` (set by `posttrain run --overwrite`)."""
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     """Reward-model architecture and training (steps, lr, held-out fraction, seed)."""
 
@@ -134,8 +136,19 @@ def sample_preference_pairs(config: RewardModelRecipe, progress: bool = True) ->
 
 
 def run(config: RewardModelRecipe) -> Path:
+    from posttrain.models.registry import resolve_model_path
+    from posttrain.runfolder import RunLock, prepare_run_folder
+
+    if not config.pairs_path:
+        check_reward_specs(config.rewards)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # The same run-folder rules as every other method: a non-empty `out` needs --overwrite (and then only a
+    # folder a posttrain run wrote), and `out` may not be, contain or lie inside an input.
+    inputs = {"pairs file": config.pairs_path or None, "dataset": getattr(config.data, "path", None) or None}
+    if not config.pairs_path:
+        inputs["world model"] = resolve_model_path(config.model)
+    prepare_run_folder(out, resume=False, overwrite=config.overwrite, inputs=inputs)
+    lock = RunLock(out, "reward_model")  # noqa: F841 (held until the process ends)
     log = MetricsWriter(out / "metrics.jsonl")
     started = time.perf_counter()
     if config.pairs_path:

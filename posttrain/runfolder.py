@@ -3,8 +3,10 @@
 Rules (the README's "Reliability" section states them for users):
 - a run writes into an empty or new `out`; a non-empty `out` needs `--resume` (continue it) or
   `--overwrite` (replace it), and `--overwrite` deletes only a folder that holds this toolkit's
-  run marker (`.posttrain-run`), never anything else;
-- `out` may not be, contain, or lie inside an input (the model folder, a dataset path, an adapter);
+  run marker (`.posttrain-run`), never anything else; a marked folder left by a start that failed on
+  bad input (nothing but the marker, lock, config.json and empty logs: `FAILED_START`) is reused as if empty;
+- `out` may not be, contain, or lie inside an input (the model folder, and every recipe value under a key
+  named `path` or `*_path`: datasets, held-out sets, pair files, a learned reward; see `input_paths`);
 - one process (rank 0) holds an exclusive lock on `out/.lock` while the run lives; a second run on
   the same folder is refused with a message naming the first (its pid, host and start time). The
   lock is an OS-level `flock`, so it disappears with its process, even after SIGKILL;
@@ -25,11 +27,40 @@ from pathlib import Path
 MARKER = ".posttrain-run"
 LOCK = ".lock"
 
-RESUMABLE_CHANGES = ("resume", "overwrite", "steps", "eval", "eval_temperatures", "reward_workers",
+RESUMABLE_CHANGES = ("resume", "overwrite", "out", "steps", "eval", "eval_temperatures", "reward_workers",
+                     "data.workers", "data.cache_dir",
                      "train.threads", "train.tensorboard", "train.eval_at_end", "train.video_every",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.rollout_batch_size", "train.max_nonfinite_steps", "train.max_minutes")
-"""Recipe fields a resumed run may change: they do not alter what the restored state trains."""
+"""Recipe fields a resumed run may change: they do not alter what the restored state trains (`out` is the
+folder being resumed however it is spelled; workers and the cache folder only say how episodes are made)."""
+
+FAILED_START = {LOCK, MARKER, "config.json", "tensorboard", "metrics.jsonl"}
+"""What a run writes before its first step. A marked folder holding no more than this (and an empty
+metrics.jsonl) is a start that failed on bad input: nothing in it is worth keeping, so a corrected rerun
+reuses it without --overwrite."""
+
+
+def input_paths(recipe: dict, prefix: str = "") -> dict[str, str]:
+    """{recipe key: path} for every non-empty value of a key named `path` or ending in `_path` (data.path,
+    eval.data.path, pairs.path, a learned reward's params.path, pairs_path, ...): inputs a run must not
+    write over."""
+    found: dict[str, str] = {}
+    items = recipe.items() if isinstance(recipe, dict) else enumerate(recipe)
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (dict, list, tuple)):
+            found.update(input_paths(value, name))
+        elif isinstance(key, str) and (key == "path" or key.endswith("_path")) and value:
+            found[name] = str(value)
+    return found
+
+
+def _failed_start(out: Path, contents: list[Path]) -> bool:
+    if not (out / MARKER).is_file() or any(p.name not in FAILED_START for p in contents):
+        return False
+    metrics = out / "metrics.jsonl"  # (tensorboard's event files hold nothing until a step logs)
+    return not metrics.exists() or metrics.stat().st_size == 0
 
 
 def check_not_overlapping(out: Path, inputs: dict[str, str | Path | None]) -> None:
@@ -38,7 +69,7 @@ def check_not_overlapping(out: Path, inputs: dict[str, str | Path | None]) -> No
 
     for what, path in inputs.items():
         if path and overlap(out, path):
-            raise ValueError(f"output folder {out} overlaps the {what} {path}: an output may not be, contain "
+            raise ValueError(f"output {out} {overlap(out, path)} the {what} {path}: an output may not be, contain "
                              f"or lie inside an input (nothing was written)")
 
 
@@ -54,6 +85,8 @@ def prepare_run_folder(out: str | Path, *, resume: bool, overwrite: bool, main_p
     contents = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
     if not contents or resume:
         return
+    if _failed_start(out, contents):
+        overwrite = True  # our own marker and nothing a step wrote: clear it as --overwrite would
     if not overwrite:
         raise FileExistsError(f"run folder {out} is not empty: pass --resume to continue it, --overwrite to "
                               f"replace it, or choose another out=")

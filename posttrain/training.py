@@ -142,7 +142,7 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
 
     from posttrain.models import load_model, weights_hash
     from posttrain.models.registry import resolve_model_path
-    from posttrain.runfolder import RunLock, check_resume_config, prepare_run_folder
+    from posttrain.runfolder import RunLock, check_resume_config, input_paths, prepare_run_folder
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -158,8 +158,8 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
     lock = None
     if acc.is_main_process:
         # Before anything is written: refuse to clobber, then hold the folder for the run's life.
-        prepare_run_folder(out, resume=resume, overwrite=overwrite,
-                           inputs={"model folder": resolve_model_path(model), "dataset": dataset or None})
+        inputs = {"model folder": resolve_model_path(model), "dataset": dataset or None, **input_paths(recipe)}
+        prepare_run_folder(out, resume=resume, overwrite=overwrite, inputs=inputs)
         lock = RunLock(out, method)
         if resume:
             check_resume_config(out, recipe)
@@ -172,6 +172,12 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
         plugin.deepspeed_config["gradient_clipping"] = settings.max_grad_norm or 0.0
     if resume and not latest_checkpoint(out):
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if resume and isinstance(recipe.get("steps"), int):
+        done = int(latest_checkpoint(out).name.rsplit("-", 1)[-1]) + 1  # step-000003 holds steps 0..3
+        if recipe["steps"] < done:
+            raise ValueError(f"--resume: {out} holds a checkpoint after {done} steps; steps={recipe['steps']} is "
+                             f"fewer, and trained weights cannot be un-trained. Give steps >= {done}, or start a "
+                             f"new run (out=...)")
     base_hash = weights_hash(resolve_model_path(model))
     policy = load_model(model)
     torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same run

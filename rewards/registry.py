@@ -23,7 +23,9 @@ themselves, and the package's ``__init__`` imports them, so importing any part o
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -86,6 +88,8 @@ class FunctionReward(Reward):
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+_SIGNATURES: dict[str, tuple[Callable, int]] = {}
+"""name -> (the callable whose signature takes the params, positional arguments before them)."""
 
 
 class UnknownRewardError(KeyError):
@@ -102,12 +106,14 @@ def register_reward(name: str):
     def deco(obj):
         if isinstance(obj, type) and issubclass(obj, Reward):
             obj.name = name
-            factory = obj
+            factory, signature = obj, (obj, 0)
         elif callable(obj):
             factory = lambda **params: FunctionReward(name, obj, params)  # noqa: E731
+            signature = (obj, 2)  # fn(rollouts, episodes, **params)
         else:
             raise TypeError(f"register_reward({name!r}) needs a Reward subclass or a function")
         _REGISTRY[name] = factory
+        _SIGNATURES[name] = signature
         return obj
 
     return deco
@@ -118,12 +124,37 @@ def list_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _unknown(name: str, where: str = "") -> UnknownRewardError:
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UnknownRewardError(f"{where}unknown reward {name!r}{hint} (registered: {', '.join(sorted(_REGISTRY))})")
+
+
+def check_reward_specs(specs: list, key: str = "rewards") -> None:
+    """Refuse, before any work starts, the specs that `get_reward` would refuse after it: an empty list, an
+    unknown name, parameters the reward does not take, or a `*path` parameter that does not exist.
+    `key` is the recipe key, named in the message. Rewards are not built here (a learned reward would load
+    its model): only their signatures are checked."""
+    if not specs:
+        raise ValueError(f"{key}: no reward listed; give at least one, e.g. {key}=[{{name: psnr}}]")
+    for index, spec in enumerate(specs):
+        where = f"{key}[{index}]: "
+        if spec.name not in _REGISTRY:
+            raise _unknown(spec.name, where)
+        target, positional = _SIGNATURES[spec.name]
+        try:
+            inspect.signature(target).bind(*([None] * positional), **spec.params)
+        except TypeError as exc:
+            raise ValueError(f"{where}reward {spec.name!r} does not take params {sorted(spec.params)}: {exc}") from None
+        for name, value in spec.params.items():
+            if name.endswith("path") and isinstance(value, (str, Path)) and value and not Path(value).exists():
+                raise FileNotFoundError(f"{where}reward {spec.name!r}: params.{name}={value} does not exist")
+
+
 def get_reward(name: str, **params) -> Reward:
     """Instantiate the reward registered under ``name`` with ``params``."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownRewardError(f"unknown reward {name!r}{hint} (registered: {', '.join(sorted(_REGISTRY))})")
+        raise _unknown(name)
     try:
         return _REGISTRY[name](**params)
     except TypeError as e:

@@ -56,7 +56,7 @@ def test_overwrite_refuses_a_folder_it_did_not_write(tiny_model_dir, data_cache,
 
 
 def test_out_may_not_overlap_the_model_folder(tiny_model_dir, data_cache, tmp_path):
-    with pytest.raises(ValueError, match="overlaps the model folder"):
+    with pytest.raises(ValueError, match="lies inside the model folder"):
         run_recipe(RECIPE, _overrides(tiny_model_dir, data_cache, tiny_model_dir / "run"))
     assert not (tiny_model_dir / "run").exists()
 
@@ -98,6 +98,15 @@ def test_resume_cuts_the_log_back_and_refuses_changed_fields(tiny_model_dir, dat
     a = load_file(str(unbroken / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Fewer steps than the checkpoint holds is refused before anything is rewritten (the model card would
+    # otherwise claim 2 steps for weights trained 4); the same folder spelled another way resumes.
+    config = (killed / "config.json").read_text()
+    with pytest.raises(ValueError, match="checkpoint after 4 steps; steps=2 is fewer"):
+        run_recipe(RECIPE, _overrides(tiny_model_dir, data_cache, killed, 2, ["train.checkpoint_every=2"]), resume=True)
+    assert (killed / "config.json").read_text() == config
+    respelled = tmp_path / "." / "killed"
+    run_recipe(RECIPE, _overrides(tiny_model_dir, data_cache, respelled, 4, ["train.checkpoint_every=2",
+                                                                            "data.workers=2"]), resume=True)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, data_cache, tmp_path, monkeypatch):

@@ -1,0 +1,128 @@
+"""Outputs never land on or inside inputs, and starts that fail on bad input cost nothing.
+
+Cases found by an audit of the CLI: `eval --json` written over a model's files, the reward-model
+method's run folder without the clobber rules, `--overwrite` deleting a held-out set named only under
+`eval.data.path`, reward specs checked only after minutes of work, a failed start blocking its own rerun,
+and DPO crashing on a step where every group tied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_grpo_overrides
+
+from posttrain.cli import main
+from posttrain.runfolder import LOCK, MARKER, input_paths, prepare_run_folder
+
+GRPO = "recipes/grpo_tabletop.yaml"
+
+
+def _code_and_error(argv, capsys):
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    return code, captured.err
+
+
+def test_eval_json_may_not_overwrite_the_models_files(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    base = ["eval", "--model", str(model), "--seeds", "0:2", "--size", "32", "--horizon", "2",
+            "--cache-dir", str(tmp_path / "cache")]
+    for target, words in ((model / "config.json", "lies inside the model"),
+                          (model / "mean_frame.json", "lies inside the model"),  # its .png is the mean frame
+                          (tmp_path / "report.png", "ends in .png")):
+        code, err = _code_and_error([*base, "--json", str(target)], capsys)
+        assert code == 2 and words in err, err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert not (tmp_path / "cache").exists(), "refused before any episode was generated"
+
+
+def test_reward_model_runs_follow_the_run_folder_rules(tiny_model_dir, tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "report.json").write_text("precious")
+    recipe = ["run", "recipes/reward_model.yaml", f"model={tiny_model_dir}", "data.seeds=0:2", "data.image_size=32",
+              f"data.cache_dir={tmp_path / 'cache'}", "reward_model.steps=1"]
+    code, err = _code_and_error([*recipe, f"out={precious}"], capsys)
+    assert code == 2 and "not empty" in err, err
+    code, err = _code_and_error([*recipe, f"out={precious}", "--overwrite"], capsys)
+    assert code == 2 and MARKER in err, err
+    assert (precious / "report.json").read_text() == "precious"
+    code, err = _code_and_error([*recipe, f"out={tiny_model_dir / 'rm'}"], capsys)
+    assert code == 2 and "lies inside the world model" in err, err
+    assert not (tiny_model_dir / "rm").exists()
+
+
+def test_every_recipe_path_is_an_input(tiny_model_dir, data_cache, tmp_path, capsys):
+    recipe = {"data": {"path": "a"}, "eval": {"data": {"path": "b", "seeds": "0:2"}}, "pairs": {"path": ""},
+              "pairs_path": "c", "rewards": [{"name": "learned", "params": {"path": "d"}}]}
+    assert input_paths(recipe) == {"data.path": "a", "eval.data.path": "b", "pairs_path": "c",
+                                   "rewards[0].params.path": "d"}
+    # --overwrite of an earlier run must not delete a held-out set the recipe names inside it.
+    out = tmp_path / "run"
+    held_out = out / "heldout"
+    held_out.mkdir(parents=True)
+    (out / MARKER).write_text("{}")
+    (held_out / "dataset_info.json").write_text("{}")
+    argv = ["run", GRPO, *tiny_grpo_overrides(tiny_model_dir, data_cache, out, extra=[f"eval.data.path={held_out}"]),
+            "--overwrite"]
+    code, err = _code_and_error(argv, capsys)
+    assert code == 2 and "eval.data.path" in err, err
+    assert (held_out / "dataset_info.json").is_file()
+
+
+@pytest.mark.parametrize("rewards, words", [
+    ("[{name: psnr, params: {foo: 1}}]", ["rewards[0]", "psnr", "foo"]),
+    ("[{name: psnr}, {name: learned, params: {path: /no/such/model}}]", ["rewards[1]", "/no/such/model"]),
+    ("[{name: psnrr}]", ["rewards[0]", "did you mean 'psnr'"]),
+    ("[]", ["rewards", "no reward"]),
+])
+def test_bad_reward_specs_fail_before_any_work(rewards, words, tiny_model_dir, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    code, err = _code_and_error(["run", GRPO, *tiny_grpo_overrides(tiny_model_dir, cache, out,
+                                                                   extra=[f"rewards={rewards}"])], capsys)
+    assert code == 2, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not cache.exists() and not out.exists(), "no episodes generated, no run folder claimed"
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (MARKER, LOCK, "config.json"):
+        (out / name).write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    prepare_run_folder(out, resume=False, overwrite=False)  # nothing a step wrote: reused as if empty
+    assert not (out / "config.json").exists()
+    # Once a step has logged, the folder holds work: the usual rules apply.
+    for name in (MARKER, "config.json"):
+        (out / name).write_text("{}")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_run_folder(out, resume=False, overwrite=False)
+    # And a folder we did not mark is never taken for a failed start.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_run_folder(other, resume=False, overwrite=False)
+
+
+def test_dpo_reference_cache_with_no_pairs(tmp_path):
+    from posttrain.dpo import ReferenceCache
+
+    cache = ReferenceCache(tmp_path / "ref.safetensors", "hash")
+
+    def compute(_):
+        raise AssertionError("nothing to compute")
+
+    values, hits, misses = cache.lookup([], compute)
+    assert values.shape == (0, 2) and values.dtype == torch.float64 and (hits, misses) == (0, 0)
