@@ -115,6 +115,11 @@ class GRPOConfig(training.RunConfig):
             raise ValueError(f"credit={self.credit!r}; choose rollout or frame")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2 (advantages are relative within a group)")
+        if self.temperature == 0:
+            raise ValueError("temperature=0 makes every rollout of a group the same (greedy): no advantage, "
+                             "nothing trained; sample with temperature > 0 (greedy prefixes: prefix_temperature)")
+        if self.top_p == 0:
+            raise ValueError("top_p=0 keeps no token; give a value in (0, 1]")
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "group", eps: float = 1e-4):

@@ -10,6 +10,7 @@ is for.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,11 @@ class PretrainConfig:
         for held_out in [self.eval_data, *self.shifted_eval_data]:
             for train in [self.data, *self.extra_data]:
                 check_held_out(train, held_out, "eval_data")
+        shortest = min(d.frames for d in [self.data, *self.extra_data])
+        if not 2 <= self.dynamics.clip_frames <= shortest:
+            # Checked now: the clip sampler would fail only after the tokenizer stage (~35 min at full size).
+            raise ValueError(f"dynamics.clip_frames={self.dynamics.clip_frames} must be at least 2 and at most the "
+                             f"training episodes' frames ({shortest})")
     tokenizer: TokenizerTraining = field(default_factory=TokenizerTraining)
     """Tokenizer stage."""
     dynamics: DynamicsTraining = field(default_factory=DynamicsTraining)
@@ -259,9 +265,48 @@ def tokenizer_report(tokenizer: FrameTokenizer, frames: torch.Tensor, segmentati
     recon = torch.cat([tokenizer(frames[i: i + 256])[0].clamp(0, 1) for i in range(0, len(frames), 256)])
     truth = frames.float() / 255
     presence = object_presence(recon, truth, segmentation)
+    measured = presence[~presence.isnan()]  # empty when no object keeps an interior (tiny frames)
     return {"psnr_db": round(float(psnr(recon, truth).mean()), 2), "ssim": round(float(ssim(recon, truth).mean()), 4),
-            "object_interior_within_0.2": round(float(presence.nanmean()), 4),
-            "worst_object_decile": round(float(presence[~presence.isnan()].quantile(0.1)), 4)}
+            "object_interior_within_0.2": round(float(measured.mean()), 4) if len(measured) else None,
+            "worst_object_decile": round(float(measured.quantile(0.1)), 4) if len(measured) else None}
+
+
+def tokenizer_stage_recipe(config: PretrainConfig) -> dict:
+    """What the tokenizer stage's result depends on: its section, the training data and the seed (not how
+    episodes are made: workers, cache folder)."""
+    from posttrain.config import to_dict
+
+    def data(section):
+        return {k: v for k, v in to_dict(section).items() if k not in ("workers", "cache_dir")}
+
+    return {"tokenizer": to_dict(config.tokenizer), "data": data(config.data),
+            "extra_data": [data(d) for d in config.extra_data], "seed": config.seed}
+
+
+def load_tokenizer_stage(path: Path, config: PretrainConfig) -> FrameTokenizer:
+    """The finished tokenizer stage of an earlier run, if it was trained by this recipe (--resume)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from posttrain.runfolder import resume_changes
+
+    with safe_open(str(path), "pt") as handle:
+        saved = (handle.metadata() or {}).get("stage_recipe")
+    if saved is not None:
+        changes = resume_changes(json.loads(saved), json.loads(json.dumps(tokenizer_stage_recipe(config))))
+        if changes:
+            raise ValueError(f"--resume: {path} was trained with another recipe ({', '.join(changes)}); resume "
+                             f"with the original values, or start a new run (out=...)")
+    else:
+        print(f"note: {path} records no recipe (written by an earlier version); reusing it unchecked")
+    tokenizer = FrameTokenizer(config.tokenizer.model)
+    try:
+        tokenizer.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise ValueError(f"--resume: {path} does not fit tokenizer.model {config.tokenizer.model} (it was trained "
+                         f"with another shape); resume with the original tokenizer.model or start a new run "
+                         f"(out=...)") from exc
+    return tokenizer.eval()
 
 
 def run(config: PretrainConfig) -> Path:
@@ -304,18 +349,15 @@ def run(config: PretrainConfig) -> Path:
         print(f"continuing from {config.init}: its tokenizer is kept, its dynamics trained further")
     elif config.resume and stage_one.is_file():
         # The tokenizer stage is the first half of the budget: a rerun into the same folder reuses it.
-        from safetensors.torch import load_file
-
-        tokenizer = FrameTokenizer(config.tokenizer.model)
-        tokenizer.load_state_dict(load_file(str(stage_one)))
-        tokenizer.eval()
+        tokenizer = load_tokenizer_stage(stage_one, config)
         print(f"reusing the trained tokenizer {stage_one}")
     else:
         tokenizer = train_tokenizer(frames.reshape(-1, *frames.shape[2:]), config.tokenizer, generator, log,
                                     config.log_every, objects)
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(stage_one))
+        save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(stage_one),
+                  metadata={"stage_recipe": json.dumps(tokenizer_stage_recipe(config), sort_keys=True)})
     del objects
     tokenizer_minutes = (time.time() - started) / 60
     tokenizer_eval = {"held_out": tokenizer_report(tokenizer, held_out["frames"], held_out["segmentation"])}

@@ -86,6 +86,12 @@ class RewardModelRecipe:
                              f"{self.num_context + self.horizon}")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2 (a pair needs two rollouts)")
+        from posttrain.config import require
+
+        require(self, positive=("num_context", "horizon", "rollout_batch_size", "reward_workers", "top_k"),
+                non_negative=("temperature",), unit=("max_failure_fraction",))
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
 
 @torch.no_grad()

@@ -128,6 +128,17 @@ class Session:
     """The run folder's RunLock (main process), released by `finish`."""
 
 
+def check_image_sizes(recipe: dict, model_size: int | None, model: str) -> None:
+    """Refuse envs3d data whose frame size the model cannot read, naming the recipe key (a dataset folder
+    given by `path` is checked when it loads)."""
+    sections = {"data": recipe.get("data"), "eval.data": (recipe.get("eval") or {}).get("data")}
+    for key, section in sections.items():
+        size = (section or {}).get("image_size")
+        if model_size and size and not (section or {}).get("path") and size != model_size:
+            raise ValueError(f"{key}.image_size={size} does not match the model's {model_size}x{model_size} frames "
+                             f"({model}); set {key}.image_size={model_size}")
+
+
 def setup(method: str, *, out: str | Path, model: str, seed: int, settings: TrainerSettings, lora: LoraSettings,
           recipe: dict, resume: bool = False, overwrite: bool = False, frozen_reference: bool = False,
           dataset: str | None = None) -> Session:
@@ -180,6 +191,7 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
                              f"new run (out=...)")
     base_hash = weights_hash(resolve_model_path(model))
     policy = load_model(model)
+    check_image_sizes(recipe, getattr(policy, "image_size", None), model)
     torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same run
     for parameter in policy.parameters():
         parameter.requires_grad_(False)

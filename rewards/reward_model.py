@@ -64,6 +64,17 @@ class RewardModelConfig:
     seed: int = 0
     """Seed for the init, the split and the batch order."""
 
+    def __post_init__(self) -> None:
+        for name in ("channels", "resolution", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name}={value} must be finite and {'> 0' if name == 'lr' else '>= 0'}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+
 
 @dataclass
 class PreferencePairs:

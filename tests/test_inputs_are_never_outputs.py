@@ -126,3 +126,63 @@ def test_dpo_reference_cache_with_no_pairs(tmp_path):
 
     values, hits, misses = cache.lookup([], compute)
     assert values.shape == (0, 2) and values.dtype == torch.float64 and (hits, misses) == (0, 0)
+
+
+def _tiny_pretrain(cache, out, *extra):
+    return ["run", "recipes/pretrain_tabletop.yaml", f"out={out}", "extra_data=[]", "shifted_eval_data=[]",
+            "data.seeds=0:3", "data.frames=4", "data.image_size=32", f"data.cache_dir={cache}", "data.workers=1",
+            "eval_data.seeds=900000:900002", "eval_data.frames=4", "eval_data.image_size=32",
+            f"eval_data.cache_dir={cache}", "eval_data.workers=1", "tokenizer.steps=2", "tokenizer.batch_size=4",
+            "tokenizer.model.image_size=32", "tokenizer.model.channels=[8, 8, 8]", "tokenizer.model.levels=[4, 4]",
+            "dynamics.steps=2", "dynamics.batch_size=2", "dynamics.clip_frames=3", "dynamics.model.width=32",
+            "dynamics.model.layers=1", "dynamics.model.heads=2", "dynamics.model.patch=1", *extra]
+
+
+def test_pretrain_resume_reuses_only_a_tokenizer_this_recipe_trained(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "pre"
+    code, err = _code_and_error(_tiny_pretrain(cache, out), capsys)
+    assert code == 0, err
+    stage = (out / "tokenizer.safetensors").read_bytes()
+    for change, word in (("tokenizer.steps=3", "tokenizer.steps"), ("tokenizer.model.levels=[5, 4]", "levels"),
+                         ("data.seeds=0:2", "data.seeds")):
+        code, err = _code_and_error([*_tiny_pretrain(cache, out, change), "--resume"], capsys)
+        assert code == 2 and word in err and "--resume" in err, (change, err)
+    code, err = _code_and_error([*_tiny_pretrain(cache, out, "data.workers=2"), "--resume"], capsys)
+    assert code == 0, err
+    assert (out / "tokenizer.safetensors").read_bytes() == stage, "the finished stage was reused, not retrained"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["eval.horizon=20"], ["horizon=20", "data.frames=6"]),
+    (["temperature=0"], ["temperature=0", "prefix_temperature"]),
+    (["top_p=0"], ["top_p=0"]),
+    (["data.image_size=64", "eval.data.image_size=64"], ["data.image_size=64", "32x32"]),
+])
+def test_recipe_values_that_would_fail_late_fail_first(extra, words, tiny_model_dir, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    code, err = _code_and_error(["run", GRPO, *tiny_grpo_overrides(tiny_model_dir, cache, out, extra=extra)], capsys)
+    assert code == 2, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not cache.exists(), "no episodes generated first"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["reward_model.steps=0"], ["reward_model", "steps=0"]),
+    (["reward_model.lr=-1"], ["reward_model", "lr=-1"]),
+    (["rollout_batch_size=0"], ["rollout_batch_size=0"]),
+])
+def test_reward_model_recipe_ranges(extra, words, tiny_model_dir, tmp_path, capsys):
+    argv = ["run", "recipes/reward_model.yaml", f"model={tiny_model_dir}", f"out={tmp_path / 'rm'}",
+            f"data.cache_dir={tmp_path / 'cache'}", *extra]
+    code, err = _code_and_error(argv, capsys)
+    assert code == 2, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "rm").exists()
+
+
+def test_pretrain_clip_longer_than_the_episodes_fails_first(tmp_path, capsys):
+    code, err = _code_and_error(_tiny_pretrain(tmp_path / "cache", tmp_path / "pre", "dynamics.clip_frames=5"), capsys)
+    assert code == 2 and "dynamics.clip_frames=5" in err, err
+    assert not (tmp_path / "cache").exists()
