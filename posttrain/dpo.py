@@ -247,7 +247,12 @@ def load_jsonl_pairs(path: str | Path, *, world, episodes: dict, episode_tokens:
 
 def _load_rollout_tokens(world, file: Path, horizon: int, tokens_per_frame: int, where: str):
     """(horizon, N) token ids from a token .npy (H, N) or a uint8 frame .npy (H, h, w, 3)."""
-    array = np.load(file, allow_pickle=False)
+    from posttrain.rewards.reward_model import load_npy
+
+    try:
+        array = load_npy(file)
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
     if array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
         tokens = torch.from_numpy(array.astype(np.int64))
     elif array.ndim == 4 and array.dtype == np.uint8 and array.shape[-1] == 3:

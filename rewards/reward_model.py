@@ -206,13 +206,23 @@ def pairs_from_reward(rollouts_a, rollouts_b, episodes, reward) -> PreferencePai
     )
 
 
+def load_npy(path: str | Path) -> np.ndarray:
+    """`np.load` without pickles; a missing, truncated or pickled file is an error naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (ValueError, OSError, EOFError) as exc:  # pickled object arrays, bad headers, short files
+        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+
+
 def load_rollout_file(path: str | Path, frame_width: int | None = None) -> torch.Tensor:
     """Read one rollout as (T, H, W, 3) float in [0, 1] from ``.npy`` ((T, H, W, 3), uint8 or
     float in [0, 1]) or a ``.png`` strip (frames side by side: H x (T*W) x 3; W = H unless
     ``frame_width`` is given)."""
     path = Path(path)
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = load_npy(path)
     elif path.suffix == ".png":
         from PIL import Image
 
@@ -255,12 +265,23 @@ def read_pair_lines(path: str | Path) -> list[PairLine]:
     for number, text in enumerate(path.read_text().splitlines(), 1):
         if not text.strip():
             continue
-        record = json.loads(text)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         missing = {"prompt_id", "chosen", "rejected"} - set(record)
         if missing:
             raise ValueError(f"{path}:{number}: missing keys {sorted(missing)}")
+        prompt_id = record["prompt_id"]
+        if isinstance(prompt_id, bool) or not isinstance(prompt_id, int):
+            raise ValueError(f"{path}:{number}: prompt_id must be an integer, got {prompt_id!r}")
+        for key in ("chosen", "rejected", "context"):
+            if key in record and not isinstance(record[key], str):
+                raise ValueError(f"{path}:{number}: {key} must be a file path (a string), got {record[key]!r}")
         context = path.parent / record["context"] if "context" in record else None
-        lines.append(PairLine(f"{path}:{number}", int(record["prompt_id"]), path.parent / record["chosen"],
+        lines.append(PairLine(f"{path}:{number}", prompt_id, path.parent / record["chosen"],
                               path.parent / record["rejected"], context))
     if not lines:
         raise ValueError(f"{path}: no pairs")

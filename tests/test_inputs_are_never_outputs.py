@@ -186,3 +186,25 @@ def test_pretrain_clip_longer_than_the_episodes_fails_first(tmp_path, capsys):
     code, err = _code_and_error(_tiny_pretrain(tmp_path / "cache", tmp_path / "pre", "dynamics.clip_frames=5"), capsys)
     assert code == 2 and "dynamics.clip_frames=5" in err, err
     assert not (tmp_path / "cache").exists()
+
+
+def test_preference_files_errors_name_the_file_and_line(tmp_path):
+    import numpy as np
+
+    from posttrain.rewards.reward_model import load_npy, read_pair_lines
+
+    good = '{"prompt_id": 1, "chosen": "a.npy", "rejected": "b.npy"}'
+    for bad, words in (('{"prompt_id": 1, "chosen": "a.npy" "rejected": "b.npy"}', ["pairs.jsonl:2", "JSON"]),
+                       ('{"prompt_id": "x", "chosen": "a.npy", "rejected": "b.npy"}', ["pairs.jsonl:2", "prompt_id"]),
+                       ('{"prompt_id": 2, "chosen": 3, "rejected": "b.npy"}', ["pairs.jsonl:2", "chosen"]),
+                       ('[1, 2]', ["pairs.jsonl:2", "JSON object"])):
+        (tmp_path / "pairs.jsonl").write_text(good + "\n" + bad + "\n")
+        with pytest.raises(ValueError) as info:
+            read_pair_lines(tmp_path / "pairs.jsonl")
+        assert all(word in str(info.value) for word in words), (bad, str(info.value))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects.npy: not a readable .npy"):
+        load_npy(tmp_path / "objects.npy")
+    (tmp_path / "short.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(ValueError, match="short.npy"):
+        load_npy(tmp_path / "short.npy")
