@@ -130,6 +130,11 @@ class DPOConfig(training.RunConfig):
                              f"{self.num_context + self.horizon}")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2 (a pair needs two rollouts)")
+        if self.pairs.source != "jsonl" and self.sample_temperature == 0:
+            raise ValueError("sample_temperature=0 makes every rollout of a group the same (greedy): every group "
+                             "ties and no pair is made; sample with sample_temperature > 0")
+        if self.pairs.source != "jsonl" and self.top_p == 0:
+            raise ValueError("top_p=0 keeps no token; give a value in (0, 1]")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",

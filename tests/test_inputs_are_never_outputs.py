@@ -208,3 +208,11 @@ def test_preference_files_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "short.npy").write_bytes(b"\x93NUMPY")
     with pytest.raises(ValueError, match="short.npy"):
         load_npy(tmp_path / "short.npy")
+
+
+def test_dpo_greedy_sampling_is_refused_at_load(tiny_model_dir, tmp_path, capsys):
+    argv = ["run", "recipes/dpo_tabletop.yaml", f"model={tiny_model_dir}", f"out={tmp_path / 'dpo'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "sample_temperature=0"]
+    code, err = _code_and_error(argv, capsys)
+    assert code == 2 and "sample_temperature=0" in err, err
+    assert not (tmp_path / "cache").exists()
