@@ -108,6 +108,26 @@ def test_overwrite_replaces_only_folders_posttrain_wrote(videos, tmp_path, capsy
     assert json.loads((scenes / OUTPUT_MARKER).read_text()) == {"written_by": "posttrain scenes generate"}
 
 
+def test_ingest_overwrite_needs_its_own_marker_not_any_manifest(videos, tmp_path, capsys):
+    site = tmp_path / "site"  # a folder of the user's that happens to hold a manifest.json
+    site.mkdir()
+    (site / "manifest.json").write_text("{}")
+    (site / "index.html").write_text("hi")
+    argv = ["footage", "ingest", str(videos), "--clip-frames", "4", "--quiet", "--overwrite"]
+    assert main([*argv, "--out", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"--overwrite refuses to replace {site}" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(site) == {"manifest.json": b"{}", "index.html": b"hi"}
+
+    # A dataset ingested before the marker existed (manifest.json only) may still be replaced.
+    clips = tmp_path / "clips"
+    assert main([*argv, "--out", str(clips)]) == 0
+    assert json.loads((clips / OUTPUT_MARKER).read_text()) == {"written_by": "posttrain footage ingest"}
+    (clips / OUTPUT_MARKER).unlink()
+    assert main([*argv, "--out", str(clips)]) == 0
+    assert (clips / OUTPUT_MARKER).is_file()
+
+
 # --- 2. killed jobs leave no workers running and no staging folders behind ------------------------
 
 
