@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError, IsADirectoryError) as exc:
+    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError, IsADirectoryError,
+            ConnectionError) as exc:
         if os.environ.get("POSTTRAIN_DEBUG"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
