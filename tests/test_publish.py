@@ -175,3 +175,27 @@ def test_push_without_network_is_one_line_naming_the_repo(tmp_path, monkeypatch,
     err = captured.err.strip()
     assert "Traceback" not in captured.err + captured.out and len(err.splitlines()) == 1, err
     assert err.startswith("posttrain: error:") and "'me/studio'" in err and "Name or service not known" in err
+
+
+def test_adapter_records_a_relative_base_folder_as_absolute(tiny_model, tmp_path, monkeypatch, capsys):
+    """A run with model=mymodel (relative) must still merge when exported from another directory."""
+    import shutil
+
+    from posttrain.adapters import LoraSettings, apply_lora, save_adapter
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, work / "mymodel")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    peft_model = apply_lora(load_model("mymodel"), LoraSettings(r=4, alpha=8))
+    save_adapter(peft_model, "run/adapter", "mymodel", weights_hash(work / "mymodel"))
+    info = json.loads((work / "run" / "adapter" / "posttrain_adapter.json").read_text())
+    assert info["base_model"] == str((work / "mymodel").resolve())
+    save_adapter(peft_model, "run/adapter-default", "default", "sha")
+    assert json.loads((work / "run" / "adapter-default" / "posttrain_adapter.json").read_text())["base_model"] == (
+        "default")
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["adapter", "export", str(work / "run"), "--merge", "--out", str(tmp_path / "merged")]) == 0, (
+        capsys.readouterr().err)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
