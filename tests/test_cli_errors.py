@@ -89,3 +89,15 @@ def test_bad_input_is_one_clear_line(build, words, tiny_model_dir, tmp_path, cap
     # refused after the folder was claimed, but no metrics or checkpoints).
     assert not (cache.exists() and any(cache.iterdir())), "episodes were generated before the error"
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_run_overrides_may_follow_flags(monkeypatch, capsys):
+    import posttrain.runner
+
+    calls = []
+    monkeypatch.setattr(posttrain.runner, "run_recipe", lambda recipe, overrides, **kw: calls.append((overrides, kw)))
+    assert main(["run", GRPO, "train.lr=0.1", "--resume", "steps=5", "--overwrite", "seed=2"]) == 0
+    assert calls == [(["train.lr=0.1", "steps=5", "seed=2"], {"resume": True, "overwrite": True})]
+    with pytest.raises(SystemExit) as exited:  # an unknown flag is still refused
+        main(["run", GRPO, "--resume", "steps=5", "--bogus"])
+    assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
