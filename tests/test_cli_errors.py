@@ -64,6 +64,8 @@ CASES = [
     ("reward-weight-nan", lambda m, c, o, t: _grpo(m, c, o, "rewards=[{name: psnr, weight: .nan}]"),
      ["weight", "finite"]),
     ("yaml-error-in-override", lambda m, c, o, t: _grpo(m, c, o, "train.lr=[0.1"), ["train.lr", "YAML"]),
+    ("huge-seed-range", lambda m, c, o, t: _grpo(m, c, o, "data.seeds=0:4000000000"),
+     ["0:4000000000", "10,000,000"]),
     ("held-out-overlaps-training", lambda m, c, o, t: _grpo(m, c, o, "eval.data.seeds=6:10"),
      ["eval.data.seeds", "overlaps"]),
     ("unknown-key", lambda m, c, o, t: _grpo(m, c, o, "train.lrr=0.1"), ["train.lrr", "'lr'"]),
