@@ -319,6 +319,9 @@ def test_bad_adapters_and_scenes_are_one_line_errors(tiny_model_dir, tmp_path, c
     adapter = _adapter_for(other, tmp_path / "adapter")
     err = _one_line_error(capsys, ["play", "--model", model, "--adapter", str(adapter), "--port", "0"])
     assert "was made for base model" in err
+    (adapter / "adapter_model.safetensors").unlink()  # PEFT would look for the folder on the Hub
+    err = _one_line_error(capsys, ["play", "--model", model, "--adapter", str(adapter), "--port", "0"])
+    assert f"{adapter} has no adapter_model.safetensors" in err
     err = _one_line_error(capsys, ["play", "--model", model, "--scene", "colour=red", "--port", "0"])
     assert "unknown scene key 'colour'" in err
     err = _one_line_error(capsys, ["play", "--model", model, "--scene", "image_size=64", "--port", "0"])
