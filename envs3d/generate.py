@@ -43,6 +43,9 @@ class EpisodeError(RuntimeError):
 
 MAX_SEED = 2**32 - 1
 """Largest episode seed (numpy's RandomState accepts 0 .. 2**32 - 1)."""
+MAX_SEED_COUNT = 10_000_000
+"""Most seeds one START:STOP range may hold: the list is built in memory, and a typo such as 0:4000000000
+would otherwise exhaust it (ten million 64-px, 16-frame episodes is already about 2 TB of frames)."""
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -56,6 +59,9 @@ def parse_seeds(spec: str) -> list[int]:
                 raise ValueError
             if stop - 1 > MAX_SEED:
                 raise ValueError(f"bad seed range {spec!r}: a seed may be at most {MAX_SEED} (numpy's seed range)")
+            if stop - start > MAX_SEED_COUNT:
+                raise ValueError(f"bad seed range {spec!r}: {stop - start:,} seeds, but a range may hold at most "
+                                 f"{MAX_SEED_COUNT:,}")
             return list(range(start, stop))
         seeds = [int(part) for part in spec.split(",") if part.strip()]
     except ValueError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 from posttrain.envs3d.jobs import match_umask
 
 ADAPTER_INFO = "posttrain_adapter.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -58,10 +59,18 @@ def freeze_for_full_finetune(model) -> None:
 def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str, extra: dict | None = None) -> Path:
     folder = Path(folder)
     peft_model.save_pretrained(str(folder))
-    info = {"base_model": base_name, "base_weights_sha256": base_hash, **(extra or {})}
+    info = {"base_model": _base_reference(base_name), "base_weights_sha256": base_hash, **(extra or {})}
     (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
     match_umask(folder)
     return folder
+
+
+def _base_reference(base_name: str) -> str:
+    """A base model folder as an absolute path (a relative one would break `adapter export --merge` run from
+    another directory); built-in names such as "default" as they are."""
+    if base_name == "default" or not Path(base_name).is_dir():
+        return base_name
+    return str(Path(base_name).resolve())
 
 
 def load_adapter(model, folder: str | Path, base_name: str = "default", merge: bool = False, force: bool = False):
@@ -77,11 +86,16 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
     from posttrain.models.registry import resolve_model_path
 
     folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
+    config_path, weights = folder / "adapter_config.json", folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
         raise FileNotFoundError(f"adapter folder {folder} has no adapter_config.json")
+    # Checked here: PEFT would take a folder without weights for a Hub repo id and try to download it.
+    if not weights.is_file() and not (folder / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS} (the adapter's weights)")
+    config = _read_json_object(config_path)
     info_path = folder / ADAPTER_INFO
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        info = _read_json_object(info_path)
         expected = info.get("base_weights_sha256")
         actual = weights_hash(resolve_model_path(base_name))
         if expected and expected != actual:
@@ -90,7 +104,8 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
     elif not force:
         raise ValueError(f"adapter {folder} has no {ADAPTER_INFO}, so its base model cannot be checked against "
                          f"{base_name!r}; pass --force-adapter (load_adapter(..., force=True)) to apply it anyway")
-    _check_rank(folder)
+    if weights.is_file():
+        _check_rank(config_path, config, weights)
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder))
     except RuntimeError as exc:
@@ -103,19 +118,30 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def _check_rank(folder: Path) -> None:
-    """adapter_config.json's `r` must be the rank the saved lora_A weights have (an edited r otherwise
-    surfaces as a long size-mismatch traceback from PEFT)."""
-    from safetensors import safe_open
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
-    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    config = json.loads(config_path.read_text())
-    if config.get("rank_pattern") or not weights.is_file():
-        return  # per-module ranks, or .bin weights: left to the size-mismatch check above
-    with safe_open(str(weights), framework="pt") as tensors:
-        for key in tensors.keys():
-            if ".lora_A." in key:
-                rank = tensors.get_slice(key).get_shape()[0]
-                if rank != config.get("r"):
-                    raise ValueError(f"{config_path}: r={config.get('r')!r}, but {weights.name} holds rank-{rank} "
-                                     f"weights ({key}); set r back to {rank} or retrain the adapter")
+
+def _check_rank(config_path: Path, config: dict, weights: Path) -> None:
+    """Reads every tensor header of `weights` (a truncated or corrupt file is a ValueError naming it) and checks
+    that adapter_config.json's `r` is the rank the saved lora_A weights have (an edited r otherwise surfaces
+    as a long size-mismatch traceback from PEFT)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as tensors:
+            ranks = {key: tensors.get_slice(key).get_shape()[0] for key in tensors.keys() if ".lora_A." in key}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{weights} cannot be read (truncated or not a safetensors file?): {exc}") from None
+    if config.get("rank_pattern"):
+        return  # per-module ranks: left to the size-mismatch check in load_adapter
+    for key, rank in ranks.items():
+        if rank != config.get("r"):
+            raise ValueError(f"{config_path}: r={config.get('r')!r}, but {weights.name} holds rank-{rank} "
+                             f"weights ({key}); set r back to {rank} or retrain the adapter")

@@ -128,12 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args, except that `run`'s KEY=VALUE overrides may also follow its flags
+    (`posttrain run recipe.yaml --resume steps=5`). argparse's parse_intermixed_args cannot do this
+    itself: it refuses parsers with subcommands."""
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "run":
+        is_override = ["=" in item and not item.startswith("-") for item in extras]
+        args.overrides = [*args.overrides, *(item for item, ok in zip(extras, is_override) if ok)]
+        extras = [item for item, ok in zip(extras, is_override) if not ok]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError, IsADirectoryError) as exc:
+    except (ValueError, KeyError, FileExistsError, PermissionError, FileNotFoundError, IsADirectoryError,
+            ConnectionError) as exc:
         if os.environ.get("POSTTRAIN_DEBUG"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

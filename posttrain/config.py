@@ -22,7 +22,26 @@ T = TypeVar("T")
 
 class _RecipeLoader(yaml.SafeLoader):
     """safe_load without YAML 1.1's base-60 numbers: `seeds=6:10` must stay the string "6:10"
-    (PyYAML reads it as the integer 370). Exponents without a dot (1e-4) are floats."""
+    (PyYAML reads it as the integer 370). Exponents without a dot (1e-4) are floats. A key given
+    twice in one mapping is an error (PyYAML keeps the last, silently dropping the first's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden; that is what merging is for
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    seen = key in first_line
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first_line[key]})",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -170,6 +189,16 @@ def to_dict(config) -> dict:
     return clean(dataclasses.asdict(config))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: what is wrong and where (its own str() spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem is None or mark is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read a recipe YAML (safe_load) and apply overrides; returns the raw dict."""
     path = Path(path)
@@ -178,7 +207,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     try:
         data = safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     return apply_overrides(data, overrides or [])

@@ -13,7 +13,8 @@ end_time, has_actions. Actions come from an optional sidecar beside the source
 (`video.actions.csv` with columns frame,action, or `video.actions.json`, a list; ids or
 names from `posttrain.envs3d.actions.ACTION_NAMES`, one per source frame); without one
 every action is NULL_ACTION. `manifest.json` in the output lists every file with its
-status ("ok", "partial", "failed", "skipped"), the reason, its clips and their time ranges.
+status ("ok", "partial", "failed", "skipped"), the reason, its clips and their time ranges;
+`posttrain_output.json` marks the folder as ingest's, and --overwrite replaces only such a folder.
 "partial" is a video that decodes fewer frames than its container declares (e.g. a copy cut
 short): its clips are kept, and the command warns.
 
@@ -46,11 +47,13 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.envs3d.jobs import (
+    OUTPUT_MARKER,
     check_output_folder,
     die_with_parent,
     fault_point,
     replace_folder,
     staging_folder,
+    write_output_marker,
 )
 from posttrain.footage_frames import (
     IMAGE_EXTENSIONS,
@@ -72,6 +75,8 @@ _WRITER_BUFFER_BYTES = 2 << 20
 # A video is "partial" when it decodes fewer frames than declared by more than this: edit lists and
 # rounding of duration x rate legitimately cost a frame or two, a truncated copy loses far more.
 _MISSING_FRAMES_TOLERANCE = 2
+_MANIFEST_KEYS = ("config", "null_action", "clips", "counts", "sources")
+"""The top-level keys of the manifest.json that `ingest` writes."""
 
 
 @dataclass(frozen=True)
@@ -353,8 +358,12 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"footage folder {src} does not exist or is not a folder")
-    # Only a folder holding our manifest may be replaced; --out may not overlap the footage (it would be deleted).
-    check_output_folder(out, config.overwrite, inputs=(src,), owned_markers=("manifest.json",))
+    # --out may not overlap the footage (it would be deleted), and only a dataset we wrote may be replaced.
+    check_output_folder(out, config.overwrite, inputs=(src,), owned_markers=(OUTPUT_MARKER, "manifest.json"))
+    if out.is_dir() and not _written_by_ingest(out):
+        raise FileExistsError(f"--overwrite refuses to replace {out}: it holds no {OUTPUT_MARKER} and its "
+                              "manifest.json is not one footage ingest writes, so posttrain did not write it; "
+                              "delete it yourself or choose another --out")
     sources, skipped = discover(src, exclude=(out,))
     if not sources:
         raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) or image-sequence folders under {src}")
@@ -406,10 +415,23 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
         # One [start, end] pair per line keeps a long video's manifest readable.
         text = re.sub(r"\[\s+(\S+),\s+(\S+)\s+\]", r"[\1, \2]", text)
         (final_tmp / "manifest.json").write_text(text + "\n")
+        write_output_marker(final_tmp, "posttrain footage ingest")
         replace_folder(final_tmp, out, set_aside=staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestReport(out, all_results)
+
+
+def _written_by_ingest(folder: Path) -> bool:
+    """Our marker, or (a dataset ingested before the marker existed) a manifest.json with every key ingest writes."""
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(manifest, dict) and set(_MANIFEST_KEYS) <= manifest.keys()
+            and isinstance(manifest["sources"], list) and isinstance(manifest["config"], dict))
 
 
 def _save_quietly(dataset, path: Path) -> None:
@@ -466,7 +488,8 @@ def add_footage_parser(subparsers) -> argparse.ArgumentParser:
     ing.add_argument("--image-fps", type=float, default=defaults.image_fps,
                      help=f"frame rate of image sequences (default {defaults.image_fps:g})")
     ing.add_argument("--workers", type=int, default=defaults.workers, help="decoding processes (default 1)")
-    ing.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ing.add_argument("--overwrite", action="store_true",
+                     help="replace --out if it exists (only a folder footage ingest wrote)")
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
     ing.set_defaults(func=_footage_ingest)
     return footage

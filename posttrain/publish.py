@@ -260,6 +260,7 @@ def _metrics(run_dir: Path) -> list[str]:
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Create (or reuse) the Hub model repo `repo_id` and upload `folder` (an export) to it; returns the commit URL."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
 
     folder = Path(folder)
     if not (folder / CARD).is_file() or not any((folder / name).is_file()
@@ -267,9 +268,16 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
         raise FileNotFoundError(f"{folder} is not an export folder (needs {CARD} and adapter_config.json or "
                                 "config.json); run `posttrain adapter export RUN_DIR --out DIR` first")
     api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                               commit_message=f"Upload {folder.name} with posttrain adapter push")
+    # HTTPError: the HTTP client's base error (no network, timeouts), which the Hub's status errors extend.
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                   commit_message=f"Upload {folder.name} with posttrain adapter push")
+    except (HTTPError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConnectionError(f"adapter push of {folder} to the Hub repo {repo_id!r} failed: {detail} (check the "
+                              "network connection, the repo id and the token: --token, HF_TOKEN or "
+                              "`hf auth login`)") from None
     return str(getattr(commit, "commit_url", commit))
 
 

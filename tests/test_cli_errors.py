@@ -34,6 +34,14 @@ def _empty_footage(tmp_path):
     return folder
 
 
+def _recipe_with_a_duplicate_key(tmp_path):
+    """A second `train:` section (PyYAML would keep only it, silently dropping lr). The unknown key after it
+    makes a loader that accepts the duplicate fail at once instead of training."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("method: sft\ntrain: {lr: 0.5}\nsteps: 3\ntrain:\n  micro_batch_size: 4\nnot_a_key: 1\n")
+    return path
+
+
 def _eval(model, cache, *extra):
     return ["eval", "--model", str(model), "--seeds", "0:2", "--size", "32", "--cache-dir", str(cache),
             "--json", str(cache.parent / "e.json"), *extra]
@@ -64,6 +72,10 @@ CASES = [
     ("reward-weight-nan", lambda m, c, o, t: _grpo(m, c, o, "rewards=[{name: psnr, weight: .nan}]"),
      ["weight", "finite"]),
     ("yaml-error-in-override", lambda m, c, o, t: _grpo(m, c, o, "train.lr=[0.1"), ["train.lr", "YAML"]),
+    ("huge-seed-range", lambda m, c, o, t: _grpo(m, c, o, "data.seeds=0:4000000000"),
+     ["0:4000000000", "10,000,000"]),
+    ("duplicate-yaml-key", lambda m, c, o, t: ["run", str(_recipe_with_a_duplicate_key(t)), f"out={o}"],
+     ["dup.yaml", "duplicate key 'train'", "first given on line 2", "at line 4"]),
     ("held-out-overlaps-training", lambda m, c, o, t: _grpo(m, c, o, "eval.data.seeds=6:10"),
      ["eval.data.seeds", "overlaps"]),
     ("unknown-key", lambda m, c, o, t: _grpo(m, c, o, "train.lrr=0.1"), ["train.lrr", "'lr'"]),
@@ -89,3 +101,15 @@ def test_bad_input_is_one_clear_line(build, words, tiny_model_dir, tmp_path, cap
     # refused after the folder was claimed, but no metrics or checkpoints).
     assert not (cache.exists() and any(cache.iterdir())), "episodes were generated before the error"
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_run_overrides_may_follow_flags(monkeypatch, capsys):
+    import posttrain.runner
+
+    calls = []
+    monkeypatch.setattr(posttrain.runner, "run_recipe", lambda recipe, overrides, **kw: calls.append((overrides, kw)))
+    assert main(["run", GRPO, "train.lr=0.1", "--resume", "steps=5", "--overwrite", "seed=2"]) == 0
+    assert calls == [(["train.lr=0.1", "steps=5", "seed=2"], {"resume": True, "overwrite": True})]
+    with pytest.raises(SystemExit) as exited:  # an unknown flag is still refused
+        main(["run", GRPO, "--resume", "steps=5", "--bogus"])
+    assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

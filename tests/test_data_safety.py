@@ -108,6 +108,26 @@ def test_overwrite_replaces_only_folders_posttrain_wrote(videos, tmp_path, capsy
     assert json.loads((scenes / OUTPUT_MARKER).read_text()) == {"written_by": "posttrain scenes generate"}
 
 
+def test_ingest_overwrite_needs_its_own_marker_not_any_manifest(videos, tmp_path, capsys):
+    site = tmp_path / "site"  # a folder of the user's that happens to hold a manifest.json
+    site.mkdir()
+    (site / "manifest.json").write_text("{}")
+    (site / "index.html").write_text("hi")
+    argv = ["footage", "ingest", str(videos), "--clip-frames", "4", "--quiet", "--overwrite"]
+    assert main([*argv, "--out", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"--overwrite refuses to replace {site}" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(site) == {"manifest.json": b"{}", "index.html": b"hi"}
+
+    # A dataset ingested before the marker existed (manifest.json only) may still be replaced.
+    clips = tmp_path / "clips"
+    assert main([*argv, "--out", str(clips)]) == 0
+    assert json.loads((clips / OUTPUT_MARKER).read_text()) == {"written_by": "posttrain footage ingest"}
+    (clips / OUTPUT_MARKER).unlink()
+    assert main([*argv, "--out", str(clips)]) == 0
+    assert (clips / OUTPUT_MARKER).is_file()
+
+
 # --- 2. killed jobs leave no workers running and no staging folders behind ------------------------
 
 
@@ -279,6 +299,31 @@ def test_edited_adapter_rank_is_a_one_line_error(tiny_model, saved_adapter, tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{config_path}: r=8, but adapter_model.safetensors holds rank-4 weights" in err
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, damage, words", [
+    ("adapter_model.safetensors", _truncate, ["cannot be read"]),
+    ("adapter_model.safetensors", Path.unlink, ["has no adapter_model.safetensors"]),
+    ("adapter_config.json", lambda p: p.write_text('{"r": 4,'), ["not valid JSON"]),
+    ("posttrain_adapter.json", lambda p: p.write_text("{base"), ["not valid JSON"]),
+    ("posttrain_adapter.json", lambda p: p.write_text("[]"), ["JSON object"]),
+])
+def test_broken_adapter_files_are_one_line_errors_naming_the_file(tiny_model, saved_adapter, tmp_path, capsys,
+                                                                  name, damage, words):
+    # A missing weights file must not send PEFT to the Hub (it takes the folder for a repo id).
+    damage(saved_adapter / name)
+    assert main(_eval_argv(tiny_model, saved_adapter, tmp_path)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err + captured.out
+    assert len(err.splitlines()) == 1 and err.startswith("posttrain: error:"), err
+    assert str(saved_adapter / name) in err or f"{saved_adapter} has no {name}" in err, err
+    for word in words:
+        assert word in err, (word, err)
 
 
 # --- 4. a truncated video is flagged, not passed off as ok --------------------------------------------

@@ -210,6 +210,8 @@ def test_cli_bad_inputs(tmp_path, capsys):
 
     assert main(["scenes", "generate", "--seeds", "5:2", "--out", str(tmp_path / "x")]) == 2
     assert "bad seed range '5:2'" in capsys.readouterr().err
+    assert main(["scenes", "generate", "--seeds", "7:4000000007", "--out", str(tmp_path / "x")]) == 2
+    assert "bad seed range '7:4000000007'" in capsys.readouterr().err
     assert main(["scenes", "generate", "--seeds", "0:2", "--size", "0", "--out", str(tmp_path / "x")]) == 2
     assert "image_size=0" in capsys.readouterr().err
     blocker = tmp_path / "a_file"

@@ -295,13 +295,16 @@ def _one_line_error(capsys, argv) -> str:
     return err
 
 
-def test_port_in_use_is_a_one_line_error(tiny_model_dir, capsys, restore_threads):
+def test_port_in_use_or_out_of_range_is_a_one_line_error(tiny_model_dir, capsys, restore_threads):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         err = _one_line_error(capsys, ["play", "--model", str(tiny_model_dir), "--port", str(port)])
     assert f"127.0.0.1:{port} is already in use" in err
+    for bad in ("99999", "-1"):
+        err = _one_line_error(capsys, ["play", "--model", str(tiny_model_dir), "--port", bad])
+        assert f"--port {bad} is outside 1-65535" in err
 
 
 def test_bad_adapters_and_scenes_are_one_line_errors(tiny_model_dir, tmp_path, capsys, restore_threads):
@@ -316,6 +319,9 @@ def test_bad_adapters_and_scenes_are_one_line_errors(tiny_model_dir, tmp_path, c
     adapter = _adapter_for(other, tmp_path / "adapter")
     err = _one_line_error(capsys, ["play", "--model", model, "--adapter", str(adapter), "--port", "0"])
     assert "was made for base model" in err
+    (adapter / "adapter_model.safetensors").unlink()  # PEFT would look for the folder on the Hub
+    err = _one_line_error(capsys, ["play", "--model", model, "--adapter", str(adapter), "--port", "0"])
+    assert f"{adapter} has no adapter_model.safetensors" in err
     err = _one_line_error(capsys, ["play", "--model", model, "--scene", "colour=red", "--port", "0"])
     assert "unknown scene key 'colour'" in err
     err = _one_line_error(capsys, ["play", "--model", model, "--scene", "image_size=64", "--port", "0"])

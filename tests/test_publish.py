@@ -152,3 +152,50 @@ def test_push_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch, cap
     calls.clear()
     assert main(["adapter", "push", str(tmp_path), "--repo-id", "me/studio"]) == 2  # not an export folder
     assert not calls and str(tmp_path) in capsys.readouterr().err
+
+
+def test_push_without_network_is_one_line_naming_the_repo(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
+
+    connect_error = sys.modules[HTTPError.__module__].ConnectError  # httpx's, under whatever name the Hub uses
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "README.md").write_text("card")
+    (folder / "adapter_config.json").write_text("{}")
+
+    def offline(self, *args, **kwargs):
+        raise connect_error("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    assert main(["adapter", "push", str(folder), "--repo-id", "me/studio", "--token", "hf_x"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err + captured.out and len(err.splitlines()) == 1, err
+    assert err.startswith("posttrain: error:") and "'me/studio'" in err and "Name or service not known" in err
+
+
+def test_adapter_records_a_relative_base_folder_as_absolute(tiny_model, tmp_path, monkeypatch, capsys):
+    """A run with model=mymodel (relative) must still merge when exported from another directory."""
+    import shutil
+
+    from posttrain.adapters import LoraSettings, apply_lora, save_adapter
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, work / "mymodel")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    peft_model = apply_lora(load_model("mymodel"), LoraSettings(r=4, alpha=8))
+    save_adapter(peft_model, "run/adapter", "mymodel", weights_hash(work / "mymodel"))
+    info = json.loads((work / "run" / "adapter" / "posttrain_adapter.json").read_text())
+    assert info["base_model"] == str((work / "mymodel").resolve())
+    save_adapter(peft_model, "run/adapter-default", "default", "sha")
+    assert json.loads((work / "run" / "adapter-default" / "posttrain_adapter.json").read_text())["base_model"] == (
+        "default")
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["adapter", "export", str(work / "run"), "--merge", "--out", str(tmp_path / "merged")]) == 0, (
+        capsys.readouterr().err)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

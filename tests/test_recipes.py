@@ -32,3 +32,14 @@ def test_overrides_keep_seed_ranges_as_strings_and_read_exponents_as_floats():
     _, config = build_config("recipes/grpo_tabletop.yaml", ["data.seeds=6:10", "eval.data.seeds=1:3",
                                                             "train.lr=1e-4"])
     assert (config.data.seeds, config.eval.data.seeds, config.train.lr) == ("6:10", "1:3", 1e-4)
+
+
+def test_duplicate_keys_are_refused_but_merge_keys_may_be_overridden():
+    import yaml
+
+    from posttrain.config import safe_load
+
+    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'lr' \(first given on line 1\)"):
+        safe_load("train: {lr: 0.5, lr: 0.1}")
+    merged = safe_load("base: &b {lr: 1, micro_batch_size: 2}\ntrain:\n  <<: *b\n  lr: 0.5\n")
+    assert merged["train"] == {"lr": 0.5, "micro_batch_size": 2}

@@ -257,6 +257,8 @@ def run_play_cli(args: argparse.Namespace) -> int:
 
     from .session import MAX_SEED
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is outside 1-65535 (0 picks a free one)")
     if args.context < 1:
         raise ValueError(f"--context {args.context}: need at least 1 true context frame")
     if not 0 <= args.seed < MAX_SEED:
