@@ -59,13 +59,13 @@ def freeze_for_full_finetune(model) -> None:
 def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str, extra: dict | None = None) -> Path:
     folder = Path(folder)
     peft_model.save_pretrained(str(folder))
-    info = {"base_model": _base_reference(base_name), "base_weights_sha256": base_hash, **(extra or {})}
+    info = {"base_model": base_reference(base_name), "base_weights_sha256": base_hash, **(extra or {})}
     (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
     match_umask(folder)
     return folder
 
 
-def _base_reference(base_name: str) -> str:
+def base_reference(base_name: str) -> str:
     """A base model folder as an absolute path (a relative one would break `adapter export --merge` run from
     another directory); built-in names such as "default" as they are."""
     if base_name == "default" or not Path(base_name).is_dir():

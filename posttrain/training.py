@@ -26,7 +26,13 @@ from pathlib import Path
 
 import torch
 
-from posttrain.adapters import LoraSettings, apply_lora, freeze_for_full_finetune, save_adapter
+from posttrain.adapters import (
+    LoraSettings,
+    apply_lora,
+    base_reference,
+    freeze_for_full_finetune,
+    save_adapter,
+)
 from posttrain.data import EpisodeDataConfig, check_held_out
 from posttrain.envs3d.jobs import atomic_write_text, fault_point, replace_folder
 from posttrain.evaluate import EvalConfig
@@ -543,7 +549,7 @@ def finish(session: Session, history: list, *, recipe: dict, eval_config=None,
                          {"method": session.method, "recipe": recipe})
         else:
             session.world.save_pretrained(session.out / "model", metadata={"method": session.method,
-                                                                          "base": session.base_name})
+                                                                          "base": base_reference(session.base_name)})
         if session.settings.eval_at_end and eval_config is not None:
             from posttrain.report import write_report
 
