@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help=f"run a recipe ({', '.join(METHODS)})")
     run.add_argument("recipe", help="recipe YAML, e.g. recipes/grpo_tabletop.yaml")
-    run.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe fields")
+    run.add_argument("overrides", nargs="*", default=[], metavar="KEY.SUB=VALUE", help="override recipe fields")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a previous run in `out` (only a folder written by a posttrain run)")
