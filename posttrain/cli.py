@@ -33,11 +33,13 @@ def _run(args: argparse.Namespace) -> int:
 def _models_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from posttrain.models.registry import init_model
+    from posttrain.models.registry import init_model, resolve_model_path
+    from posttrain.runfolder import check_not_overlapping
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty folder; choose a new one")
+    check_not_overlapping(out, {"tokenizer's model folder": resolve_model_path(args.tokenizer)})
     model = init_model(args.arch, args.layers, args.width, args.heads, args.tokenizer,
                        max_frames=args.max_frames, seed=args.seed)
     model.save_pretrained(out, metadata={"init": {"arch": args.arch, "layers": args.layers, "width": args.width,

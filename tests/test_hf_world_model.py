@@ -195,6 +195,11 @@ def test_models_init_cli(tiny_model_dir, tmp_path, capsys):
     assert "only 'llama'" in capsys.readouterr().err
     assert main(["models", "init", "--layers", "2", "--width", "30", "--heads", "4",
                  "--out", str(tmp_path / "odd")]) == 2
+    capsys.readouterr()
+    assert main(["models", "init", "--layers", "2", "--width", "32", "--heads", "2", "--tokenizer", str(tiny_model_dir),
+                 "--out", str(tiny_model_dir / "sub")]) == 2
+    assert "lies inside the tokenizer's model folder" in capsys.readouterr().err
+    assert not (tiny_model_dir / "sub").exists()
 
 
 def _assert_only_adapter_changed(policy, folder):
