@@ -104,10 +104,13 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     rm_out = work / "reward_model"
+    from posttrain.models import weights_hash
+    from posttrain.models.registry import resolve_model_path
+
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "model": args.model,
-                     "steps_per_run": args.steps, "true_reward": TRUE_MIX, "runs": {}}
+                     "model_weights_sha256": weights_hash(resolve_model_path(args.model)), "steps_per_run": args.steps, "true_reward": TRUE_MIX, "runs": {}}
     if not (args.reuse_reward_model and (rm_out / "report.json").is_file()):
-        seconds = run(["run", str(ROOT / RM_RECIPE), f"out={rm_out}", f"model={args.model}"])
+        seconds = run(["run", str(ROOT / RM_RECIPE), f"out={rm_out}", f"model={args.model}", "--overwrite"])
         print(f"reward model fitted in {seconds} s", flush=True)
     report = json.loads((rm_out / "report.json").read_text())
     results["reward_model"] = {k: report.get(k) for k in ("pairs", "heldout_accuracy", "train_accuracy",
