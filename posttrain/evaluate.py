@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from posttrain.data import EpisodeDataConfig, load_episodes
-from posttrain.logging_utils import progress_bar
+from posttrain.logging_utils import json_safe, progress_bar
 from posttrain.rewards import EpisodeBatch, RolloutBatch, get_reward
 from posttrain.rewards import metrics as M
 from posttrain.rollouts import EPISODE_FIELDS, episode_batch, generate, rollout_seed
@@ -284,7 +284,7 @@ def run_eval_cli(args) -> int:
     report.update({"model": args.model, "adapter": args.adapter, "seeds": args.seeds})
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(json_safe(report), indent=2))
     strip = filmstrip(model, episodes, config, out.with_suffix(".png"))
     print(format_eval_summary(report) + f"\n-> {out} (+ {strip.name})")
     return 0

@@ -13,6 +13,18 @@ from posttrain.envs3d.jobs import progress_bar
 __all__ = ["MetricsWriter", "progress_bar", "read_metrics"]
 
 
+def json_safe(value):
+    """`value` with every non-finite float (NaN: a measure with nothing to measure, e.g. no object left
+    after erosion) as None, recursively: strict JSON has no NaN token."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsWriter:
     """Appends one JSON object per line to `metrics.jsonl` (flushes each line: nothing lost on a kill)."""
 
@@ -25,7 +37,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = json_safe(record)
         clean.setdefault("time", round(time.time(), 3))
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")

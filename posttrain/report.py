@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from posttrain.logging_utils import json_safe
 
 
 def _uint8(frames) -> np.ndarray:
@@ -95,7 +98,7 @@ def write_report(policy, base, *, out: Path, base_name: str, eval_config, temper
                                                           post_report["consistency_3d_mean"]),
         }
     results["training"] = history
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=2))
     _plot_rewards(run_dir / "metrics.jsonl", out / "reward_curve.png")
     _plot_per_step(results, out / "per_step_mse.png")
     _plot_against_baselines(results, out / "per_step_ssim_objects.png")
@@ -221,6 +224,8 @@ padding:4px 8px}}figure{{display:inline-block;margin:1em}}img{{image-rendering:p
 def change_phrase(name: str, base: float, post: float, lower_is_better: bool, relative: bool = True,
                   unit: str = "") -> str:
     """'MSE 0.0123 -> 0.0111 (-9.8%, better)': the change with its sign and which way it goes."""
+    if base is None or post is None or not (math.isfinite(base) and math.isfinite(post)):
+        return f"{name} {base} -> {post} (n/a: not measured on both)"
     delta = post - base
     amount = f"{100 * delta / base:+.1f}%" if relative and base else f"{delta:+.3g}{unit}"
     if delta == 0:

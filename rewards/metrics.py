@@ -48,6 +48,10 @@ def to_unit_float(x, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = torch.float64 if (is_numpy or t.dtype == torch.float64) else torch.float32
     if t.dtype == torch.uint8:
         return t.to(dtype) / 255.0
+    if not (t.is_floating_point() or t.dtype == torch.bool):
+        # An int32/int64/uint16 image may hold 0..255 or 0..65535: guessing would give silently wrong scores.
+        raise TypeError(f"integer images must be uint8 (0..255) or floating point; got {t.dtype}: convert "
+                        f"to float and pass data_range")
     return t.to(dtype)
 
 
@@ -70,9 +74,11 @@ def _prepare(a, b, data_range: float | None):
     if ta.dim() < 3:
         raise ValueError(f"expected (..., H, W, C) images, got shape {tuple(ta.shape)}")
     if data_range is not None and data_range != 1.0:
-        # Rescale float images given in another range to [0, 1]; uint8 already is.
-        if not (_is_uint8(a) or _is_uint8(b)):
-            ta, tb = ta / data_range, tb / data_range
+        # Rescale float images given in another range to [0, 1]; a uint8 one already is (each input on its own).
+        if not _is_uint8(a):
+            ta = ta / data_range
+        if not _is_uint8(b):
+            tb = tb / data_range
     return ta, tb, is_numpy
 
 

@@ -68,3 +68,18 @@ def test_every_report_image_loads_in_chromium(tmp_path):
     sizes = _loaded_images(probe, tmp_path)
     assert sizes.pop("missing.png") == (0, 0)  # the probe does report a failed image
     assert sizes == {"reward_curve.png": (50, 30), "per_step_mse.png": (40, 20), "rollout.gif": (24, 16)}
+
+
+def test_unmeasured_values_are_not_called_better_and_json_stays_strict():
+    import json
+    import math
+
+    from posttrain.logging_utils import json_safe
+    from posttrain.report import change_phrase
+
+    assert change_phrase("MSE", 0.0123, 0.0111, lower_is_better=True) == "MSE 0.0123 -> 0.0111 (-9.8%, better)"
+    phrase = change_phrase("objects", math.nan, 0.5, lower_is_better=False)
+    assert "n/a" in phrase and "better" not in phrase and "worse" not in phrase
+    text = json.dumps(json_safe({"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf}], "d": "x"}))
+    assert json.loads(text) == {"a": None, "b": [1.0, None, {"c": None}], "d": "x"}
+    assert "NaN" not in text and "Infinity" not in text

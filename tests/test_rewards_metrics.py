@@ -81,3 +81,18 @@ def test_weighted_mse_and_mae_match_numpy_average():
         metrics.mse(a, b, weight=weight[..., None])
     with pytest.raises(ValueError, match=">= 0"):
         metrics.mse(a, b, weight=-weight)
+
+
+def test_other_integer_images_are_refused_and_mixed_ranges_rescale_each_side():
+    import pytest
+
+    from posttrain.rewards import metrics as M
+
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    b8 = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(TypeError, match="int64"):
+        M.psnr(a8.astype(np.int64), b8)
+    # uint8 beside a float image in 0..255 with data_range=255: the float side is rescaled, the uint8 side not.
+    np.testing.assert_allclose(M.psnr(a8, b8.astype(np.float64), data_range=255), M.psnr(a8, b8), rtol=1e-12)
+    np.testing.assert_allclose(M.ssim(a8.astype(np.float64), b8, data_range=255), M.ssim(a8, b8), rtol=1e-10)

@@ -383,13 +383,21 @@ def weights_hash(folder: str | Path) -> str:
     The HFWorldModel format: the sha256 over backbone/*.safetensors and tokenizer.safetensors, each
     file's relative path then its bytes, in sorted order (a sharded backbone hashes every shard)."""
     folder = Path(folder)
+
+    def update(digest, path: Path) -> None:  # in 1 MiB chunks: a multi-GB shard is never held in memory
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+
     if (folder / WEIGHTS_FILE).is_file():
-        return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        update(digest, folder / WEIGHTS_FILE)
+        return digest.hexdigest()
     files = sorted(folder.glob("backbone/*.safetensors")) + sorted(folder.glob("tokenizer.safetensors"))
     if not files:
         raise FileNotFoundError(f"model folder {folder} has neither {WEIGHTS_FILE} nor backbone/*.safetensors")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
+        update(digest, path)
     return digest.hexdigest()
