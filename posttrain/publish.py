@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +90,11 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
                     shutil.copytree(model / name, staging / name)
                 else:
                     shutil.copy2(model / name, staging / name)
-            base_name = json.loads((model / "config.json").read_text()).get("metadata", {}).get("base")
-            base_hash = _hash_if_found(base_name)
+            metadata = json.loads((model / "config.json").read_text()).get("metadata", {})
+            base_name = metadata.get("base")
+            # The hash recorded at training time; hashing the base folder now would describe whatever it holds
+            # today (a newer default, a rewritten folder). Older runs did not record it.
+            base_hash = metadata.get("base_weights_sha256") or "unknown (not recorded by this run)"
         gif = _sample_gif(run_dir)
         if gif is not None:
             shutil.copy2(gif, staging / "rollout.gif")
@@ -112,21 +116,11 @@ def _merge(adapter: Path, base_name: str | None, folder: Path) -> None:
     if not base_name:
         raise ValueError(f"{adapter / ADAPTER_INFO} names no base model; cannot merge")
     merged = load_adapter(load_model(base_name), adapter, base_name=base_name, merge=True)
-    metadata = {"base": base_name, "merged_adapter": str(adapter)}
     info = json.loads((adapter / ADAPTER_INFO).read_text())
+    metadata = {"base": base_name, "base_weights_sha256": info.get("base_weights_sha256"), "merged_adapter": str(adapter)}
     if "method" in info:
         metadata["method"] = info["method"]
     merged.save_pretrained(folder, metadata=metadata)
-
-
-def _hash_if_found(base_name: str | None) -> str | None:
-    from posttrain.models import weights_hash
-    from posttrain.models.registry import resolve_model_path
-
-    try:
-        return weights_hash(resolve_model_path(base_name)) if base_name else None
-    except FileNotFoundError:
-        return None
 
 
 def _sample_gif(run_dir: Path) -> Path | None:
@@ -134,11 +128,21 @@ def _sample_gif(run_dir: Path) -> Path | None:
     report = run_dir / "report" / "rollout.gif"
     if report.is_file():
         return report
-    videos = sorted((run_dir / "videos").glob("*.gif")) if (run_dir / "videos").is_dir() else []
-    return videos[-1] if videos else None
+    videos = list((run_dir / "videos").glob("*.gif")) if (run_dir / "videos").is_dir() else []
+    # By step number, not text: step-1000000 sorts before step-999999 as a string.
+    return max(videos, key=lambda p: (int(re.sub(r"\D", "", p.stem) or 0), p.name)) if videos else None
 
 
 # --- model card -------------------------------------------------------------------------------
+
+
+def _public_name(base_name: str | None) -> str:
+    """A base's name for a card that may be pushed publicly: a built-in name as is, a local folder by its
+    last component only (an absolute path would publish the trainer's directory layout)."""
+    if not base_name:
+        return "unknown"
+    path = Path(base_name)
+    return f"{path.name} (a local model folder)" if path.is_absolute() or len(path.parts) > 1 else base_name
 
 
 def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str | None, export: Path) -> str:
@@ -164,13 +168,13 @@ def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str |
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {run_dir.name}: {method} post-training of a posttrain world model", "", how, "",
              "## Base model", "",
-             f"- name: `{base_name or 'unknown'}`",
-             f"- weights sha256 (`model.safetensors`): `{base_hash or 'unknown (base not found at export time)'}`"]
+             f"- name: `{_public_name(base_name)}`",
+             f"- weights sha256 (recorded when it was trained): `{base_hash or 'unknown (not recorded)'}`"]
     if kind in ("merged", "full"):
         from posttrain.models import weights_hash
 
         lines.append(f"- this export's weights sha256: `{weights_hash(export)}`")
-    lines += ["", "## Data", "", *_data_summary(recipe), "", "## Metrics", "", *_metrics(run_dir), ""]
+    lines += ["", "## Data", "", *_data_summary(recipe), "", "## Metrics", "", *_metrics(run_dir, kind), ""]
     if (export / "rollout.gif").is_file():
         lines += ["## Sample rollout", "", "![rollout](rollout.gif)", "",
                   "Panels: context | base | post-trained | ground truth (greedy, on a held-out clip; for "
@@ -222,13 +226,14 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
-def _metrics(run_dir: Path) -> list[str]:
+def _metrics(run_dir: Path, kind: str = "adapter") -> list[str]:
     report = run_dir / "report"
     lines: list[str] = []
     if (report / "metrics.json").is_file():
         results = json.loads((report / "metrics.json").read_text())
         lines += [f"Held-out rollouts (seeds `{results.get('eval_seeds')}`, horizon {results.get('horizon')}), "
-                  "base (adapter disabled) vs post-trained:", "",
+                  f"base ({'adapter disabled' if kind in ('adapter', 'merged') else 'the frozen base model'}) "
+                  "vs post-trained:", "",
                   "| temperature | metric | base | post-trained |", "|---|---|---|---|"]
         for temperature, pair in results.get("temperatures", {}).items():
             for metric in ("mse_mean", "psnr_mean", "ssim_mean", "consistency_3d_mean", "loop_closure_error_mean"):

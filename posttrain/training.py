@@ -137,6 +137,8 @@ class Session:
 def check_image_sizes(recipe: dict, model_size: int | None, model: str) -> None:
     """Refuse envs3d data whose frame size the model cannot read, naming the recipe key (a dataset folder
     given by `path` is checked when it loads)."""
+    if (recipe.get("data") or {}).get("path"):
+        return  # footage: its frames are checked when the dataset loads, and it may hold the held-out split too
     sections = {"data": recipe.get("data"), "eval.data": (recipe.get("eval") or {}).get("data")}
     for key, section in sections.items():
         size = (section or {}).get("image_size")
@@ -549,7 +551,8 @@ def finish(session: Session, history: list, *, recipe: dict, eval_config=None,
                          {"method": session.method, "recipe": recipe})
         else:
             session.world.save_pretrained(session.out / "model", metadata={"method": session.method,
-                                                                          "base": base_reference(session.base_name)})
+                                                                          "base": base_reference(session.base_name),
+                                                                          "base_weights_sha256": session.base_hash})
         if session.settings.eval_at_end and eval_config is not None:
             from posttrain.report import write_report
 

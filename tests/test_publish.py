@@ -96,7 +96,8 @@ def test_studio_flow_footage_to_exported_adapter(tiny_model, tmp_path, captured_
 
 def _fake_full_finetune(tiny_model, run_dir):
     """A finished full fine-tuning run folder: model/, config.json and metrics.jsonl (no report)."""
-    make_tiny_model(seed=2).save_pretrained(run_dir / "model", metadata={"method": "sft", "base": str(tiny_model)})
+    make_tiny_model(seed=2).save_pretrained(run_dir / "model", metadata={
+        "method": "sft", "base": str(tiny_model), "base_weights_sha256": weights_hash(tiny_model)})
     (run_dir / "config.json").write_text(json.dumps({"method": "sft", "model": str(tiny_model), "data": {
         "seeds": "0:8", "frames": 6, "image_size": 32, "path": ""}}))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5}) + "\n")
@@ -112,6 +113,12 @@ def test_full_finetune_export_copies_the_model(tiny_model, tmp_path, capsys):
     load_model(out)
     card = (out / "README.md").read_text()
     assert weights_hash(tiny_model) in card and weights_hash(out) in card
+    assert str(tiny_model) not in card.split("## Data")[0], "a public card names a local base by its folder name only"
+    # The hash is the one recorded at training time: a base rewritten since does not change the card.
+    (run_dir / "model" / "config.json").write_text((run_dir / "model" / "config.json").read_text().replace(
+        weights_hash(tiny_model), "0" * 64))
+    assert main(["adapter", "export", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert "0" * 64 in (out / "README.md").read_text()
     assert "envs3d seeds `0:8`, 6 frames per episode at 32x32 px" in card
     assert "| loss | 2.5 |" in card  # no report: the last metrics.jsonl record
 
