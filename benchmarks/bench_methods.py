@@ -175,8 +175,6 @@ def main() -> None:
     unknown = [m for m in names if m not in METHODS and m not in SEQUENCES]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted([*METHODS, *SEQUENCES])}")
-    if args.reuse and any(name in SEQUENCES for name in names):
-        parser.error("--reuse does not cover sequences")
     methods = dict(METHODS)
     for variant in args.variant:
         head, *extra = shlex.split(variant)
@@ -208,7 +206,11 @@ def main() -> None:
         results["base"] = {**earlier["results"]["base"], "eval_from": args.base_from}
     for name in names:
         out = runs / name
-        if name in SEQUENCES:
+        if name in SEQUENCES and args.reuse:  # the last stage's adapter on the merged model before it
+            stages = SEQUENCES[name]
+            info = {"reused": True, "model": str(out / f"stage{len(stages) - 2}-merged"),
+                    "adapter_dir": str(out / f"stage{len(stages) - 1}-{stages[-1][0]}" / "adapter")}
+        elif name in SEQUENCES:
             info = train_sequence(name, SEQUENCES[name], args.model, args.minutes, out)
         else:
             info = {"reused": True} if args.reuse else train(name, *methods[name], args.model, args.minutes, out)
