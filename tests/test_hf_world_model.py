@@ -414,3 +414,48 @@ def test_posttrain_eval_runs_on_it(tiny_hf_dir, data_cache, tmp_path):
     assert main(["eval", "--model", str(tiny_hf_dir), "--seeds", "500:502", "--horizon", "2", "--size", "32",
                  "--batch-size", "2", "--cache-dir", str(data_cache), "--json", str(out)]) == 0
     assert json.loads(out.read_text())
+
+
+def test_a_registered_architecture_loads_everywhere_a_model_name_goes(tiny_model_dir, data_cache, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A user's own model class: its folder names its architecture; `register_architecture` (or the entry
+    point) tells `load_model`; the CLI's eval and a GRPO run then take the folder like any other."""
+    import shutil
+
+    from posttrain.cli import main
+    from posttrain.models import registry
+
+    loaded = []
+
+    def load(folder, map_location):  # stands in for a user's loader; the protocol is what counts
+        model = TokenWorldModel.from_pretrained(folder / "inner", map_location)
+        loaded.append(folder)
+        return model
+
+    folder = tmp_path / "mine"
+    shutil.copytree(tiny_model_dir, folder / "inner")
+    (folder / "config.json").write_text(json.dumps({"architecture": "acme.Wrapped"}))
+    monkeypatch.setattr(registry, "_ARCHITECTURES", {})
+    with pytest.raises(ValueError, match="unknown architecture 'acme.Wrapped'.*register_architecture"):
+        load_model(folder)
+    registry.register_architecture("acme.Wrapped", load)
+    assert isinstance(load_model(folder), TokenWorldModel) and loaded == [folder]
+    assert main(["eval", "--model", str(folder), "--seeds", "0:2", "--size", "32", "--horizon", "2",
+                 "--cache-dir", str(data_cache), "--json", str(tmp_path / "eval.json")]) == 0
+    out = tmp_path / "run"
+    assert main(["run", "recipes/grpo_tabletop.yaml",
+                 *tiny_grpo_overrides(folder, data_cache, out, steps=1, extra=["train.eval_at_end=false"])]) == 0
+    info = json.loads((out / "adapter" / "posttrain_adapter.json").read_text())
+    assert info["base_weights_sha256"] == weights_hash(folder)  # every file but config.json counts
+    # An entry point in the posttrain.world_models group registers it the same way.
+    monkeypatch.setattr(registry, "_ARCHITECTURES", {})
+
+    class Point:
+        name = "acme.Wrapped"
+
+        @staticmethod
+        def load():
+            return load
+
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [Point] if group == registry.ENTRY_POINT_GROUP else [])
+    assert isinstance(load_model(folder), TokenWorldModel)

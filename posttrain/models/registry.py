@@ -1,10 +1,13 @@
 """Load a world model by name (`default`, the embedded base) or by folder path, dispatching on the
-folder's config.json "architecture" (posttrain.TokenWorldModel or posttrain.HFWorldModel)."""
+folder's config.json "architecture": posttrain.TokenWorldModel, posttrain.HFWorldModel, or one a user
+registered (`register_architecture`, or an entry point in the `posttrain.world_models` group, so that
+`posttrain run`, `eval` and `play` load it without code changes)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -41,14 +44,50 @@ def model_architecture(folder: Path) -> str | None:
     return config.get("architecture") if isinstance(config, dict) else None
 
 
+ENTRY_POINT_GROUP = "posttrain.world_models"
+"""Entry-point group a package uses to register its architecture: `name = "module:loader"`."""
+
+_ARCHITECTURES: dict[str, Callable[[Path, str], Any]] = {}
+
+
+def register_architecture(name: str, loader: Callable[[Path, str], Any]) -> None:
+    """Let `load_model` (hence every recipe's `model=`, `posttrain eval --model`, `posttrain play`) load a
+    folder whose config.json says `"architecture": name`, as `loader(folder, map_location)`. The model it
+    returns must follow the `WorldModel` protocol (README, "Bring your own world model"). From the CLI,
+    register through an entry point instead: in your package's pyproject.toml,
+    `[project.entry-points."posttrain.world_models"] my_arch = "my_package.world:load"`."""
+    _ARCHITECTURES[name] = loader
+
+
+def _registered_loader(name: str) -> Callable[[Path, str], Any] | None:
+    if name not in _ARCHITECTURES:
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            if point.name == name:
+                _ARCHITECTURES[name] = point.load()
+                break
+    return _ARCHITECTURES.get(name)
+
+
 def load_model(name_or_path: str | Path = "default", map_location: str = "cpu"):
-    """A world model from 'default' or a `save_pretrained` folder of either built-in architecture."""
+    """A world model from 'default' or a `save_pretrained` folder of a built-in or registered architecture."""
     from .hf_world_model import ARCHITECTURE as HF_ARCHITECTURE
+    from .world_model import ARCHITECTURE as TOKEN_ARCHITECTURE
     from .world_model import TokenWorldModel
 
     folder = resolve_model_path(name_or_path)
-    if model_architecture(folder) == HF_ARCHITECTURE:
+    architecture = model_architecture(folder)
+    if architecture == HF_ARCHITECTURE:
         return HFWorldModel.from_pretrained(folder, map_location)
+    if architecture not in (None, TOKEN_ARCHITECTURE):
+        loader = _registered_loader(architecture)
+        if loader is None:
+            raise ValueError(f"{folder / 'config.json'}: unknown architecture {architecture!r}; built in: "
+                             f"{TOKEN_ARCHITECTURE!r}, {HF_ARCHITECTURE!r}. Register yours with "
+                             f"posttrain.models.register_architecture or an entry point in the "
+                             f"{ENTRY_POINT_GROUP!r} group")
+        return loader(folder, map_location)
     # TokenWorldModel's loader names a missing config, bad JSON or an unknown architecture.
     return TokenWorldModel.from_pretrained(folder, map_location)
 

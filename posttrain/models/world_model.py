@@ -394,8 +394,10 @@ def weights_hash(folder: str | Path) -> str:
         update(digest, folder / WEIGHTS_FILE)
         return digest.hexdigest()
     files = sorted(folder.glob("backbone/*.safetensors")) + sorted(folder.glob("tokenizer.safetensors"))
+    if not files:  # a registered architecture of the user's own: every file but the config and the card
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CONFIG_FILE, "README.md"))
     if not files:
-        raise FileNotFoundError(f"model folder {folder} has neither {WEIGHTS_FILE} nor backbone/*.safetensors")
+        raise FileNotFoundError(f"model folder {folder} holds no weights files")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
