@@ -205,7 +205,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = safe_load(path.read_text()) or {}
+        data = safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          f"save the recipe as UTF-8") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):

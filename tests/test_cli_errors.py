@@ -42,6 +42,12 @@ def _recipe_with_a_duplicate_key(tmp_path):
     return path
 
 
+def _latin1_recipe(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("method: grpo\nout: runs/caf\u00e9\n".encode("latin-1"))
+    return path
+
+
 def _eval(model, cache, *extra):
     return ["eval", "--model", str(model), "--seeds", "0:2", "--size", "32", "--cache-dir", str(cache),
             "--json", str(cache.parent / "e.json"), *extra]
@@ -74,6 +80,7 @@ CASES = [
     ("yaml-error-in-override", lambda m, c, o, t: _grpo(m, c, o, "train.lr=[0.1"), ["train.lr", "YAML"]),
     ("huge-seed-range", lambda m, c, o, t: _grpo(m, c, o, "data.seeds=0:4000000000"),
      ["0:4000000000", "10,000,000"]),
+    ("recipe-not-utf8", lambda m, c, o, t: ["run", str(_latin1_recipe(t)), f"out={o}"], ["latin1.yaml", "UTF-8"]),
     ("duplicate-yaml-key", lambda m, c, o, t: ["run", str(_recipe_with_a_duplicate_key(t)), f"out={o}"],
      ["dup.yaml", "duplicate key 'train'", "first given on line 2", "at line 4"]),
     ("held-out-overlaps-training", lambda m, c, o, t: _grpo(m, c, o, "eval.data.seeds=6:10"),
