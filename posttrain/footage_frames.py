@@ -38,11 +38,18 @@ def natural_key(name: str) -> list:
 # --- actions --------------------------------------------------------------------------------
 
 
+def _integer(text: str) -> int | None:
+    """`text` as an integer if it is plain ASCII digits with an optional minus ("12", "-3"), else None."""
+    # Not str.isdigit() + int(): "--3".lstrip("-") and "²" pass isdigit, then int() raises.
+    text = text.strip()
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else None
+
+
 def _action_value(raw, where: str) -> int:
     if isinstance(raw, str):
         text = raw.strip()
-        if text.lstrip("-").isdigit():
-            raw = int(text)
+        if (number := _integer(text)) is not None:
+            raw = number
         elif text in ACTION_NAMES:
             return ACTION_NAMES.index(text)
         else:
@@ -55,26 +62,31 @@ def _action_value(raw, where: str) -> int:
 def load_actions(path: Path) -> np.ndarray:
     """Per-source-frame action ids from a `.actions.csv` (frame,action) or `.actions.json` (list) sidecar."""
     try:
+        # utf-8-sig: Excel's "CSV UTF-8" (and some editors) start the file with a byte-order mark.
         if path.name.endswith(".json"):
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if not isinstance(data, list):
                 raise SourceError(f"{path.name}: expected a JSON list of actions, got {type(data).__name__}")
             return np.array([_action_value(a, f"{path.name}[{i}]") for i, a in enumerate(data)], dtype=np.int64)
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or not {"frame", "action"} <= {f.strip() for f in reader.fieldnames}:
                 raise SourceError(f"{path.name}: needs a header with columns frame,action")
-            rows = [{k.strip(): v for k, v in row.items()} for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader puts fields beyond the header under the key None
+                    raise SourceError(f"{path.name} line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
+                                      f"fields, the header has {len(reader.fieldnames)}")
+                rows.append((reader.line_num, {k.strip(): v for k, v in row.items()}))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise SourceError(f"{path.name}: unreadable action sidecar: {exc}") from None
     actions = np.empty(len(rows), dtype=np.int64)
     seen = np.zeros(len(rows), dtype=bool)
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         where = f"{path.name} line {line}"
-        try:
-            frame = int(row["frame"])
-        except (TypeError, ValueError):
-            raise SourceError(f"{where}: frame {row['frame']!r} is not an integer") from None
+        frame = _integer(row["frame"]) if isinstance(row["frame"], str) else None
+        if frame is None:
+            raise SourceError(f"{where}: frame {row['frame']!r} is not an integer")
         if not 0 <= frame < len(rows) or seen[frame]:
             raise SourceError(f"{where}: frame {frame} is repeated or outside 0..{len(rows) - 1} "
                               "(one row per source frame)")

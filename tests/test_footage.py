@@ -221,3 +221,26 @@ def test_existing_out_needs_overwrite(footage, tmp_path, capsys):
 def test_natural_order():
     names = ["f_10.png", "f_2.png", "F_1.png", "f_0010b.png"]
     assert sorted(names, key=natural_key) == ["F_1.png", "f_2.png", "f_10.png", "f_0010b.png"]
+
+
+def test_malformed_csv_sidecars_fail_only_their_source_and_a_bom_is_read(footage, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [f"{n},{n % NUM_ACTIONS}" for n in range(GRAY_FRAMES)]
+    sidecars = {
+        "extra": ["frame,action", *rows[:5], "5,5,9", *rows[6:]],  # one row with a field beyond the header
+        "minus": ["frame,action", "0,--3", *rows[1:]],
+        "frame": ["frame,action", "--0,1", *rows[1:]],
+        "bom": ["\ufeffframe,action", *rows],  # Excel's "CSV UTF-8"
+    }
+    for name, lines in sidecars.items():
+        shutil.copy(footage / "ramp.mp4", src / f"{name}.mp4")
+        (src / f"{name}.actions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = ingest(src, tmp_path / "out", _config())
+    reasons = {r.path: r.reason for r in report.failed}
+    assert reasons == {"extra.mp4": "extra.actions.csv line 7: 3 fields, the header has 2",
+                       "minus.mp4": "minus.actions.csv line 2: unknown action '--3'",
+                       "frame.mp4": "frame.actions.csv line 2: frame '--0' is not an integer"}
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    assert set(ds["source"]) == {"bom.mp4"} and ds[0]["has_actions"]
+
