@@ -221,6 +221,8 @@ def _image_getter(path: Path, size: int) -> Callable[[], np.ndarray]:
         try:
             with Image.open(path) as image:
                 return resize_image(image, size)
+        except Image.DecompressionBombError as exc:  # not an OSError: Pillow refuses images over ~179 MP
+            raise SourceError(f"image {path.name} is too large to read: {_short(exc)}") from None
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise SourceError(f"unreadable image {path.name}: {_short(exc)}") from None
 

@@ -244,3 +244,17 @@ def test_malformed_csv_sidecars_fail_only_their_source_and_a_bom_is_read(footage
     ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
     assert set(ds["source"]) == {"bom.mp4"} and ds[0]["has_actions"]
 
+
+def test_an_image_too_large_for_pillow_fails_only_its_sequence(footage, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    src = tmp_path / "src"
+    shutil.copytree(footage / "seq", src / "seq")
+    shutil.copy(footage / "ramp.mp4", src / "ramp.mp4")
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(src / "seq" / "seq_3.png")
+    # Pillow raises DecompressionBombError past twice this many pixels (the real limit is ~179 MP).
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 25_000)
+    report = ingest(src, tmp_path / "out", _config())
+    assert [r.path for r in report.failed] == ["seq"]
+    assert report.failed[0].reason.startswith("image seq_3.png is too large to read: ")
+    assert {r.path: r.status for r in report.sources} == {"ramp.mp4": "ok", "seq": "failed"}
