@@ -4,7 +4,8 @@
 
 SRC is read recursively. Video files (mp4, mov, webm, mkv, m4v, avi) are decoded with
 PyAV one frame at a time; a folder holding png/jpg frames is one image sequence, frames in
-natural order (frame_2 before frame_10). Frames are resized (shorter side to `size`) and
+natural order (frame_2 before frame_10); a lone image (a thumbnail) is skipped, and hidden files and
+folders (names starting with ".", e.g. macOS's ._name files) are ignored. Frames are resized (shorter side to `size`) and
 centre-cropped to a square, subsampled to `fps` by timestamp (nearest source frame to each
 target time), and cut into clips of `clip_frames` frames every `stride` frames.
 
@@ -195,8 +196,12 @@ def discover(src: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[tuple[str,
         root_path = Path(root)
         # Hidden folders (.git, our own staging folders) and the output folder are never footage.
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() not in excluded)
-        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if images:
+        # Hidden files (macOS's ._name resource forks) are never frames; image_frames skips them too.
+        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if len(images) == 1:  # a thumbnail or cover beside the footage: it could never make a clip
+            skipped.append(SourceResult(_rel(root_path / images[0], src), "other", "skipped",
+                                        "a single image, not an image sequence"))
+        elif images:
             sources.append(("images", _rel(root_path, src), root_path))
         for name in files:
             path = root_path / name

@@ -258,3 +258,18 @@ def test_an_image_too_large_for_pillow_fails_only_its_sequence(footage, tmp_path
     assert [r.path for r in report.failed] == ["seq"]
     assert report.failed[0].reason.startswith("image seq_3.png is too large to read: ")
     assert {r.path: r.status for r in report.sources} == {"ramp.mp4": "ok", "seq": "failed"}
+
+
+def test_hidden_files_and_a_lone_thumbnail_are_not_image_sequences(footage, tmp_path):
+    src = tmp_path / "src"
+    (src / "takes").mkdir(parents=True)
+    shutil.copy(footage / "ramp.mp4", src / "takes" / "ramp.mp4")
+    (src / "takes" / "._ramp.mp4").write_bytes(b"\x00\x05\x16\x07")  # macOS resource forks
+    (src / "takes" / "._cover.png").write_bytes(b"\x00\x05\x16\x07")
+    Image.fromarray(_seq_image(0)).save(src / "takes" / "cover.jpg")
+    (src / ".hidden").mkdir()
+    for n in range(CLIP):
+        Image.fromarray(_seq_image(n)).save(src / ".hidden" / f"f_{n}.png")
+    report = ingest(src, tmp_path / "out", _config())
+    assert report.exit_code == 0
+    assert {r.path: r.status for r in report.sources} == {"takes/cover.jpg": "skipped", "takes/ramp.mp4": "ok"}
