@@ -7,7 +7,10 @@ PyAV one frame at a time; a folder holding png/jpg frames is one image sequence,
 natural order (frame_2 before frame_10); a lone image (a thumbnail) is skipped, and hidden files and
 folders (names starting with ".", e.g. macOS's ._name files) are ignored. Frames are resized (shorter side to `size`) and
 centre-cropped to a square, subsampled to `fps` by timestamp (nearest source frame to each
-target time), and cut into clips of `clip_frames` frames every `stride` frames.
+target time), and cut into clips of `clip_frames` frames every `stride` frames. A jump in a video's
+timestamps of more than a few frame periods (an idle pause in a variable-frame-rate recording, a corrupt
+timestamp) is a break: it is not filled with copies of a frame, no clip spans it, and the manifest counts
+a source's breaks as its "gaps".
 
 Columns: frames (T, H, W, 3) uint8, actions (T-1,) int64, clip_id, source, start_time,
 end_time, has_actions. Actions come from an optional sidecar beside the source
@@ -143,6 +146,8 @@ class SourceResult:
     expected_frames: int | None = None
     """Frames the video container declares (its frame count, else duration x frame rate); None if unknown."""
     has_actions: bool = False
+    gaps: int = 0
+    """Breaks in a video's timestamps (jumps of more than MAX_GAP_PERIODS frame periods): no clip spans one."""
     time_ranges: list[list[float]] = field(default_factory=list)
     shard: str | None = None
 
@@ -266,13 +271,18 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
         sidecar = _sidecar_for(path)
         actions = load_actions(sidecar) if sidecar else None
         result.has_actions = actions is not None
-        frames = (video_frames(path, config.size, result) if kind == "video"
+        frames = (video_frames(path, config.size, result, config.fps) if kind == "video"
                   else image_frames(path, config.size, config.image_fps))
         window: collections.deque = collections.deque(maxlen=config.clip_frames)
         period, stride = 1.0 / config.fps, config.clip_stride
+        slot = -1  # frames kept since the source (or its last timestamp break) began, less one
         with ArrowWriter(features=features(config), path=str(shard),
                          writer_batch_size=_writer_batch_size(config)) as writer:
-            for slot, (index, target, getter) in enumerate(subsample(_count(frames, result, on_frame), config.fps)):
+            for index, target, getter, new_segment in subsample(_count(frames, result, on_frame), config.fps):
+                if new_segment:
+                    window.clear()
+                    slot = -1
+                slot += 1
                 window.append((index, target, getter()))
                 result.frames += 1
                 start = slot - config.clip_frames + 1
@@ -299,7 +309,9 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
             raise SourceError(f"action sidecar {sidecar.name} has {len(actions)} actions for "
                               f"{result.source_frames} source frames")
         if result.clips == 0:
-            raise SourceError(f"too short: {result.frames} frames at {config.fps:g} fps, need {config.clip_frames}")
+            split = f" (split by {result.gaps} timestamp gaps)" if result.gaps else ""
+            raise SourceError(f"too short: {result.frames} frames at {config.fps:g} fps, need {config.clip_frames}"
+                              f"{split}")
         # A cut-short file (a half-copied faststart mp4) decodes cleanly up to where it ends.
         if result.expected_frames and result.source_frames < result.expected_frames - _MISSING_FRAMES_TOLERANCE:
             result.status = "partial"

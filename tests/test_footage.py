@@ -273,3 +273,53 @@ def test_hidden_files_and_a_lone_thumbnail_are_not_image_sequences(footage, tmp_
     report = ingest(src, tmp_path / "out", _config())
     assert report.exit_code == 0
     assert {r.path: r.status for r in report.sources} == {"takes/cover.jpg": "skipped", "takes/ramp.mp4": "ok"}
+
+
+def _video_with_gap(path: Path, gap_seconds: float) -> None:
+    """96 frames at 24 fps whose frame n is a flat gray of level 2n, with a pause of gap_seconds after frame 47
+    (timestamps only: as a variable-frame-rate screen recording stores an idle minute)."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        tick = fractions.Fraction(1, 24)  # (the muxer changes stream.time_base once writing starts)
+        stream.time_base = stream.codec_context.time_base = tick
+        stream.options = {"qp": "0"}
+        for n in range(96):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 2 * n, np.uint8), format="rgb24")
+            frame.pts = n + (round(gap_seconds * 24) if n >= 48 else 0)
+            frame.time_base = tick
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_a_pause_in_the_timestamps_is_a_break_not_filled_with_copies(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _video_with_gap(src / "idle.mp4", 60.0)
+    report = ingest(src, tmp_path / "out", _config())
+    assert report.exit_code == 0
+    (entry,) = report.sources
+    # 2 s before the pause and 2 s after it at 8 fps: 16 + 16 frames, two clips each; none spans the pause.
+    assert (entry.gaps, entry.frames, entry.clips) == (1, 32, 4)
+    assert entry.time_ranges == [[0.0, 1.0], [1.0, 2.0], [62.0, 63.0], [63.0, 64.0]]
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    levels = np.stack([ds[i]["frames"].reshape(CLIP, -1).mean(axis=1) for i in range(4)]).ravel()
+    np.testing.assert_allclose(levels, 2 * np.r_[0:48:3, 48:96:3], atol=2)  # every third source frame
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"][0]["gaps"] == 1
+
+
+def test_a_corrupt_timestamp_far_ahead_neither_fills_nor_shifts_later_frames():
+    from posttrain.footage_frames import Timeline
+
+    raw = [n / 24 for n in range(10)]
+    raw[5] += 3 * 3600  # one frame's pts three hours ahead
+    timeline = Timeline(24.0, 0.5)
+    times, breaks = zip(*(timeline(t) for t in raw))
+    assert list(times) == pytest.approx([*raw[:5], raw[5], *raw[6:]])
+    assert breaks == (False,) * 5 + (True, True) + (False,) * 3 and timeline.gaps == 2
+    timeline = Timeline(24.0, 0.5)  # missing and repeated timestamps still fall back to the nominal rate
+    assert [timeline(t)[0] for t in (0.0, None, 1 / 24, 1 / 24)] == pytest.approx([0, 1 / 24, 2 / 24, 3 / 24])
