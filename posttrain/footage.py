@@ -16,7 +16,10 @@ Columns: frames (T, H, W, 3) uint8, actions (T-1,) int64, clip_id, source, start
 end_time, has_actions. Actions come from an optional sidecar beside the source
 (`video.actions.csv` with columns frame,action, or `video.actions.json`, a list; ids or
 names from `posttrain.envs3d.actions.ACTION_NAMES`, one per source frame); without one
-every action is NULL_ACTION. `manifest.json` in the output lists every file with its
+every action is NULL_ACTION. A clip's action t is the one taken between its frames t and t + 1: between
+two copies of the same source frame (--fps above the source's rate) it is NULL_ACTION; where the frames
+skip source frames (--fps below the source's rate) it is the skipped frames' action if they all agree, else
+NULL_ACTION. `manifest.json` in the output lists every file with its
 status ("ok", "partial", "failed", "skipped"), the reason, its clips and their time ranges;
 `posttrain_output.json` marks the folder as ingest's, and --overwrite replaces only such a folder.
 "partial" is a video that decodes fewer frames than its container declares (e.g. a copy cut
@@ -289,7 +292,8 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
                 if start < 0 or start % stride:
                     continue
                 indices = [w[0] for w in window]
-                clip_actions = (actions[indices[:-1]] if actions is not None and indices[-1] < len(actions)
+                clip_actions = (_transition_actions(actions, indices)
+                                if actions is not None and indices[-1] < len(actions)
                                 else np.full(config.clip_frames - 1, NULL_ACTION, dtype=np.int64))
                 start_time, end_time = round(window[0][1], 6), round(window[-1][1] + period, 6)
                 writer.write({
@@ -324,6 +328,17 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
         return result
     result.shard = str(shard) if written else None
     return result
+
+
+def _transition_actions(actions: np.ndarray, indices: list[int]) -> np.ndarray:
+    """The action between each pair of consecutive kept frames (source indices `indices`): the source
+    actions from one to the next if they all agree, else NULL_ACTION (also between copies of one frame)."""
+    out = np.full(len(indices) - 1, NULL_ACTION, dtype=np.int64)
+    for j, (a, b) in enumerate(zip(indices[:-1], indices[1:])):
+        span = actions[a:b]
+        if len(span) and (span == span[0]).all():
+            out[j] = span[0]
+    return out
 
 
 def _count(frames: Iterator, result: SourceResult, on_frame: Callable[[int], None] | None) -> Iterator:

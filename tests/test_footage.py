@@ -163,7 +163,10 @@ def test_rerun_is_byte_identical_for_any_worker_count(footage, tmp_path):
 def test_action_sidecars_honoured_and_a_mismatch_fails_only_that_file(footage, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    per_frame = [(3 * n + 1) % NUM_ACTIONS for n in range(GRAY_FRAMES)]
+    # 24 -> 8 fps keeps every third source frame: the three actions a clip step spans agree, except in
+    # step 5 (source frames 15-17), whose middle frame differs.
+    per_frame = [(7 * (n // 3) + 1) % NUM_ACTIONS for n in range(GRAY_FRAMES)]
+    per_frame[16] = 0
     for name in ("ids", "names", "bad", "plain"):
         shutil.copy(footage / "ramp.mp4", src / f"{name}.mp4")
     (src / "ids.actions.csv").write_text("frame,action\n" + "".join(f"{n},{a}\n" for n, a in enumerate(per_frame)))
@@ -177,13 +180,12 @@ def test_action_sidecars_honoured_and_a_mismatch_fails_only_that_file(footage, t
     ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
     rows = _by_source(ds)
     assert set(rows) == {"ids.mp4", "names.mp4", "plain.mp4"}
-    kept = 3 * np.arange(2 * CLIP)  # source frame of each kept frame (24 -> 8 fps)
+    steps = np.asarray(per_frame)[3 * np.arange(2 * CLIP)]  # the action of each kept frame's three
+    steps[5] = NULL_ACTION
     for source in ("ids.mp4", "names.mp4"):
         for clip, row in enumerate(rows[source]):
             assert ds[row]["has_actions"]
-            # The action of a clip step is the action at the kept frame it starts from.
-            expected = np.asarray(per_frame)[kept[clip * CLIP : clip * CLIP + CLIP - 1]]
-            np.testing.assert_array_equal(ds[row]["actions"], expected)
+            np.testing.assert_array_equal(ds[row]["actions"], steps[clip * CLIP : clip * CLIP + CLIP - 1])
     assert not ds[rows["plain.mp4"][0]]["has_actions"]
 
 
@@ -323,3 +325,21 @@ def test_a_corrupt_timestamp_far_ahead_neither_fills_nor_shifts_later_frames():
     assert breaks == (False,) * 5 + (True, True) + (False,) * 3 and timeline.gaps == 2
     timeline = Timeline(24.0, 0.5)  # missing and repeated timestamps still fall back to the nominal rate
     assert [timeline(t)[0] for t in (0.0, None, 1 / 24, 1 / 24)] == pytest.approx([0, 1 / 24, 2 / 24, 3 / 24])
+
+
+def test_a_step_between_copies_of_one_source_frame_has_no_action(footage, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(footage / "seq", src / "seq")
+    per_image = [(5 * n + 2) % NUM_ACTIONS for n in range(16)]
+    (src / "seq.actions.json").write_text(json.dumps(per_image))
+    report = ingest(src, tmp_path / "out", _config(image_fps=4))  # 4 images a second to 8 fps
+    assert report.exit_code == 0 and report.sources[0].clips == 3
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    # Kept frame k (time k/8) is image ceil(k/2) (a tie goes to the later image): 0, 1, 1, 2, 2, ...
+    image = [-(-k // 2) for k in range(3 * CLIP)]
+    for row in range(3):
+        frames, actions = ds[row]["frames"], ds[row]["actions"]
+        for j in range(CLIP - 1):
+            a, b = image[row * CLIP + j], image[row * CLIP + j + 1]
+            assert np.array_equal(frames[j], frames[j + 1]) == (a == b)
+            assert actions[j] == (NULL_ACTION if a == b else per_image[a]), (row, j)
