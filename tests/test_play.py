@@ -260,6 +260,42 @@ def test_record_new_scene_and_bad_messages(server):
         assert header["action_name"].startswith("push_0_") and header["step"] == 1
 
 
+def test_recordings_are_written_one_frame_at_a_time(tiny_model_dir, tmp_path, restore_threads):
+    """Saving never holds all the upscaled frames (3000 of them at 64 px took ~1 GB, then ~2 GB for MP4)."""
+    import tracemalloc
+
+    import imageio.v3 as iio
+
+    from posttrain.models import load_model
+    from posttrain.play import PlaySession
+    from posttrain.play.server import scene_for
+
+    torch.set_num_threads(1)
+    model = load_model(tiny_model_dir).eval()
+    session = PlaySession([model, model], ["base", "again"], scene_for(model, []), seed=SEED)
+    try:
+        for fmt in ("gif", "mp4"):
+            session.save_recording(tmp_path / f"warm-up.{fmt}")  # imports and first-use caches, not measured
+        rng = np.random.default_rng(0)
+        kept = [tuple(rng.integers(0, 5, (32, 32, 3), dtype=np.uint8) * 63 for _ in range(3)) for _ in range(400)]
+        session.record.extend(kept)
+        frame_bytes = (16 + 3 * 32) * (3 * 3 * 32 + 2 * 4) * 3  # label strip + three 3x panels and two gaps
+        for fmt in ("gif", "mp4"):
+            tracemalloc.start()
+            try:
+                path = session.save_recording(tmp_path / f"r.{fmt}")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 50 * frame_bytes, (fmt, peak / frame_bytes)  # stacking them all took 800 frames' worth
+            frames = iio.imread(path, index=None, **({"plugin": "pyav"} if fmt == "mp4" else {}))
+            assert frames.shape[:3] == (1 + 400, 16 + 3 * 32, 3 * 3 * 32 + 2 * 4)  # the scene's sync shot + 400
+            if fmt == "gif":  # lossless here (under 256 colours a frame); H.264 blurs these noise blocks
+                np.testing.assert_array_equal(frames[-1, 16:, :96, :3], np.repeat(np.repeat(kept[-1][0], 3, 0), 3, 1))
+    finally:
+        session.close()
+
+
 # --- shutdown and bad command lines ----------------------------------------------------------------
 def test_ctrl_c_stops_cleanly_and_nothing_is_written(tiny_model_dir, tmp_path):
     from websockets.exceptions import ConnectionClosed
