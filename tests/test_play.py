@@ -120,6 +120,51 @@ def test_websocket_from_another_site_is_refused(server):
     assert refused.value.response.status_code == 403
 
 
+@contextlib.contextmanager
+def play_server_in_this_process(model_dir: Path, workdir: Path):
+    """A PlayServer on a free port, its event loop in a thread: for tests that patch the server's code."""
+    import asyncio
+    import threading
+
+    from posttrain.models import load_model
+    from posttrain.play.server import PlayServer, scene_for
+
+    model = load_model(model_dir).eval()
+    server = PlayServer([model, model], ["base", "again"], scene_for(model, []), seed=SEED, workdir=workdir)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        url = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(TIMEOUT)
+        yield url.replace("http://", "ws://") + "ws"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
+
+
+def test_a_failing_recording_writer_answers_with_an_error(tiny_model_dir, tmp_path, monkeypatch, restore_threads):
+    import errno
+
+    import av
+
+    def disk_full(*args, **kwargs):
+        raise av.error.OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(av, "open", disk_full)
+    torch.set_num_threads(1)
+    with play_server_in_this_process(tiny_model_dir, tmp_path) as url, connect(url) as ws:
+        receive_shot(ws)
+        request(ws, type="action", action=action_id("forward"), seq=1)
+        reply = request_text(ws, type="record", format="mp4", seq=2)
+        assert reply["type"] == "error" and reply["seq"] == 2
+        assert reply["message"] == ("recording posttrain-play-seed3-step1.mp4 failed: "
+                                    "OSError: [Errno 28] No space left on device")
+        assert request(ws, type="action", action=action_id("back"), seq=3)[0]["step"] == 2  # still usable
+    assert list(tmp_path.iterdir()) == []  # no recording left behind
+
+
 # --- exactness ------------------------------------------------------------------------------------
 SCRIPT = ["forward", "yaw_left", "left", "up", "pitch_down", "push_0_+x", "noop", "noop", "right", "yaw_right",
           *["back"] * 14, "down", "pitch_up"]
@@ -251,6 +296,18 @@ def test_record_new_scene_and_bad_messages(server):
                           ({"type": "fly"}, "unknown message type")]:
             reply = request_text(ws, **bad, seq=7)
             assert reply["type"] == "error" and says in reply["message"] and reply["seq"] == 7
+        # JSON reads 1e999 as inf and keeps a 400-digit integer exact: neither may end the session.
+        for bad, says in [('"type": "action", "action": 1e999', "unknown action"),
+                          ('"type": "push", "object": 1e999', "object inf is not an integer"),
+                          ('"type": "push", "object": 1.5', "object 1.5 is not an integer"),
+                          ('"type": "new_scene", "seed": 1e999', "seed inf is not an integer"),
+                          ('"type": "new_scene", "seed": -1e999', "seed -inf is not an integer"),
+                          (f'"type": "temperature", "value": 1{"0" * 400}', "temperature 1000"),
+                          ('"type": "temperature", "value": NaN', "temperature nan is not a finite number"),
+                          ('"type": "temperature", "value": "0.5"', "is not a number")]:
+            ws.send(f'{{{bad}, "seq": 7}}')
+            reply = json.loads(ws.recv(timeout=TIMEOUT))
+            assert reply["type"] == "error" and says in reply["message"] and reply["seq"] == 7, (bad, reply)
         ws.send(b"\x00")
         assert "JSON" in json.loads(ws.recv(timeout=TIMEOUT))["message"]
 

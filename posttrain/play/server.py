@@ -27,6 +27,7 @@ import copy
 import errno
 import json
 import logging
+import math
 import shutil
 import signal
 import struct
@@ -124,7 +125,7 @@ class PlayServer:
     async def _handle_connection(self, connection) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        from .session import PlaySession
+        from .session import PlaySession, RecordingError
 
         session = await asyncio.to_thread(PlaySession, self.models, self.names, self.scene, self.seed,
                                           self.num_context)
@@ -141,7 +142,7 @@ class PlayServer:
                         raise ValueError("a message is a JSON object with a 'type'")
                     seq = request.get("seq")
                     reply = await asyncio.to_thread(self._answer, session, request)
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, OverflowError, RecordingError) as exc:
                     reply = json.dumps({"type": "error", "message": str(exc).strip("'\""), "seq": seq})
                 if reply is not None:
                     await connection.send(reply)
@@ -160,14 +161,14 @@ class PlayServer:
         if kind == "action":
             shot = session.step(request["action"])
         elif kind == "push":
-            shot = session.step(session.push(int(request["object"]), bool(request.get("toward", False))))
+            shot = session.step(session.push(_integer(request, "object"), bool(request.get("toward", False))))
         elif kind == "resync":
             shot = session.resync()
         elif kind == "new_scene":
             seed = request.get("seed")
-            shot = session.new_scene(None if seed is None else int(seed))
+            shot = session.new_scene(None if seed is None else _integer(request, "seed"))
         elif kind == "temperature":
-            session.set_temperature(float(request["value"]))
+            session.set_temperature(_number(request, "value", "temperature"))
             return json.dumps({"type": "temperature", "value": session.temperature, "seq": seq})
         elif kind == "record":
             return self._recording(session, str(request.get("format", "gif")), seq)
@@ -206,6 +207,34 @@ class PlayServer:
         header = {"kind": "recording", "seq": seq, "filename": name, "frames": len(session.record),
                   "mime": "image/gif" if fmt == "gif" else "video/mp4"}
         return pack(header, data)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _integer(request: dict, key: str) -> int:
+    """request[key] as an int: a JSON integer (or a float with an integral value), never a bool or inf."""
+    value = request[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key} {_shown(value)} is not an integer")
+    return int(value)
+
+
+def _number(request: dict, key: str, name: str) -> float:
+    """request[key] as a finite float: JSON reads 1e999 as inf, and a huge integer overflows a float."""
+    value = request[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} {_shown(value)} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} {_shown(value)} is not a finite number")
+    return number
 
 
 # --- command line ---------------------------------------------------------------------------------

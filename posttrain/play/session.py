@@ -60,6 +60,10 @@ def panel_seed(scene_seed: int, syncs: int, panel: int) -> int:
     return int(np.random.SeedSequence([scene_seed, syncs, panel]).generate_state(1)[0])
 
 
+class RecordingError(Exception):
+    """Writing a recording failed (the encoder or the disk); the session itself is unaffected."""
+
+
 class ModelPanel:
     """One world model's live rollout: true context in, one sampled frame per action out."""
 
@@ -218,6 +222,7 @@ class PlaySession:
         """Write the kept frames (truth | panels, side by side, upscaled) as a GIF or MP4 (by suffix).
 
         Frames are upscaled and written one at a time: memory beyond the kept frames does not grow with them.
+        A writer failure (the codec, the disk) removes the file and raises RecordingError.
         """
         path = Path(path)
         if path.suffix not in (".gif", ".mp4"):
@@ -228,7 +233,14 @@ class PlaySession:
             raise ValueError("nothing to record yet: take a step first")
         strip = _label_strip(labels or ["simulator", *[p.name for p in self.panels]], shots[0][0].shape[1])
         frames = (np.concatenate([strip, _side_by_side(images)], 0) for images in shots)
-        (_write_gif if path.suffix == ".gif" else _write_mp4)(path, frames)
+        try:
+            (_write_gif if path.suffix == ".gif" else _write_mp4)(path, frames)
+        except Exception as exc:  # whatever imageio, PyAV or Pillow raise fails this recording only
+            path.unlink(missing_ok=True)
+            cause = exc
+            while cause.__cause__ is not None:  # imageio wraps PyAV's error in a vaguer one
+                cause = cause.__cause__
+            raise RecordingError(f"recording {path.name} failed: {type(cause).__name__}: {cause}") from exc
         return path
 
     def close(self) -> None:
@@ -243,7 +255,7 @@ class PlaySession:
     def _check_action(self, action) -> int:
         try:
             value = int(action)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON reads 1e999 as inf
             raise ValueError(f"unknown action {action!r}: expected an id in [0, {NUM_ACTIONS})") from None
         if value != action or not 0 <= value < NUM_ACTIONS:
             raise ValueError(f"unknown action {action!r}: expected an id in [0, {NUM_ACTIONS})")
