@@ -120,6 +120,21 @@ def test_websocket_from_another_site_is_refused(server):
     assert refused.value.response.status_code == 403
 
 
+def test_websocket_for_a_rebound_hostname_is_refused(server):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends an Origin that
+    matches its Host; the Host must also be a name this server is known by."""
+    from websockets.exceptions import InvalidStatus
+
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://evil.example:{port}/ws", origin=f"http://evil.example:{port}",
+                sock=socket.create_connection(("127.0.0.1", port)))
+    assert refused.value.response.status_code == 403
+    with connect(f"ws://localhost:{port}/ws", origin=f"http://localhost:{port}",
+                 sock=socket.create_connection(("127.0.0.1", port))) as ws:
+        assert receive_shot(ws)[0]["kind"] == "scene"
+
+
 @contextlib.contextmanager
 def play_server_in_this_process(model_dir: Path, workdir: Path):
     """A PlayServer on a free port, its event loop in a thread: for tests that patch the server's code."""
@@ -163,6 +178,25 @@ def test_a_failing_recording_writer_answers_with_an_error(tiny_model_dir, tmp_pa
                                     "OSError: [Errno 28] No space left on device")
         assert request(ws, type="action", action=action_id("back"), seq=3)[0]["step"] == 2  # still usable
     assert list(tmp_path.iterdir()) == []  # no recording left behind
+
+
+def test_a_full_server_refuses_another_session_with_an_error(tiny_model_dir, tmp_path, monkeypatch,
+                                                             restore_threads):
+    from websockets.exceptions import ConnectionClosed
+
+    from posttrain.play import server as play_server
+
+    monkeypatch.setattr(play_server, "MAX_SESSIONS", 1, raising=False)
+    torch.set_num_threads(1)
+    with play_server_in_this_process(tiny_model_dir, tmp_path) as url, connect(url) as ws:
+        receive_shot(ws)
+        with connect(url) as second:
+            reply = json.loads(second.recv(timeout=TIMEOUT))
+            assert reply["type"] == "error" and "the most sessions it runs at once (1)" in reply["message"]
+            with pytest.raises(ConnectionClosed):
+                second.recv(timeout=TIMEOUT)
+            assert second.close_code == 1013
+        assert request(ws, type="action", action=action_id("forward"), seq=1)[0]["step"] == 1  # unaffected
 
 
 # --- exactness ------------------------------------------------------------------------------------

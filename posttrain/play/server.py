@@ -6,7 +6,9 @@
 
 One process serves the page (posttrain/play/static: HTML + JS, no build step, nothing fetched from
 elsewhere) and a WebSocket at /ws, both with `websockets` (pure Python, no dependencies; see the README).
-Each WebSocket connection is one `PlaySession`. The page sends JSON (an action, a push, re-sync, new
+Each WebSocket connection is one `PlaySession` (at most MAX_SESSIONS at once). The WebSocket only takes
+pages of this server opened by a name it is known by (an IP address, localhost or --host), which keeps other
+sites out, DNS rebinding included. The page sends JSON (an action, a push, re-sync, new
 scene, the temperature, record); the server answers each action with one binary message:
 
     uint32 little-endian header length | header JSON | truth RGB | base RGB | post-trained RGB  (H*W*3 bytes each)
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import copy
 import errno
+import ipaddress
 import json
 import logging
 import math
@@ -44,6 +47,9 @@ STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 WEBSOCKET_PATH = "/ws"
 MAX_MESSAGE_BYTES = 64 * 1024
 """Largest message the server accepts: the page only ever sends small JSON."""
+MAX_SESSIONS = 8
+"""Connections served at once: each one is a simulator, two model rollouts and up to RECORD_LIMIT frames."""
+LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 def static_file(name: str) -> bytes:
@@ -73,6 +79,8 @@ class PlayServer:
         self.seed, self.num_context = seed, num_context
         self.workdir = Path(workdir) if workdir else None
         self.sessions: set = set()
+        self.connections = 0
+        self.host = "127.0.0.1"
         self.server = None
         self.url = ""
         self.logger = logging.getLogger("posttrain.play")
@@ -81,6 +89,7 @@ class PlayServer:
         """Listen on host:port (0: any free port); returns the page's URL. A port in use is a ValueError."""
         from websockets.asyncio.server import serve
 
+        self.host = host
         try:
             self.server = await serve(self._handle_connection, host, port, process_request=self._process_request,
                                       compression=None, max_size=MAX_MESSAGE_BYTES, logger=self.logger)
@@ -111,6 +120,11 @@ class PlayServer:
             origin, host = request.headers.get("Origin"), request.headers.get("Host")
             if origin and urlsplit(origin).netloc != host:
                 return connection.respond(HTTPStatus.FORBIDDEN, "cross-origin WebSocket refused\n")
+            # Origin equals Host on a page whose name was rebound to this address (DNS rebinding), so the
+            # name must also be one this server is known by.
+            if not self._known_host(host):
+                return connection.respond(HTTPStatus.FORBIDDEN, f"WebSocket for host {host!r} refused: open the "
+                                          "page by this machine's address, localhost or the --host name\n")
             return None
         if path not in STATIC_FILES:
             return connection.respond(HTTPStatus.NOT_FOUND, f"{path} not found\n")
@@ -121,8 +135,36 @@ class PlayServer:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    def _known_host(self, host: str | None) -> bool:
+        """Whether a Host header names this server: an IP address (a rebinding attack needs a DNS name),
+        localhost, or the --host name."""
+        try:
+            hostname = urlsplit(f"//{host}").hostname if host else None
+        except ValueError:  # e.g. a malformed IPv6 literal
+            hostname = None
+        if hostname is None:
+            return False
+        try:
+            ipaddress.ip_address(hostname)
+            return True
+        except ValueError:
+            return hostname in LOCAL_HOSTNAMES or hostname == self.host.lower()
+
     # --- WebSocket: one session per connection ----------------------------------------------------
     async def _handle_connection(self, connection) -> None:
+        if self.connections >= MAX_SESSIONS:
+            message = (f"this server is already running the most sessions it runs at once ({MAX_SESSIONS}): "
+                       "close another play tab, then reload this one")
+            await connection.send(json.dumps({"type": "error", "message": message, "seq": None}))
+            await connection.close(1013, "too many sessions")
+            return
+        self.connections += 1
+        try:
+            await self._serve_session(connection)
+        finally:
+            self.connections -= 1
+
+    async def _serve_session(self, connection) -> None:
         from websockets.exceptions import ConnectionClosed
 
         from .session import PlaySession, RecordingError
