@@ -4,15 +4,22 @@
 
 SRC is read recursively. Video files (mp4, mov, webm, mkv, m4v, avi) are decoded with
 PyAV one frame at a time; a folder holding png/jpg frames is one image sequence, frames in
-natural order (frame_2 before frame_10). Frames are resized (shorter side to `size`) and
+natural order (frame_2 before frame_10); a lone image (a thumbnail) is skipped, and hidden files and
+folders (names starting with ".", e.g. macOS's ._name files) are ignored. Frames are resized (shorter side to `size`) and
 centre-cropped to a square, subsampled to `fps` by timestamp (nearest source frame to each
-target time), and cut into clips of `clip_frames` frames every `stride` frames.
+target time), and cut into clips of `clip_frames` frames every `stride` frames. A jump in a video's
+timestamps of more than a few frame periods (an idle pause in a variable-frame-rate recording, a corrupt
+timestamp) is a break: it is not filled with copies of a frame, no clip spans it, and the manifest counts
+a source's breaks as its "gaps".
 
 Columns: frames (T, H, W, 3) uint8, actions (T-1,) int64, clip_id, source, start_time,
 end_time, has_actions. Actions come from an optional sidecar beside the source
 (`video.actions.csv` with columns frame,action, or `video.actions.json`, a list; ids or
 names from `posttrain.envs3d.actions.ACTION_NAMES`, one per source frame); without one
-every action is NULL_ACTION. `manifest.json` in the output lists every file with its
+every action is NULL_ACTION. A clip's action t is the one taken between its frames t and t + 1: between
+two copies of the same source frame (--fps above the source's rate) it is NULL_ACTION; where the frames
+skip source frames (--fps below the source's rate) it is the skipped frames' action if they all agree, else
+NULL_ACTION. `manifest.json` in the output lists every file with its
 status ("ok", "partial", "failed", "skipped"), the reason, its clips and their time ranges;
 `posttrain_output.json` marks the folder as ingest's, and --overwrite replaces only such a folder.
 "partial" is a video that decodes fewer frames than its container declares (e.g. a copy cut
@@ -142,6 +149,8 @@ class SourceResult:
     expected_frames: int | None = None
     """Frames the video container declares (its frame count, else duration x frame rate); None if unknown."""
     has_actions: bool = False
+    gaps: int = 0
+    """Breaks in a video's timestamps (jumps of more than MAX_GAP_PERIODS frame periods): no clip spans one."""
     time_ranges: list[list[float]] = field(default_factory=list)
     shard: str | None = None
 
@@ -195,8 +204,12 @@ def discover(src: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[tuple[str,
         root_path = Path(root)
         # Hidden folders (.git, our own staging folders) and the output folder are never footage.
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() not in excluded)
-        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if images:
+        # Hidden files (macOS's ._name resource forks) are never frames; image_frames skips them too.
+        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if len(images) == 1:  # a thumbnail or cover beside the footage: it could never make a clip
+            skipped.append(SourceResult(_rel(root_path / images[0], src), "other", "skipped",
+                                        "a single image, not an image sequence"))
+        elif images:
             sources.append(("images", _rel(root_path, src), root_path))
         for name in files:
             path = root_path / name
@@ -261,20 +274,26 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
         sidecar = _sidecar_for(path)
         actions = load_actions(sidecar) if sidecar else None
         result.has_actions = actions is not None
-        frames = (video_frames(path, config.size, result) if kind == "video"
+        frames = (video_frames(path, config.size, result, config.fps) if kind == "video"
                   else image_frames(path, config.size, config.image_fps))
         window: collections.deque = collections.deque(maxlen=config.clip_frames)
         period, stride = 1.0 / config.fps, config.clip_stride
+        slot = -1  # frames kept since the source (or its last timestamp break) began, less one
         with ArrowWriter(features=features(config), path=str(shard),
                          writer_batch_size=_writer_batch_size(config)) as writer:
-            for slot, (index, target, getter) in enumerate(subsample(_count(frames, result, on_frame), config.fps)):
+            for index, target, getter, new_segment in subsample(_count(frames, result, on_frame), config.fps):
+                if new_segment:
+                    window.clear()
+                    slot = -1
+                slot += 1
                 window.append((index, target, getter()))
                 result.frames += 1
                 start = slot - config.clip_frames + 1
                 if start < 0 or start % stride:
                     continue
                 indices = [w[0] for w in window]
-                clip_actions = (actions[indices[:-1]] if actions is not None and indices[-1] < len(actions)
+                clip_actions = (_transition_actions(actions, indices)
+                                if actions is not None and indices[-1] < len(actions)
                                 else np.full(config.clip_frames - 1, NULL_ACTION, dtype=np.int64))
                 start_time, end_time = round(window[0][1], 6), round(window[-1][1] + period, 6)
                 writer.write({
@@ -294,7 +313,9 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
             raise SourceError(f"action sidecar {sidecar.name} has {len(actions)} actions for "
                               f"{result.source_frames} source frames")
         if result.clips == 0:
-            raise SourceError(f"too short: {result.frames} frames at {config.fps:g} fps, need {config.clip_frames}")
+            split = f" (split by {result.gaps} timestamp gaps)" if result.gaps else ""
+            raise SourceError(f"too short: {result.frames} frames at {config.fps:g} fps, need {config.clip_frames}"
+                              f"{split}")
         # A cut-short file (a half-copied faststart mp4) decodes cleanly up to where it ends.
         if result.expected_frames and result.source_frames < result.expected_frames - _MISSING_FRAMES_TOLERANCE:
             result.status = "partial"
@@ -307,6 +328,17 @@ def ingest_source(kind: str, rel: str, path: Path, shard: Path, config: FootageC
         return result
     result.shard = str(shard) if written else None
     return result
+
+
+def _transition_actions(actions: np.ndarray, indices: list[int]) -> np.ndarray:
+    """The action between each pair of consecutive kept frames (source indices `indices`): the source
+    actions from one to the next if they all agree, else NULL_ACTION (also between copies of one frame)."""
+    out = np.full(len(indices) - 1, NULL_ACTION, dtype=np.int64)
+    for j, (a, b) in enumerate(zip(indices[:-1], indices[1:])):
+        span = actions[a:b]
+        if len(span) and (span == span[0]).all():
+            out[j] = span[0]
+    return out
 
 
 def _count(frames: Iterator, result: SourceResult, on_frame: Callable[[int], None] | None) -> Iterator:

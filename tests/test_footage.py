@@ -163,7 +163,10 @@ def test_rerun_is_byte_identical_for_any_worker_count(footage, tmp_path):
 def test_action_sidecars_honoured_and_a_mismatch_fails_only_that_file(footage, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    per_frame = [(3 * n + 1) % NUM_ACTIONS for n in range(GRAY_FRAMES)]
+    # 24 -> 8 fps keeps every third source frame: the three actions a clip step spans agree, except in
+    # step 5 (source frames 15-17), whose middle frame differs.
+    per_frame = [(7 * (n // 3) + 1) % NUM_ACTIONS for n in range(GRAY_FRAMES)]
+    per_frame[16] = 0
     for name in ("ids", "names", "bad", "plain"):
         shutil.copy(footage / "ramp.mp4", src / f"{name}.mp4")
     (src / "ids.actions.csv").write_text("frame,action\n" + "".join(f"{n},{a}\n" for n, a in enumerate(per_frame)))
@@ -177,13 +180,12 @@ def test_action_sidecars_honoured_and_a_mismatch_fails_only_that_file(footage, t
     ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
     rows = _by_source(ds)
     assert set(rows) == {"ids.mp4", "names.mp4", "plain.mp4"}
-    kept = 3 * np.arange(2 * CLIP)  # source frame of each kept frame (24 -> 8 fps)
+    steps = np.asarray(per_frame)[3 * np.arange(2 * CLIP)]  # the action of each kept frame's three
+    steps[5] = NULL_ACTION
     for source in ("ids.mp4", "names.mp4"):
         for clip, row in enumerate(rows[source]):
             assert ds[row]["has_actions"]
-            # The action of a clip step is the action at the kept frame it starts from.
-            expected = np.asarray(per_frame)[kept[clip * CLIP : clip * CLIP + CLIP - 1]]
-            np.testing.assert_array_equal(ds[row]["actions"], expected)
+            np.testing.assert_array_equal(ds[row]["actions"], steps[clip * CLIP : clip * CLIP + CLIP - 1])
     assert not ds[rows["plain.mp4"][0]]["has_actions"]
 
 
@@ -221,3 +223,123 @@ def test_existing_out_needs_overwrite(footage, tmp_path, capsys):
 def test_natural_order():
     names = ["f_10.png", "f_2.png", "F_1.png", "f_0010b.png"]
     assert sorted(names, key=natural_key) == ["F_1.png", "f_2.png", "f_10.png", "f_0010b.png"]
+
+
+def test_malformed_csv_sidecars_fail_only_their_source_and_a_bom_is_read(footage, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [f"{n},{n % NUM_ACTIONS}" for n in range(GRAY_FRAMES)]
+    sidecars = {
+        "extra": ["frame,action", *rows[:5], "5,5,9", *rows[6:]],  # one row with a field beyond the header
+        "minus": ["frame,action", "0,--3", *rows[1:]],
+        "frame": ["frame,action", "--0,1", *rows[1:]],
+        "bom": ["\ufeffframe,action", *rows],  # Excel's "CSV UTF-8"
+    }
+    for name, lines in sidecars.items():
+        shutil.copy(footage / "ramp.mp4", src / f"{name}.mp4")
+        (src / f"{name}.actions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = ingest(src, tmp_path / "out", _config())
+    reasons = {r.path: r.reason for r in report.failed}
+    assert reasons == {"extra.mp4": "extra.actions.csv line 7: 3 fields, the header has 2",
+                       "minus.mp4": "minus.actions.csv line 2: unknown action '--3'",
+                       "frame.mp4": "frame.actions.csv line 2: frame '--0' is not an integer"}
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    assert set(ds["source"]) == {"bom.mp4"} and ds[0]["has_actions"]
+
+
+def test_an_image_too_large_for_pillow_fails_only_its_sequence(footage, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    src = tmp_path / "src"
+    shutil.copytree(footage / "seq", src / "seq")
+    shutil.copy(footage / "ramp.mp4", src / "ramp.mp4")
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(src / "seq" / "seq_3.png")
+    # Pillow raises DecompressionBombError past twice this many pixels (the real limit is ~179 MP).
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 25_000)
+    report = ingest(src, tmp_path / "out", _config())
+    assert [r.path for r in report.failed] == ["seq"]
+    assert report.failed[0].reason.startswith("image seq_3.png is too large to read: ")
+    assert {r.path: r.status for r in report.sources} == {"ramp.mp4": "ok", "seq": "failed"}
+
+
+def test_hidden_files_and_a_lone_thumbnail_are_not_image_sequences(footage, tmp_path):
+    src = tmp_path / "src"
+    (src / "takes").mkdir(parents=True)
+    shutil.copy(footage / "ramp.mp4", src / "takes" / "ramp.mp4")
+    (src / "takes" / "._ramp.mp4").write_bytes(b"\x00\x05\x16\x07")  # macOS resource forks
+    (src / "takes" / "._cover.png").write_bytes(b"\x00\x05\x16\x07")
+    Image.fromarray(_seq_image(0)).save(src / "takes" / "cover.jpg")
+    (src / ".hidden").mkdir()
+    for n in range(CLIP):
+        Image.fromarray(_seq_image(n)).save(src / ".hidden" / f"f_{n}.png")
+    report = ingest(src, tmp_path / "out", _config())
+    assert report.exit_code == 0
+    assert {r.path: r.status for r in report.sources} == {"takes/cover.jpg": "skipped", "takes/ramp.mp4": "ok"}
+
+
+def _video_with_gap(path: Path, gap_seconds: float) -> None:
+    """96 frames at 24 fps whose frame n is a flat gray of level 2n, with a pause of gap_seconds after frame 47
+    (timestamps only: as a variable-frame-rate screen recording stores an idle minute)."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        tick = fractions.Fraction(1, 24)  # (the muxer changes stream.time_base once writing starts)
+        stream.time_base = stream.codec_context.time_base = tick
+        stream.options = {"qp": "0"}
+        for n in range(96):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 2 * n, np.uint8), format="rgb24")
+            frame.pts = n + (round(gap_seconds * 24) if n >= 48 else 0)
+            frame.time_base = tick
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_a_pause_in_the_timestamps_is_a_break_not_filled_with_copies(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _video_with_gap(src / "idle.mp4", 60.0)
+    report = ingest(src, tmp_path / "out", _config())
+    assert report.exit_code == 0
+    (entry,) = report.sources
+    # 2 s before the pause and 2 s after it at 8 fps: 16 + 16 frames, two clips each; none spans the pause.
+    assert (entry.gaps, entry.frames, entry.clips) == (1, 32, 4)
+    assert entry.time_ranges == [[0.0, 1.0], [1.0, 2.0], [62.0, 63.0], [63.0, 64.0]]
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    levels = np.stack([ds[i]["frames"].reshape(CLIP, -1).mean(axis=1) for i in range(4)]).ravel()
+    np.testing.assert_allclose(levels, 2 * np.r_[0:48:3, 48:96:3], atol=2)  # every third source frame
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"][0]["gaps"] == 1
+
+
+def test_a_corrupt_timestamp_far_ahead_neither_fills_nor_shifts_later_frames():
+    from posttrain.footage_frames import Timeline
+
+    raw = [n / 24 for n in range(10)]
+    raw[5] += 3 * 3600  # one frame's pts three hours ahead
+    timeline = Timeline(24.0, 0.5)
+    times, breaks = zip(*(timeline(t) for t in raw))
+    assert list(times) == pytest.approx([*raw[:5], raw[5], *raw[6:]])
+    assert breaks == (False,) * 5 + (True, True) + (False,) * 3 and timeline.gaps == 2
+    timeline = Timeline(24.0, 0.5)  # missing and repeated timestamps still fall back to the nominal rate
+    assert [timeline(t)[0] for t in (0.0, None, 1 / 24, 1 / 24)] == pytest.approx([0, 1 / 24, 2 / 24, 3 / 24])
+
+
+def test_a_step_between_copies_of_one_source_frame_has_no_action(footage, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(footage / "seq", src / "seq")
+    per_image = [(5 * n + 2) % NUM_ACTIONS for n in range(16)]
+    (src / "seq.actions.json").write_text(json.dumps(per_image))
+    report = ingest(src, tmp_path / "out", _config(image_fps=4))  # 4 images a second to 8 fps
+    assert report.exit_code == 0 and report.sources[0].clips == 3
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    # Kept frame k (time k/8) is image ceil(k/2) (a tie goes to the later image): 0, 1, 1, 2, 2, ...
+    image = [-(-k // 2) for k in range(3 * CLIP)]
+    for row in range(3):
+        frames, actions = ds[row]["frames"], ds[row]["actions"]
+        for j in range(CLIP - 1):
+            a, b = image[row * CLIP + j], image[row * CLIP + j + 1]
+            assert np.array_equal(frames[j], frames[j + 1]) == (a == b)
+            assert actions[j] == (NULL_ACTION if a == b else per_image[a]), (row, j)

@@ -120,6 +120,85 @@ def test_websocket_from_another_site_is_refused(server):
     assert refused.value.response.status_code == 403
 
 
+def test_websocket_for_a_rebound_hostname_is_refused(server):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends an Origin that
+    matches its Host; the Host must also be a name this server is known by."""
+    from websockets.exceptions import InvalidStatus
+
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://evil.example:{port}/ws", origin=f"http://evil.example:{port}",
+                sock=socket.create_connection(("127.0.0.1", port)))
+    assert refused.value.response.status_code == 403
+    with connect(f"ws://localhost:{port}/ws", origin=f"http://localhost:{port}",
+                 sock=socket.create_connection(("127.0.0.1", port))) as ws:
+        assert receive_shot(ws)[0]["kind"] == "scene"
+
+
+@contextlib.contextmanager
+def play_server_in_this_process(model_dir: Path, workdir: Path):
+    """A PlayServer on a free port, its event loop in a thread: for tests that patch the server's code."""
+    import asyncio
+    import threading
+
+    from posttrain.models import load_model
+    from posttrain.play.server import PlayServer, scene_for
+
+    model = load_model(model_dir).eval()
+    server = PlayServer([model, model], ["base", "again"], scene_for(model, []), seed=SEED, workdir=workdir)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        url = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(TIMEOUT)
+        yield url.replace("http://", "ws://") + "ws"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
+
+
+def test_a_failing_recording_writer_answers_with_an_error(tiny_model_dir, tmp_path, monkeypatch, restore_threads):
+    import errno
+
+    import av
+
+    def disk_full(*args, **kwargs):
+        raise av.error.OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(av, "open", disk_full)
+    torch.set_num_threads(1)
+    with play_server_in_this_process(tiny_model_dir, tmp_path) as url, connect(url) as ws:
+        receive_shot(ws)
+        request(ws, type="action", action=action_id("forward"), seq=1)
+        reply = request_text(ws, type="record", format="mp4", seq=2)
+        assert reply["type"] == "error" and reply["seq"] == 2
+        assert reply["message"] == ("recording posttrain-play-seed3-step1.mp4 failed: "
+                                    "OSError: [Errno 28] No space left on device")
+        assert request(ws, type="action", action=action_id("back"), seq=3)[0]["step"] == 2  # still usable
+    assert list(tmp_path.iterdir()) == []  # no recording left behind
+
+
+def test_a_full_server_refuses_another_session_with_an_error(tiny_model_dir, tmp_path, monkeypatch,
+                                                             restore_threads):
+    from websockets.exceptions import ConnectionClosed
+
+    from posttrain.play import server as play_server
+
+    monkeypatch.setattr(play_server, "MAX_SESSIONS", 1, raising=False)
+    torch.set_num_threads(1)
+    with play_server_in_this_process(tiny_model_dir, tmp_path) as url, connect(url) as ws:
+        receive_shot(ws)
+        with connect(url) as second:
+            reply = json.loads(second.recv(timeout=TIMEOUT))
+            assert reply["type"] == "error" and "the most sessions it runs at once (1)" in reply["message"]
+            with pytest.raises(ConnectionClosed):
+                second.recv(timeout=TIMEOUT)
+            assert second.close_code == 1013
+        assert request(ws, type="action", action=action_id("forward"), seq=1)[0]["step"] == 1  # unaffected
+
+
 # --- exactness ------------------------------------------------------------------------------------
 SCRIPT = ["forward", "yaw_left", "left", "up", "pitch_down", "push_0_+x", "noop", "noop", "right", "yaw_right",
           *["back"] * 14, "down", "pitch_up"]
@@ -251,6 +330,18 @@ def test_record_new_scene_and_bad_messages(server):
                           ({"type": "fly"}, "unknown message type")]:
             reply = request_text(ws, **bad, seq=7)
             assert reply["type"] == "error" and says in reply["message"] and reply["seq"] == 7
+        # JSON reads 1e999 as inf and keeps a 400-digit integer exact: neither may end the session.
+        for bad, says in [('"type": "action", "action": 1e999', "unknown action"),
+                          ('"type": "push", "object": 1e999', "object inf is not an integer"),
+                          ('"type": "push", "object": 1.5', "object 1.5 is not an integer"),
+                          ('"type": "new_scene", "seed": 1e999', "seed inf is not an integer"),
+                          ('"type": "new_scene", "seed": -1e999', "seed -inf is not an integer"),
+                          (f'"type": "temperature", "value": 1{"0" * 400}', "temperature 1000"),
+                          ('"type": "temperature", "value": NaN', "temperature nan is not a finite number"),
+                          ('"type": "temperature", "value": "0.5"', "is not a number")]:
+            ws.send(f'{{{bad}, "seq": 7}}')
+            reply = json.loads(ws.recv(timeout=TIMEOUT))
+            assert reply["type"] == "error" and says in reply["message"] and reply["seq"] == 7, (bad, reply)
         ws.send(b"\x00")
         assert "JSON" in json.loads(ws.recv(timeout=TIMEOUT))["message"]
 
@@ -258,6 +349,42 @@ def test_record_new_scene_and_bad_messages(server):
         assert header["kind"] == "scene" and header["scene_seed"] == SEED + 1 and header["step"] == 0
         header, _ = request(ws, type="push", object=0, toward=True, seq=9)
         assert header["action_name"].startswith("push_0_") and header["step"] == 1
+
+
+def test_recordings_are_written_one_frame_at_a_time(tiny_model_dir, tmp_path, restore_threads):
+    """Saving never holds all the upscaled frames (3000 of them at 64 px took ~1 GB, then ~2 GB for MP4)."""
+    import tracemalloc
+
+    import imageio.v3 as iio
+
+    from posttrain.models import load_model
+    from posttrain.play import PlaySession
+    from posttrain.play.server import scene_for
+
+    torch.set_num_threads(1)
+    model = load_model(tiny_model_dir).eval()
+    session = PlaySession([model, model], ["base", "again"], scene_for(model, []), seed=SEED)
+    try:
+        for fmt in ("gif", "mp4"):
+            session.save_recording(tmp_path / f"warm-up.{fmt}")  # imports and first-use caches, not measured
+        rng = np.random.default_rng(0)
+        kept = [tuple(rng.integers(0, 5, (32, 32, 3), dtype=np.uint8) * 63 for _ in range(3)) for _ in range(400)]
+        session.record.extend(kept)
+        frame_bytes = (16 + 3 * 32) * (3 * 3 * 32 + 2 * 4) * 3  # label strip + three 3x panels and two gaps
+        for fmt in ("gif", "mp4"):
+            tracemalloc.start()
+            try:
+                path = session.save_recording(tmp_path / f"r.{fmt}")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 50 * frame_bytes, (fmt, peak / frame_bytes)  # stacking them all took 800 frames' worth
+            frames = iio.imread(path, index=None, **({"plugin": "pyav"} if fmt == "mp4" else {}))
+            assert frames.shape[:3] == (1 + 400, 16 + 3 * 32, 3 * 3 * 32 + 2 * 4)  # the scene's sync shot + 400
+            if fmt == "gif":  # lossless here (under 256 colours a frame); H.264 blurs these noise blocks
+                np.testing.assert_array_equal(frames[-1, 16:, :96, :3], np.repeat(np.repeat(kept[-1][0], 3, 0), 3, 1))
+    finally:
+        session.close()
 
 
 # --- shutdown and bad command lines ----------------------------------------------------------------

@@ -6,7 +6,9 @@
 
 One process serves the page (posttrain/play/static: HTML + JS, no build step, nothing fetched from
 elsewhere) and a WebSocket at /ws, both with `websockets` (pure Python, no dependencies; see the README).
-Each WebSocket connection is one `PlaySession`. The page sends JSON (an action, a push, re-sync, new
+Each WebSocket connection is one `PlaySession` (at most MAX_SESSIONS at once). The WebSocket only takes
+pages of this server opened by a name it is known by (an IP address, localhost or --host), which keeps other
+sites out, DNS rebinding included. The page sends JSON (an action, a push, re-sync, new
 scene, the temperature, record); the server answers each action with one binary message:
 
     uint32 little-endian header length | header JSON | truth RGB | base RGB | post-trained RGB  (H*W*3 bytes each)
@@ -25,8 +27,10 @@ import asyncio
 import contextlib
 import copy
 import errno
+import ipaddress
 import json
 import logging
+import math
 import shutil
 import signal
 import struct
@@ -43,6 +47,9 @@ STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 WEBSOCKET_PATH = "/ws"
 MAX_MESSAGE_BYTES = 64 * 1024
 """Largest message the server accepts: the page only ever sends small JSON."""
+MAX_SESSIONS = 8
+"""Connections served at once: each one is a simulator, two model rollouts and up to RECORD_LIMIT frames."""
+LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 def static_file(name: str) -> bytes:
@@ -72,6 +79,8 @@ class PlayServer:
         self.seed, self.num_context = seed, num_context
         self.workdir = Path(workdir) if workdir else None
         self.sessions: set = set()
+        self.connections = 0
+        self.host = "127.0.0.1"
         self.server = None
         self.url = ""
         self.logger = logging.getLogger("posttrain.play")
@@ -80,6 +89,7 @@ class PlayServer:
         """Listen on host:port (0: any free port); returns the page's URL. A port in use is a ValueError."""
         from websockets.asyncio.server import serve
 
+        self.host = host
         try:
             self.server = await serve(self._handle_connection, host, port, process_request=self._process_request,
                                       compression=None, max_size=MAX_MESSAGE_BYTES, logger=self.logger)
@@ -110,6 +120,11 @@ class PlayServer:
             origin, host = request.headers.get("Origin"), request.headers.get("Host")
             if origin and urlsplit(origin).netloc != host:
                 return connection.respond(HTTPStatus.FORBIDDEN, "cross-origin WebSocket refused\n")
+            # Origin equals Host on a page whose name was rebound to this address (DNS rebinding), so the
+            # name must also be one this server is known by.
+            if not self._known_host(host):
+                return connection.respond(HTTPStatus.FORBIDDEN, f"WebSocket for host {host!r} refused: open the "
+                                          "page by this machine's address, localhost or the --host name\n")
             return None
         if path not in STATIC_FILES:
             return connection.respond(HTTPStatus.NOT_FOUND, f"{path} not found\n")
@@ -120,11 +135,39 @@ class PlayServer:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    def _known_host(self, host: str | None) -> bool:
+        """Whether a Host header names this server: an IP address (a rebinding attack needs a DNS name),
+        localhost, or the --host name."""
+        try:
+            hostname = urlsplit(f"//{host}").hostname if host else None
+        except ValueError:  # e.g. a malformed IPv6 literal
+            hostname = None
+        if hostname is None:
+            return False
+        try:
+            ipaddress.ip_address(hostname)
+            return True
+        except ValueError:
+            return hostname in LOCAL_HOSTNAMES or hostname == self.host.lower()
+
     # --- WebSocket: one session per connection ----------------------------------------------------
     async def _handle_connection(self, connection) -> None:
+        if self.connections >= MAX_SESSIONS:
+            message = (f"this server is already running the most sessions it runs at once ({MAX_SESSIONS}): "
+                       "close another play tab, then reload this one")
+            await connection.send(json.dumps({"type": "error", "message": message, "seq": None}))
+            await connection.close(1013, "too many sessions")
+            return
+        self.connections += 1
+        try:
+            await self._serve_session(connection)
+        finally:
+            self.connections -= 1
+
+    async def _serve_session(self, connection) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        from .session import PlaySession
+        from .session import PlaySession, RecordingError
 
         session = await asyncio.to_thread(PlaySession, self.models, self.names, self.scene, self.seed,
                                           self.num_context)
@@ -141,7 +184,7 @@ class PlayServer:
                         raise ValueError("a message is a JSON object with a 'type'")
                     seq = request.get("seq")
                     reply = await asyncio.to_thread(self._answer, session, request)
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, OverflowError, RecordingError) as exc:
                     reply = json.dumps({"type": "error", "message": str(exc).strip("'\""), "seq": seq})
                 if reply is not None:
                     await connection.send(reply)
@@ -160,14 +203,14 @@ class PlayServer:
         if kind == "action":
             shot = session.step(request["action"])
         elif kind == "push":
-            shot = session.step(session.push(int(request["object"]), bool(request.get("toward", False))))
+            shot = session.step(session.push(_integer(request, "object"), bool(request.get("toward", False))))
         elif kind == "resync":
             shot = session.resync()
         elif kind == "new_scene":
             seed = request.get("seed")
-            shot = session.new_scene(None if seed is None else int(seed))
+            shot = session.new_scene(None if seed is None else _integer(request, "seed"))
         elif kind == "temperature":
-            session.set_temperature(float(request["value"]))
+            session.set_temperature(_number(request, "value", "temperature"))
             return json.dumps({"type": "temperature", "value": session.temperature, "seq": seq})
         elif kind == "record":
             return self._recording(session, str(request.get("format", "gif")), seq)
@@ -206,6 +249,34 @@ class PlayServer:
         header = {"kind": "recording", "seq": seq, "filename": name, "frames": len(session.record),
                   "mime": "image/gif" if fmt == "gif" else "video/mp4"}
         return pack(header, data)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _integer(request: dict, key: str) -> int:
+    """request[key] as an int: a JSON integer (or a float with an integral value), never a bool or inf."""
+    value = request[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key} {_shown(value)} is not an integer")
+    return int(value)
+
+
+def _number(request: dict, key: str, name: str) -> float:
+    """request[key] as a finite float: JSON reads 1e999 as inf, and a huge integer overflows a float."""
+    value = request[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} {_shown(value)} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} {_shown(value)} is not a finite number")
+    return number
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -45,7 +45,10 @@ function connect() {
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => { $("status").textContent = "connected: building the scene…"; };
-  ws.onclose = () => { $("status").textContent = "disconnected (server stopped?) — reload to reconnect"; inflight = null; };
+  ws.onclose = (event) => {
+    $("status").textContent = `disconnected (${event.reason || "server stopped?"}) — reload to reconnect`;
+    inflight = null;
+  };
   ws.onmessage = onMessage;
 }
 
