@@ -134,6 +134,19 @@ class Session:
     """The run folder's RunLock (main process), released by `finish`."""
 
 
+def check_eval_frames(recipe: dict, eval_at_end: bool) -> None:
+    """Refuse, before training, a held-out report that would need more frames than its episodes have (it
+    would fail only after the last step). Footage runs evaluate on their own held-out clips: not checked."""
+    section = recipe.get("eval") or {}
+    data = section.get("data") or {}
+    if not eval_at_end or not section or (recipe.get("data") or {}).get("path") or data.get("path"):
+        return
+    needed = section.get("num_context", 0) + section.get("horizon", 0)
+    if data.get("frames") is not None and needed > data["frames"]:
+        raise ValueError(f"eval.horizon={section.get('horizon')}: eval.num_context + eval.horizon = {needed} frames, "
+                         f"but eval.data.frames={data['frames']}; raise eval.data.frames or lower eval.horizon")
+
+
 def check_image_sizes(recipe: dict, model_size: int | None, model: str) -> None:
     """Refuse envs3d data whose frame size the model cannot read, naming the recipe key (a dataset folder
     given by `path` is checked when it loads)."""
@@ -165,6 +178,7 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    check_eval_frames(recipe, settings.eval_at_end)
     out = Path(out)
     use_cpu = not torch.cuda.is_available()
     trackers = "tensorboard" if settings.tensorboard and _has_tensorboard() else None

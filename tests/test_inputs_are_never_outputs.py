@@ -153,7 +153,7 @@ def test_pretrain_resume_reuses_only_a_tokenizer_this_recipe_trained(tmp_path, c
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["eval.horizon=20"], ["horizon=20", "data.frames=6"]),
+    (["eval.horizon=20"], ["eval.horizon=20", "eval.data.frames=6"]),
     (["temperature=0"], ["temperature=0", "prefix_temperature"]),
     (["top_p=0"], ["top_p=0"]),
     (["data.image_size=64", "eval.data.image_size=64"], ["data.image_size=64", "32x32"]),
