@@ -136,13 +136,13 @@ def _sample_gif(run_dir: Path) -> Path | None:
 # --- model card -------------------------------------------------------------------------------
 
 
-def _public_name(base_name: str | None) -> str:
+def _public_name(base_name: str | None, what: str = "model folder") -> str:
     """A base's name for a card that may be pushed publicly: a built-in name as is, a local folder by its
     last component only (an absolute path would publish the trainer's directory layout)."""
     if not base_name:
         return "unknown"
     path = Path(base_name)
-    return f"{path.name} (a local model folder)" if path.is_absolute() or len(path.parts) > 1 else base_name
+    return f"{path.name} (a local {what})" if path.is_absolute() or len(path.parts) > 1 else base_name
 
 
 def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str | None, export: Path) -> str:
@@ -157,7 +157,7 @@ def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str |
     how = {
         "adapter": ("A LoRA adapter (PEFT). Load it onto its base model:\n\n```python\n"
                     "from peft import PeftModel\nfrom posttrain.models import load_model\n\n"
-                    f"model = PeftModel.from_pretrained(load_model({base_name!r}), \"THIS_FOLDER\")\n```\n\n"
+                    f"model = PeftModel.from_pretrained(load_model({_snippet_name(base_name)!r}), \"THIS_FOLDER\")\n```\n\n"
                     "or `posttrain.adapters.load_adapter(model, \"THIS_FOLDER\", base_name=...)`, which refuses "
                     "a base whose weights sha256 differs from the one below."),
         "merged": ("The base model with the LoRA adapter merged in (`merge_and_unload`). Load it with\n"
@@ -183,10 +183,32 @@ def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str |
     else:
         lines += ["## Sample rollout", "", "The run wrote no rollout GIF (footage runs have no simulator "
                   "report; set `train.video_every` for training GIFs).", ""]
-    lines += ["## Recipe", "", f"From `{config_path}`; rerun with `posttrain run RECIPE.yaml`.", "",
-              "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "# config.json missing",
-              "```", ""]
+    lines += ["## Recipe", "", f"From the run's `config.json` (`{run_dir.name}/`); rerun with `posttrain run "
+              "RECIPE.yaml`. Local paths are shown by their last folder name.", "",
+              "```yaml", yaml.safe_dump(_public_recipe(recipe), sort_keys=False).strip() if recipe
+              else "# config.json missing", "```", ""]
     return "\n".join(lines)
+
+
+PATH_KEYS = ("model", "out", "path", "cache_dir", "init")
+
+
+def _snippet_name(base_name: str | None) -> str:
+    """What a card's load snippet passes to load_model: a built-in name as is, a local folder as a placeholder."""
+    public = _public_name(base_name)
+    return public if public == base_name else f"PATH/TO/{Path(base_name).name}"
+
+
+def _public_recipe(value, key: str = ""):
+    """The recipe with every local path (model=, out=, data.path, *_path, ...) by its last folder name: a card
+    may be pushed publicly, and absolute paths would publish the trainer's directory layout."""
+    if isinstance(value, dict):
+        return {k: _public_recipe(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public_recipe(v, key) for v in value]
+    if isinstance(value, str) and value and (key in PATH_KEYS or key.endswith("_path")):
+        return _public_name(value, "folder")
+    return value
 
 
 def _data_summary(recipe: dict | None) -> list[str]:
@@ -198,7 +220,7 @@ def _data_summary(recipe: dict | None) -> list[str]:
         if not isinstance(data, dict):
             continue
         if data.get("path"):
-            lines.append(f"- {label}: footage dataset `{data['path']}`, {_clip_count(Path(data['path']))}")
+            lines.append(f"- {label}: footage dataset `{_public_name(data['path'], 'dataset')}`, {_clip_count(Path(data['path']))}")
         else:
             lines.append(f"- {label}: envs3d seeds `{data.get('seeds')}`, {data.get('frames')} frames per episode "
                          f"at {data.get('image_size')}x{data.get('image_size')} px"
