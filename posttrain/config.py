@@ -144,11 +144,12 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
 
 
 def require(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
-            unit: tuple[str, ...] = ()) -> None:
+            unit: tuple[str, ...] = (), open_unit: tuple[str, ...] = ()) -> None:
     """Range checks for a config's numeric fields (called from __post_init__); errors name the field.
-    `unit`: in [0, 1]. Every listed field must also be finite. None values are skipped."""
+    `unit`: in [0, 1]; `open_unit`: in (0, 1] (e.g. top_p: 0 keeps no token). Every listed field must also be
+    finite. None values are skipped."""
     for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
-                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):
+                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]"), (open_unit, lambda v: 0 < v <= 1, "in (0, 1]")):
         for name in names:
             value = getattr(config, name)
             if value is None:

@@ -386,7 +386,7 @@ def run(config: DPOConfig):
         check_reward_specs(config.rewards)
     session = training.setup("dpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
-                             overwrite=config.overwrite, frozen_reference=True, dataset=config.data.path)
+                             overwrite=config.overwrite, frozen_reference=True)
     acc, settings = session.accelerator, config.train
     episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
     episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)

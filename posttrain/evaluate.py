@@ -49,9 +49,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from posttrain.config import require
 
-        require(self, positive=("num_context", "horizon", "batch_size", "top_k"), non_negative=("temperature",))
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        require(self, positive=("num_context", "horizon", "batch_size", "top_k"), non_negative=("temperature",),
+                open_unit=("top_p",))
 
 
 BASELINES = ("persistence", "mean_image")
@@ -252,17 +251,18 @@ def run_eval_cli(args) -> int:
     for flag in ("horizon", "context", "batch_size", "size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
-    if Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'eval.json'}")
-    if Path(args.json).suffix.lower() == ".png":
+    out = Path(args.json)
+    if out.is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give a file path such as {out / 'eval.json'}")
+    if out.suffix.lower() == ".png":
         raise ValueError(f"--json {args.json} ends in .png, the filmstrip's name (it is written beside the JSON as "
-                         f"{Path(args.json).with_suffix('.png').name}); give a .json path")
+                         f"{out.with_suffix('.png').name}); give a .json path")
     from posttrain.models.registry import resolve_model_path
     from posttrain.runfolder import check_not_overlapping
 
     # The report and its filmstrip may not land on or inside an input (a model's config.json, its mean frame).
     inputs = {"model": resolve_model_path(args.model), "adapter": args.adapter, "episode cache": args.cache_dir}
-    for written in (Path(args.json), Path(args.json).with_suffix(".png")):
+    for written in (out, out.with_suffix(".png")):
         check_not_overlapping(written, inputs)
     config = EvalConfig(
         data=EpisodeDataConfig(seeds=args.seeds, frames=args.context + args.horizon, image_size=args.size,
@@ -278,7 +278,6 @@ def run_eval_cli(args) -> int:
     report = evaluate_model(model, episodes, config, description="eval", mean_frame=mean_frame,
                             mean_frame_source=source)
     report.update({"model": args.model, "adapter": args.adapter, "seeds": args.seeds})
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(json_safe(report), indent=2))
     strip = filmstrip(model, episodes, config, out.with_suffix(".png"))

@@ -149,7 +149,7 @@ def run(config: ForcingConfig):
 
     session = training.setup("forcing", out=config.out, model=config.model, seed=config.seed,
                              settings=config.train, lora=config.lora, recipe=to_dict(config), resume=config.resume,
-                             overwrite=config.overwrite, dataset=config.data.path)
+                             overwrite=config.overwrite)
     acc, policy, settings = session.accelerator, session.policy, config.train
     episodes = load_episodes(config.data, ("seed", "frames", "actions"), progress=acc.is_main_process)
     episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)

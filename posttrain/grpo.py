@@ -103,7 +103,7 @@ class GRPOConfig(training.RunConfig):
                                 "reward_workers", "top_k"),
                 non_negative=("temperature", "epsilon_low", "epsilon_high", "kl_coef", "prefix_frames",
                               "prefix_temperature"),
-                unit=("max_failure_fraction", "top_p"))
+                unit=("max_failure_fraction",), open_unit=("top_p",))
         if self.loss_type not in ("grpo", "dr_grpo", "dapo", "gspo"):
             raise ValueError(f"loss_type={self.loss_type!r}; choose grpo, dr_grpo, dapo or gspo")
         if self.scale_rewards not in ("group", "none"):
@@ -118,8 +118,6 @@ class GRPOConfig(training.RunConfig):
         if self.temperature == 0:
             raise ValueError("temperature=0 makes every rollout of a group the same (greedy): no advantage, "
                              "nothing trained; sample with temperature > 0 (greedy prefixes: prefix_temperature)")
-        if self.top_p == 0:
-            raise ValueError("top_p=0 keeps no token; give a value in (0, 1]")
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "group", eps: float = 1e-4):
@@ -210,8 +208,7 @@ def run(config: GRPOConfig):
         check_reward_specs(config.monitor_rewards, key="monitor_rewards")
     session = training.setup("grpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
-                             overwrite=config.overwrite, frozen_reference=bool(config.kl_coef),
-                             dataset=config.data.path)
+                             overwrite=config.overwrite, frozen_reference=bool(config.kl_coef))
     acc, policy, settings = session.accelerator, session.policy, config.train
     episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
     episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)

@@ -89,9 +89,7 @@ class RewardModelRecipe:
         from posttrain.config import require
 
         require(self, positive=("num_context", "horizon", "rollout_batch_size", "reward_workers", "top_k"),
-                non_negative=("temperature",), unit=("max_failure_fraction",))
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+                non_negative=("temperature",), unit=("max_failure_fraction",), open_unit=("top_p",))
 
 
 @torch.no_grad()
@@ -142,15 +140,16 @@ def sample_preference_pairs(config: RewardModelRecipe, progress: bool = True) ->
 
 
 def run(config: RewardModelRecipe) -> Path:
+    from posttrain.config import to_dict
     from posttrain.models.registry import resolve_model_path
-    from posttrain.runfolder import RunLock, prepare_run_folder
+    from posttrain.runfolder import RunLock, input_paths, prepare_run_folder
 
     if not config.pairs_path:
         check_reward_specs(config.rewards)
     out = Path(config.out)
     # The same run-folder rules as every other method: a non-empty `out` needs --overwrite (and then only a
     # folder a posttrain run wrote), and `out` may not be, contain or lie inside an input.
-    inputs = {"pairs file": config.pairs_path or None, "dataset": getattr(config.data, "path", None) or None}
+    inputs = input_paths(to_dict(config))  # pairs_path, data.path, a learned reward's params.path
     if not config.pairs_path:
         inputs["world model"] = resolve_model_path(config.model)
     prepare_run_folder(out, resume=False, overwrite=config.overwrite, inputs=inputs)

@@ -68,8 +68,9 @@ def check_not_overlapping(out: Path, inputs: dict[str, str | Path | None]) -> No
     from posttrain.envs3d.jobs import overlap
 
     for what, path in inputs.items():
-        if path and overlap(out, path):
-            raise ValueError(f"output {out} {overlap(out, path)} the {what} {path}: an output may not be, contain "
+        how = overlap(out, path) if path else None
+        if how:
+            raise ValueError(f"output {out} {how} the {what} {path}: an output may not be, contain "
                              f"or lie inside an input (nothing was written)")
 
 

@@ -154,7 +154,7 @@ def run(config: SFTConfig):
     columns = columns_for(config.data)
     session = training.setup("sft", out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
-                             overwrite=config.overwrite, dataset=config.data.path)
+                             overwrite=config.overwrite)
     acc = session.accelerator
     episodes = load_episodes(config.data, columns, progress=acc.is_main_process)
     tokens, actions = rollouts.encode_episodes(session.world, episodes["frames"]), episodes["actions"]

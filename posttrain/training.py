@@ -161,14 +161,13 @@ def check_image_sizes(recipe: dict, model_size: int | None, model: str) -> None:
 
 
 def setup(method: str, *, out: str | Path, model: str, seed: int, settings: TrainerSettings, lora: LoraSettings,
-          recipe: dict, resume: bool = False, overwrite: bool = False, frozen_reference: bool = False,
-          dataset: str | None = None) -> Session:
+          recipe: dict, resume: bool = False, overwrite: bool = False, frozen_reference: bool = False) -> Session:
     """Accelerator, run folder (refuse to clobber, lock, resume checks), base model + LoRA or full
     fine-tuning, AdamW with linear warm-up, all through accelerate.prepare; config.json written.
 
-    recipe: the whole recipe as a dict (config.json, resume check, adapter metadata); frozen_reference:
-    load a frozen copy of the base as the reference under full fine-tuning (under LoRA the reference is
-    the adapter-disabled policy); dataset: a dataset folder the run folder must not overlap."""
+    recipe: the whole recipe as a dict (config.json, resume check, adapter metadata; its `path` / `*_path`
+    values are inputs the run folder must not overlap); frozen_reference: load a frozen copy of the base as
+    the reference under full fine-tuning (under LoRA the reference is the adapter-disabled policy)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
@@ -191,7 +190,7 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
     lock = None
     if acc.is_main_process:
         # Before anything is written: refuse to clobber, then hold the folder for the run's life.
-        inputs = {"model folder": resolve_model_path(model), "dataset": dataset or None, **input_paths(recipe)}
+        inputs = {"model folder": resolve_model_path(model), **input_paths(recipe)}
         prepare_run_folder(out, resume=resume, overwrite=overwrite, inputs=inputs)
         lock = RunLock(out, method)
         if resume:
@@ -203,10 +202,11 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         plugin.deepspeed_config["gradient_accumulation_steps"] = 1
         plugin.deepspeed_config["gradient_clipping"] = settings.max_grad_norm or 0.0
-    if resume and not latest_checkpoint(out):
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and not checkpoint:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if resume and isinstance(recipe.get("steps"), int):
-        done = int(latest_checkpoint(out).name.rsplit("-", 1)[-1]) + 1  # step-000003 holds steps 0..3
+        done = int(checkpoint.name.rsplit("-", 1)[-1]) + 1  # step-000003 holds steps 0..3
         if recipe["steps"] < done:
             raise ValueError(f"--resume: {out} holds a checkpoint after {done} steps; steps={recipe['steps']} is "
                              f"fewer, and trained weights cannot be un-trained. Give steps >= {done}, or start a "
