@@ -5,7 +5,9 @@
 SRC is read recursively. Video files (mp4, mov, webm, mkv, m4v, avi) are decoded with
 PyAV one frame at a time; a folder holding png/jpg frames is one image sequence, frames in
 natural order (frame_2 before frame_10); a lone image (a thumbnail) is skipped, and hidden files and
-folders (names starting with ".", e.g. macOS's ._name files) are ignored. Frames are resized (shorter side to `size`) and
+folders (names starting with ".", e.g. macOS's ._name files) are ignored. Frames are turned upright (a video's
+display rotation, a photo's EXIF orientation: phones store portrait footage as landscape plus a turn), resized
+(shorter side to `size`) and
 centre-cropped to a square, subsampled to `fps` by timestamp (nearest source frame to each
 target time), and cut into clips of `clip_frames` frames every `stride` frames. A jump in a video's
 timestamps of more than a few frame periods (an idle pause in a variable-frame-rate recording, a corrupt

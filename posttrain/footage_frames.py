@@ -226,21 +226,31 @@ def video_frames(path: Path, size: int, result=None, fps: float | None = None,
         raise SourceError("no decodable frames")
 
 
+def quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show `frame` upright: phones record portrait video as landscape
+    frames plus a display matrix (FFmpeg's side data, `VideoFrame.rotation`), which decoders do not apply.
+    The rotation is rounded to the nearest quarter turn (a display matrix's mirror flags are not applied)."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
 def _frame_getter(frame, size: int, reformatter) -> Callable[[], np.ndarray]:
     def get() -> np.ndarray:
         width, height = _scaled_size(frame.width, frame.height, size)
         # swscale's area filter averages every source pixel (no aliasing when shrinking 640 -> 64).
         rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
-        return _centre_crop(rgb.to_ndarray(), size)
+        # np.rot90 turns counter-clockwise as displayed, like the display matrix's angle.
+        return _centre_crop(np.rot90(rgb.to_ndarray(), quarter_turns(frame)), size)
 
     return get
 
 
 def resize_image(image, size: int) -> np.ndarray:
-    """A PIL image as (size, size, 3) uint8: shorter side to size (box filter), centre crop."""
-    from PIL import Image
+    """A PIL image as (size, size, 3) uint8: turned upright by its EXIF orientation, shorter side to size (box
+    filter), centre crop."""
+    from PIL import Image, ImageOps
 
-    image = image.convert("RGB")
+    # Cameras store a photo as shot and say in EXIF which way up it goes (phones: 90 degrees for portrait).
+    image = ImageOps.exif_transpose(image).convert("RGB")
     width, height = _scaled_size(image.width, image.height, size)
     return _centre_crop(np.asarray(image.resize((width, height), Image.Resampling.BOX)), size)
 

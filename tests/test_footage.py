@@ -343,3 +343,53 @@ def test_a_step_between_copies_of_one_source_frame_has_no_action(footage, tmp_pa
             a, b = image[row * CLIP + j], image[row * CLIP + j + 1]
             assert np.array_equal(frames[j], frames[j + 1]) == (a == b)
             assert actions[j] == (NULL_ACTION if a == b else per_image[a]), (row, j)
+
+
+def _upright() -> np.ndarray:
+    """A 64-tall, 48-wide portrait picture with one flat colour per quadrant: any turn or mirror moves them."""
+    image = np.zeros((64, 48, 3), np.uint8)
+    image[:32, :24], image[:32, 24:], image[32:, :24], image[32:, 24:] = (255, 0, 0), (0, 255, 0), (0, 0, 255), 255
+    return image
+
+
+def _quadrant_colours(frame: np.ndarray) -> np.ndarray:
+    """Mean colour of each quadrant's inner half (away from the edges the scalers blend), TL TR BL BR."""
+    h, w = frame.shape[0] // 2, frame.shape[1] // 2
+    quads = [frame[:h, :w], frame[:h, w:], frame[h:, :w], frame[h:, w:]]
+    return np.stack([q[h // 4 : -h // 4, w // 4 : -w // 4].reshape(-1, 3).mean(axis=0) for q in quads])
+
+
+def test_phone_portrait_video_and_photos_are_turned_upright(tmp_path):
+    """Phones store portrait footage as landscape frames plus a turn to apply (a display matrix in a video, an
+    EXIF orientation in a photo); ingest applies it, so frames come out as the viewer saw them."""
+    import av
+
+    src = tmp_path / "src"
+    (src / "photos").mkdir(parents=True)
+    stored = np.ascontiguousarray(np.rot90(_upright(), 1))  # 48 x 64: the sensor's landscape frame
+    with av.open(str(src / "portrait.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        stream.options = {"qp": "0"}
+        if not hasattr(stream, "set_display_rotation"):  # writing one needs PyAV 18; reading it, 14.2
+            pytest.skip("this PyAV cannot write a display matrix")
+        stream.set_display_rotation(-90)  # shown turned a quarter clockwise, as a phone held upright records
+        for _ in range(CLIP):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation 6: turn a quarter clockwise to display
+    for n in range(CLIP):
+        Image.fromarray(stored).save(src / "photos" / f"p_{n}.png", exif=exif)
+
+    report = ingest(src, tmp_path / "out", _config(size=32))
+    assert report.exit_code == 0 and len(report.sources) == 2
+    ds = datasets.load_from_disk(str(tmp_path / "out")).with_format("numpy")
+    # Expected: the upright picture resized to 32 wide (43 tall) and centre-cropped: the quadrants keep their
+    # colours and places (TL red, TR green, BL blue, BR white).
+    want = _quadrant_colours(_upright())
+    for row in range(len(ds)):
+        for frame in ds[row]["frames"]:
+            np.testing.assert_allclose(_quadrant_colours(frame), want, atol=8, err_msg=ds[row]["source"])
+    # Without the turn the same picture would not pass: the check can fail.
+    assert np.abs(_quadrant_colours(np.rot90(_upright(), 1)) - want).max() > 100
