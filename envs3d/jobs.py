@@ -6,6 +6,7 @@
   it records its owner process, and staging folders whose owner is provably dead are removed.
 - `atomic_write` / `atomic_write_text` / `replace_folder`: the one way a file or folder is put in
   place, by a rename, so a kill mid-write leaves the previous version whole.
+- `read_json_object`: a JSON file that must hold an object, errors naming the file.
 - `progress_bar`: the one progress bar (rich, with ETA), silent when disabled or POSTTRAIN_NO_PROGRESS.
 - `die_with_parent`: a pool worker's initializer, so workers do not outlive a SIGKILLed parent.
 - `fault_point`: deterministic SIGKILLs for tests of killed jobs.
@@ -179,6 +180,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """`atomic_write` of a text file."""
     return atomic_write(path, lambda staging: staging.write_text(text))
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, posttrain_adapter.json, a report): a file that is not
+    UTF-8, not JSON or not an object is a ValueError naming it. A missing file stays a FileNotFoundError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def current_umask() -> int:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.envs3d.jobs import match_umask
+from posttrain.envs3d.jobs import match_umask, read_json_object
 
 ADAPTER_INFO = "posttrain_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,10 +92,10 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
     # Checked here: PEFT would take a folder without weights for a Hub repo id and try to download it.
     if not weights.is_file() and not (folder / "adapter_model.bin").is_file():
         raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS} (the adapter's weights)")
-    config = _read_json_object(config_path)
+    config = read_json_object(config_path)
     info_path = folder / ADAPTER_INFO
     if info_path.is_file():
-        info = _read_json_object(info_path)
+        info = read_json_object(info_path)
         expected = info.get("base_weights_sha256")
         actual = weights_hash(resolve_model_path(base_name))
         if expected and expected != actual:
@@ -116,16 +116,6 @@ def load_adapter(model, folder: str | Path, base_name: str = "default", merge: b
         raise ValueError(f"adapter {folder} does not fit base model {base_name!r} "
                          f"(adapter_config.json or the weights were changed?): {detail}") from None
     return peft_model.merge_and_unload() if merge else peft_model
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _check_rank(config_path: Path, config: dict, weights: Path) -> None:

@@ -15,7 +15,6 @@ Exports are written to a staging folder beside DIR and renamed into place when c
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from posttrain.envs3d.jobs import (
     OUTPUT_MARKER,
     STAGING_OWNER,
     check_output_folder,
+    read_json_object,
     replace_folder,
     staging_folder,
     write_output_marker,
@@ -71,7 +71,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
             missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
             if missing:
                 raise FileNotFoundError(f"adapter folder {adapter} lacks {', '.join(missing)}")
-            info = json.loads((adapter / ADAPTER_INFO).read_text())
+            info = read_json_object(adapter / ADAPTER_INFO)
             base_name, base_hash = info.get("base_model"), info.get("base_weights_sha256")
             if merge:
                 kind = "merged"
@@ -90,7 +90,7 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, overwr
                     shutil.copytree(model / name, staging / name)
                 else:
                     shutil.copy2(model / name, staging / name)
-            metadata = json.loads((model / "config.json").read_text()).get("metadata", {})
+            metadata = read_json_object(model / "config.json").get("metadata", {})
             base_name = metadata.get("base")
             # The hash recorded at training time; hashing the base folder now would describe whatever it holds
             # today (a newer default, a rewritten folder). Older runs did not record it.
@@ -116,7 +116,7 @@ def _merge(adapter: Path, base_name: str | None, folder: Path) -> None:
     if not base_name:
         raise ValueError(f"{adapter / ADAPTER_INFO} names no base model; cannot merge")
     merged = load_adapter(load_model(base_name), adapter, base_name=base_name, merge=True)
-    info = json.loads((adapter / ADAPTER_INFO).read_text())
+    info = read_json_object(adapter / ADAPTER_INFO)
     metadata = {"base": base_name, "base_weights_sha256": info.get("base_weights_sha256"), "merged_adapter": str(adapter)}
     if "method" in info:
         metadata["method"] = info["method"]
@@ -150,7 +150,7 @@ def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str |
     import yaml
 
     config_path = run_dir / "config.json"
-    recipe = json.loads(config_path.read_text()) if config_path.is_file() else None
+    recipe = read_json_object(config_path) if config_path.is_file() else None
     method = (recipe or {}).get("method", "unknown")
     tags = ["posttrain", "world-model", method] + (["lora", "peft"] if kind == "adapter" else [])
     front = {"library_name": "peft" if kind == "adapter" else "posttrain", "tags": tags}
@@ -234,7 +234,7 @@ def _data_summary(recipe: dict | None) -> list[str]:
 def _clip_count(path: Path) -> str:
     manifest = path / "manifest.json"
     if manifest.is_file():
-        data = json.loads(manifest.read_text())
+        data = read_json_object(manifest)
         return f"{data.get('clips', '?')} clips (from manifest.json)"
     if (path / "dataset_info.json").is_file():
         from datasets import load_from_disk
@@ -252,7 +252,7 @@ def _metrics(run_dir: Path, kind: str = "adapter") -> list[str]:
     report = run_dir / "report"
     lines: list[str] = []
     if (report / "metrics.json").is_file():
-        results = json.loads((report / "metrics.json").read_text())
+        results = read_json_object(report / "metrics.json")
         lines += [f"Held-out rollouts (seeds `{results.get('eval_seeds')}`, horizon {results.get('horizon')}), "
                   f"base ({'adapter disabled' if kind in ('adapter', 'merged') else 'the frozen base model'}) "
                   "vs post-trained:", "",
@@ -263,7 +263,7 @@ def _metrics(run_dir: Path, kind: str = "adapter") -> list[str]:
                              f"{_fmt(pair['post'].get(metric))} |")
         lines.append("")
     if (report / "heldout_loss.json").is_file():
-        held = json.loads((report / "heldout_loss.json").read_text())
+        held = read_json_object(report / "heldout_loss.json")
         lines += [f"Teacher-forced token loss (nats/token) on {held.get('heldout_clips')} held-out clips of "
                   f"{held.get('clip_frames')} frames:", "", "| | base | post-trained |", "|---|---|---|",
                   f"| held-out loss | {_fmt(held.get('heldout_loss_base'))} | {_fmt(held.get('heldout_loss_post'))} |",

@@ -24,6 +24,8 @@ import socket
 import time
 from pathlib import Path
 
+from posttrain.envs3d.jobs import read_json_object
+
 MARKER = ".posttrain-run"
 LOCK = ".lock"
 
@@ -178,7 +180,7 @@ def check_resume_config(out: Path, current: dict) -> None:
     path = Path(out) / "config.json"
     if not path.is_file():
         return
-    changes = resume_changes(json.loads(path.read_text()), current)
+    changes = resume_changes(read_json_object(path), current)
     if changes:
         raise ValueError(f"--resume: the recipe differs from {path} in {', '.join(changes)}; the restored "
                          f"optimizer and data order would not follow it. Resume with the original values or "

@@ -132,6 +132,24 @@ def test_export_errors_name_the_path(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["not-a-run"]
 
 
+@pytest.mark.parametrize("name, text", [
+    ("config.json", "[1, 2]"),                      # the run's recipe dump, not an object
+    ("report/metrics.json", '{"temperatures": '),   # a report cut short
+    ("model/config.json", b"\xff\xfe{}"),          # not UTF-8
+])
+def test_export_of_a_run_with_a_broken_json_file_names_it(tiny_model, tmp_path, capsys, name, text):
+    run_dir = _fake_full_finetune(tiny_model, tmp_path / "run")
+    (run_dir / name).parent.mkdir(exist_ok=True)
+    if isinstance(text, bytes):
+        (run_dir / name).write_bytes(text)
+    else:
+        (run_dir / name).write_text(text)
+    assert main(["adapter", "export", str(run_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(run_dir / name) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_push_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch, capsys):
     from huggingface_hub import HfApi
 

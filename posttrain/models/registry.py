@@ -5,11 +5,12 @@ registered (`register_architecture`, or an entry point in the `posttrain.world_m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from posttrain.envs3d.jobs import read_json_object
 
 from .hf_world_model import DEFAULT_NUM_ACTIONS, HFWorldModel, llama_backbone, lm_vocab_size
 from .tokenizer import FrameTokenizer
@@ -37,11 +38,7 @@ def model_architecture(folder: Path) -> str | None:
     path = folder / "config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    return config.get("architecture") if isinstance(config, dict) else None
+    return read_json_object(path).get("architecture")
 
 
 ENTRY_POINT_GROUP = "posttrain.world_models"

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from posttrain.envs3d.jobs import match_umask
+from posttrain.envs3d.jobs import match_umask, read_json_object
 from posttrain.kernels import sample, selective_log_softmax
 
 from .dynamics import DynamicsConfig, DynamicsTransformer
@@ -356,10 +356,7 @@ def read_model_config(folder: Path, architecture: str, required: tuple[str, ...]
     for name in required:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"model folder {folder} has no {name}")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
+    config = read_json_object(folder / CONFIG_FILE)
     if config.get("architecture") != architecture:
         raise ValueError(f"{folder / CONFIG_FILE}: unknown architecture {config.get('architecture')!r}; "
                          f"this loader reads {architecture!r}")
