@@ -139,12 +139,39 @@ class PretrainConfig:
             # Checked now: the clip sampler would fail only after the tokenizer stage (~35 min at full size).
             raise ValueError(f"dynamics.clip_frames={self.dynamics.clip_frames} must be at least 2 and at most the "
                              f"training episodes' frames ({shortest})")
+        if not self.init:  # with init, the tokenizer comes from that model: run() checks it once loaded
+            check_shapes(self)
     tokenizer: TokenizerTraining = field(default_factory=TokenizerTraining)
     """Tokenizer stage."""
     dynamics: DynamicsTraining = field(default_factory=DynamicsTraining)
     """Dynamics stage."""
     log_every: int = 50
     """Steps between metrics.jsonl records."""
+
+
+def check_shapes(config: PretrainConfig) -> None:
+    """Refuse data the tokenizer and dynamics cannot take together, before any episode is generated:
+    otherwise the mismatch surfaces as a tensor-shape traceback, some only after the tokenizer stage."""
+    import dataclasses
+
+    size = config.tokenizer.model.image_size
+    sections = [("data", config.data), *((f"extra_data[{i}]", d) for i, d in enumerate(config.extra_data)),
+                ("eval_data", config.eval_data)]
+    sections = [(key, data) for key, data in sections if not data.path]  # a dataset folder's frames are its own
+    for key, data in sections:
+        if data.scene_config().image_size != size:
+            raise ValueError(f"{key}.image_size={data.scene_config().image_size} does not match the tokenizer's "
+                             f"{size}x{size} frames (tokenizer.model.image_size); set {key}.image_size={size}")
+    for key, data in sections:  # the training episodes are stacked into one tensor
+        if key.startswith("extra_data") and not config.data.path and data.frames != config.data.frames:
+            raise ValueError(f"{key}.frames={data.frames} differs from data.frames={config.data.frames}: every "
+                             f"training episode must have the same number of frames")
+    tokenizer = config.tokenizer.model
+    try:
+        dataclasses.replace(config.dynamics.model, tokens_per_frame=tokenizer.tokens_per_frame,
+                            vocab_size=tokenizer.vocab_size)
+    except ValueError as exc:
+        raise ValueError(f"dynamics.model: {exc} (the tokenizer's {tokenizer.grid}x{tokenizer.grid} grid)") from None
 
 
 def cosine_schedule(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
@@ -310,24 +337,28 @@ def load_tokenizer_stage(path: Path, config: PretrainConfig) -> FrameTokenizer:
 
 
 def run(config: PretrainConfig) -> Path:
-    from posttrain.runfolder import RunLock, prepare_run_folder
+    from posttrain.config import to_dict
+    from posttrain.runfolder import RunLock, input_paths, prepare_run_folder
 
     out = Path(config.out)
     start_model = None
+    # data.path, extra_data[i].path, eval_data.path...: --overwrite must never delete a dataset inside `out`.
+    inputs = input_paths(to_dict(config))
     if config.init:
         from posttrain.models import load_model
         from posttrain.models.registry import resolve_model_path
 
         prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite,
-                           inputs={"init model": resolve_model_path(config.init)})
+                           inputs={**inputs, "init model": resolve_model_path(config.init)})
         start_model = load_model(config.init)
         if not isinstance(start_model, TokenWorldModel):
             raise ValueError(f"init={config.init}: pre-training continues only the built-in token world model, "
                              f"not {type(start_model).__name__}")
         config.tokenizer.model = start_model.tokenizer.config
         config.dynamics.model = start_model.dynamics.config
+        check_shapes(config)
     else:
-        prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite)
+        prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite, inputs=inputs)
     lock = RunLock(out, "pretrain")  # noqa: F841 (held until the process ends)
     if config.threads:
         torch.set_num_threads(config.threads)

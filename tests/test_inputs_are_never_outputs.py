@@ -188,6 +188,35 @@ def test_pretrain_clip_longer_than_the_episodes_fails_first(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
+def test_pretrain_overwrite_keeps_a_dataset_named_inside_out(tmp_path, capsys):
+    out = tmp_path / "pre"
+    dataset = out / "mydata"
+    dataset.mkdir(parents=True)
+    (out / MARKER).write_text("{}")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")  # an earlier run's work
+    (dataset / "dataset_info.json").write_text("{}")
+    for key in ("data.path", "eval_data.path"):
+        code, err = _code_and_error([*_tiny_pretrain(tmp_path / "cache", out, f"{key}={dataset}"), "--overwrite"],
+                                    capsys)
+        assert code == 2 and key in err, err
+        assert (dataset / "dataset_info.json").is_file()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["eval_data.image_size=64"], ["eval_data.image_size=64", "32x32"]),  # failed after both stages
+    (["data.image_size=64"], ["data.image_size=64", "32x32"]),  # failed after the tokenizer stage
+    (["extra_data=[{seeds: '5:7', frames: 5, image_size: 32}]"], ["extra_data[0].frames=5", "data.frames=4"]),
+    (["tokenizer.model.image_size=48", "data.image_size=48", "eval_data.image_size=48", "dynamics.model.patch=8"],
+     ["dynamics.model", "patch=8", "12x12"]),
+])
+def test_pretrain_shapes_that_would_fail_late_fail_first(extra, words, tmp_path, capsys):
+    code, err = _code_and_error(_tiny_pretrain(tmp_path / "cache", tmp_path / "pre", *extra), capsys)
+    assert code == 2, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "pre").exists()
+
+
 def test_preference_files_errors_name_the_file_and_line(tmp_path):
     import numpy as np
 
