@@ -234,9 +234,13 @@ def iter_episodes(seeds: Iterable[int], frames: int, config: SceneConfig, worker
 
 def generate_dataset(
     seeds: Sequence[int], frames: int, out: str | os.PathLike, config: SceneConfig | None = None,
-    workers: int = 1, overwrite: bool = False, progress: bool = True,
+    workers: int = 1, overwrite: bool = False, progress: bool = True, shared: bool = False,
 ) -> Path:
-    """Write episodes for `seeds` to `out` (a `datasets.load_from_disk` folder); returns the path."""
+    """Write episodes for `seeds` to `out` (a `datasets.load_from_disk` folder); returns the path.
+
+    `shared`: `out` is an episode-cache folder that other processes (a run's other ranks, a second run on
+    the same cache) may be writing at the same time. The episodes are deterministic, so whichever copy lands
+    first is kept: ours is discarded, and a folder another process may be reading is never deleted."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
 
@@ -248,6 +252,8 @@ def generate_dataset(
     if not seeds:
         raise ValueError("no seeds to generate")
     out = Path(out)
+    if shared and (out / "dataset_info.json").is_file():
+        return out
     check_output_folder(out, overwrite)
     staging = staging_folder(out)
     try:
@@ -266,7 +272,14 @@ def generate_dataset(
         dataset.save_to_disk(str(final_tmp))
         del dataset
         write_output_marker(final_tmp, "posttrain scenes generate")
-        replace_folder(final_tmp, out)
+        if shared:
+            try:
+                os.rename(final_tmp, out)  # fails, changing nothing, where another process's folder landed first
+            except OSError:
+                if not (out / "dataset_info.json").is_file():
+                    raise
+        else:
+            replace_folder(final_tmp, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

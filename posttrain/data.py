@@ -77,10 +77,47 @@ def dataset_path(config: EpisodeDataConfig, progress: bool = True) -> Path:
     scene = config.scene_config()
     key = hashlib.sha256(f"{config.seeds}|{config.frames}|{scene.to_json()}".encode()).hexdigest()[:12]
     path = Path(config.cache_dir) / f"envs3d-{key}"
-    if not (path / "dataset_info.json").is_file():
-        generate_dataset(parse_seeds(config.seeds), config.frames, path, scene, workers=config.workers,
-                         overwrite=True, progress=progress)
+    seeds = parse_seeds(config.seeds)
+    if (path / "dataset_info.json").is_file() and _cache_entry_ok(path, len(seeds), config.frames, scene):
+        return path
+    if path.exists() or path.is_symlink():
+        _discard_cache_entry(path)
+    generate_dataset(seeds, config.frames, path, scene, workers=config.workers, progress=progress, shared=True)
     return path
+
+
+def _cache_entry_ok(path: Path, rows: int, frames: int, scene: SceneConfig) -> bool:
+    """Whether cache folder `path` is whole and of the current format: readable, the columns and shapes
+    `generate_dataset` writes today, one row per seed."""
+    from datasets import load_from_disk
+
+    from posttrain.envs3d.generate import features
+
+    try:
+        dataset = load_from_disk(str(path))  # memory-mapped: cheap
+        return len(dataset) == rows and dataset.features == features(frames, scene.image_size)
+    except Exception:  # a cut-short arrow file (OSError), a bad state.json (ValueError), ...: regenerate
+        return False
+
+
+def _discard_cache_entry(path: Path) -> None:
+    """Remove a broken or outdated cache folder that posttrain wrote (it holds the output marker), so that it
+    is generated again; anything else at that path is the user's, and an error naming it."""
+    import os
+    import shutil
+
+    from posttrain.envs3d.jobs import OUTPUT_MARKER, staging_folder
+
+    if not path.is_dir() or path.is_symlink() or not (path / OUTPUT_MARKER).is_file():
+        raise FileExistsError(f"episode cache {path} is not a readable episode dataset of this version and holds no "
+                              f"{OUTPUT_MARKER}, so posttrain did not write it; move it away or set data.cache_dir")
+    print(f"note: episode cache {path} is incomplete or from another version; generating it again")
+    aside = staging_folder(path)  # a rename first: a process that reads it or discards it too sees it whole or gone
+    try:
+        os.replace(path, aside / "stale")
+    except FileNotFoundError:
+        pass  # another process discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_episodes(config: EpisodeDataConfig, columns: tuple[str, ...] = TENSOR_COLUMNS, progress: bool = True) -> dict:

@@ -173,6 +173,71 @@ def test_dataset_identical_across_worker_counts(tmp_path):
     assert not list(tmp_path.glob(".*partial*")), "staging folders must be cleaned up"
 
 
+# --- the episode cache (data.cache_dir) ------------------------------------------------------
+
+def _cache_config(cache):
+    from posttrain.data import EpisodeDataConfig
+
+    return EpisodeDataConfig(seeds="0:2", frames=3, image_size=32, workers=1, scene={"max_objects": 2},
+                             cache_dir=str(cache))
+
+
+def test_episode_cache_regenerates_a_cut_short_or_outdated_entry(tmp_path, capsys):
+    import shutil
+
+    from datasets import load_from_disk
+
+    from posttrain.data import dataset_path, load_episodes
+    from posttrain.envs3d.jobs import OUTPUT_MARKER
+
+    config = _cache_config(tmp_path / "cache")
+    path = dataset_path(config, progress=False)
+    good = load_episodes(config, progress=False)["frames"]
+    arrow = next(path.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # a copy cut short: was an OSError traceback
+    assert np.array_equal(load_episodes(config, progress=False)["frames"], good)
+    # An entry of an older version (a column less) was a dead end: "lacks columns" on every run.
+    load_from_disk(str(path)).remove_columns("object_colors").save_to_disk(str(tmp_path / "old"))
+    shutil.rmtree(path)
+    (tmp_path / "old").rename(path)
+    (path / OUTPUT_MARKER).write_text("{}")
+    assert np.array_equal(load_episodes(config, progress=False)["object_colors"],
+                          np.stack([generate_episode(s, 3, config.scene_config())["object_colors"] for s in (0, 1)]))
+    assert "generating it again" in capsys.readouterr().out
+    assert not list(path.parent.glob(".*partial*")), "the discarded entry is gone"
+    # A broken folder posttrain did not write is never deleted: an error naming it.
+    (path / OUTPUT_MARKER).unlink()
+    next(path.glob("*.arrow")).write_bytes(b"")
+    with pytest.raises(FileExistsError, match=f"{path}.*{OUTPUT_MARKER}"):
+        load_episodes(config, progress=False)
+    assert (path / "dataset_info.json").is_file()
+
+
+def test_episode_cache_keeps_the_copy_another_process_landed_first(tmp_path, monkeypatch):
+    import shutil
+
+    from posttrain.data import dataset_path, load_episodes
+    from posttrain.envs3d import generate as generate_module
+
+    config = _cache_config(tmp_path / "cache")
+    path = dataset_path(config, progress=False)
+    expected = load_episodes(config, progress=False)["frames"]
+    shutil.copytree(path, tmp_path / "theirs")
+    shutil.rmtree(path)
+    (tmp_path / "theirs" / "sentinel").write_text("another process's copy")
+    mark = generate_module.write_output_marker
+
+    def land_theirs_first(folder, command):  # a run's other rank (or a second run) finishes a moment before us
+        mark(folder, command)
+        (tmp_path / "theirs").rename(path)
+
+    monkeypatch.setattr(generate_module, "write_output_marker", land_theirs_first)
+    assert dataset_path(config, progress=False) == path
+    assert (path / "sentinel").is_file(), "a folder another process may be reading was deleted and replaced"
+    assert np.array_equal(load_episodes(config, progress=False)["frames"], expected)
+    assert not list(path.parent.glob(".*partial*"))
+
+
 # --- bad inputs -----------------------------------------------------------------------------
 
 def test_unknown_action_and_object_index_errors():
