@@ -132,9 +132,11 @@ def _unknown(name: str, where: str = "") -> UnknownRewardError:
 
 def check_reward_specs(specs: list, key: str = "rewards") -> None:
     """Refuse, before any work starts, the specs that `get_reward` would refuse after it: an empty list, an
-    unknown name, parameters the reward does not take, or a `*path` parameter that does not exist.
-    `key` is the recipe key, named in the message. Rewards are not built here (a learned reward would load
-    its model): only their signatures are checked."""
+    unknown name, parameters the reward does not take, a `*path` parameter that does not exist, or params the
+    reward's own `check_params` (a static method, where it has one) refuses.
+    `key` is the recipe key, named in the message. Rewards are not built here: their signatures are checked,
+    and `check_params` does what more is cheap (the learned reward loads its small model, so that a folder that
+    is not one fails now, not after the first rollouts)."""
     if not specs:
         raise ValueError(f"{key}: no reward listed; give at least one, e.g. {key}=[{{name: psnr}}]")
     for index, spec in enumerate(specs):
@@ -149,6 +151,12 @@ def check_reward_specs(specs: list, key: str = "rewards") -> None:
         for name, value in spec.params.items():
             if name.endswith("path") and isinstance(value, (str, Path)) and value and not Path(value).exists():
                 raise FileNotFoundError(f"{where}reward {spec.name!r}: params.{name}={value} does not exist")
+        check = getattr(target, "check_params", None)  # a reward's own check, e.g. that its model file loads
+        if check is not None:
+            try:
+                check(**spec.params)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ValueError(f"{where}reward {spec.name!r}: {exc}") from None
 
 
 def get_reward(name: str, **params) -> Reward:

@@ -322,11 +322,22 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> R
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = json.loads((path / "config.json").read_text())
-    known = {f.name for f in fields(RewardModelConfig)}
-    config = RewardModelConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a reward model folder (no {name}); a reward_model run writes "
+                                    f"one to OUT/reward_model")
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        known = {f.name for f in fields(RewardModelConfig)}
+        config = RewardModelConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, no "config" object, bad values
+        raise ValueError(f"{path / 'config.json'}: not a reward model config ({type(exc).__name__}: {exc})") from None
     model = RewardModel(config)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    try:
+        model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    except Exception as exc:  # a cut-short file (SafetensorError), weights of another shape (RuntimeError)
+        problem = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{path / 'model.safetensors'}: cannot load the reward model's weights ({problem})") from None
     return model.to(device).eval()
 
 
@@ -339,6 +350,11 @@ class LearnedReward(Reward):
         self.path = str(path)
         self.scale = scale
         self._model: RewardModel | None = None
+
+    @staticmethod
+    def check_params(path: str, scale: float = 1.0) -> None:
+        """Called by `check_reward_specs` before any work: the model loads (it is tiny)."""
+        load_reward_model(path)
 
     def __getstate__(self):
         # Ship the path, not the weights: each worker process loads the model itself.

@@ -68,3 +68,38 @@ def test_jsonl_pairs(tmp_path):
     assert torch.equal(pairs.chosen[0], torch.from_numpy(a).float() / 255)
     assert torch.equal(pairs.rejected[0], torch.from_numpy(b).float() / 255)
     assert pairs.prompt_ids.tolist() == [7]
+
+
+def test_broken_reward_model_folders_are_one_line_errors_caught_before_any_work(tmp_path):
+    import shutil
+
+    import pytest
+
+    from posttrain.rewards import RewardSpec, check_reward_specs
+    from posttrain.rewards.reward_model import RewardModel
+
+    good = save_reward_model(RewardModel(RewardModelConfig(channels=4)), tmp_path / "good")
+    cases = {
+        "run folder": (lambda f: [p.unlink() for p in f.iterdir()], "no config.json"),
+        "no weights": (lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
+        "not JSON": (lambda f: (f / "config.json").write_text("{"), "config.json"),
+        "a list": (lambda f: (f / "config.json").write_text("[1]"), "config.json"),
+        "no config key": (lambda f: (f / "config.json").write_text('{"report": {}}'), "config.json"),
+        "bad value": (lambda f: (f / "config.json").write_text('{"config": {"channels": 0}}'), "config.json"),
+        "cut short": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+                      "model.safetensors"),
+        "other shape": (lambda f: (f / "config.json").write_text('{"config": {"channels": 8}}'), "model.safetensors"),
+    }
+    for case, (damage, word) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        shutil.copytree(good, folder)
+        damage(folder)
+        with pytest.raises((ValueError, FileNotFoundError)) as raised:
+            load_reward_model(folder)
+        message = str(raised.value)
+        assert word in message and str(folder) in message and "\n" not in message, (case, message)
+        # A recipe naming it fails at the spec check, before episodes and rollouts (was a RewardFailureError
+        # traceback after the first rollouts).
+        with pytest.raises(ValueError, match=r"rewards\[1\]: reward 'learned'"):
+            check_reward_specs([RewardSpec(name="psnr"), RewardSpec(name="learned", params={"path": str(folder)})])
+    check_reward_specs([RewardSpec(name="learned", params={"path": str(good)})])
