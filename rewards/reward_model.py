@@ -226,7 +226,12 @@ def load_rollout_file(path: str | Path, frame_width: int | None = None) -> torch
     elif path.suffix == ".png":
         from PIL import Image
 
-        img = np.asarray(Image.open(path).convert("RGB"))
+        try:
+            img = np.asarray(Image.open(path).convert("RGB"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file") from None
+        except OSError as exc:  # not an image, cut short
+            raise ValueError(f"{path}: not a readable PNG ({exc})") from None
         h, tw, _ = img.shape
         fw = frame_width or h
         if tw % fw:
@@ -292,13 +297,20 @@ def load_pairs_jsonl(path: str | Path, frame_width: int | None = None) -> Prefer
     """Read ``{"prompt_id": int, "chosen": path, "rejected": path, "context": path?}`` lines.
     Relative paths are resolved against the JSONL's folder. All rollouts must share a shape."""
     lines = read_pair_lines(path)
-    chosen = [load_rollout_file(line.chosen, frame_width) for line in lines]
-    rejected = [load_rollout_file(line.rejected, frame_width) for line in lines]
     has_ctx = all(line.context is not None for line in lines)
+
+    def stack(key: str) -> torch.Tensor:
+        tensors = [load_rollout_file(getattr(line, key), frame_width) for line in lines]
+        for line, tensor in zip(lines, tensors):
+            if tensor.shape != tensors[0].shape:
+                raise ValueError(f"{line.where}: {key} has shape {tuple(tensor.shape)}, but {lines[0].where}'s has "
+                                 f"{tuple(tensors[0].shape)}; every {key} rollout must share a shape")
+        return torch.stack(tensors)
+
     return PreferencePairs(
-        chosen=torch.stack(chosen),
-        rejected=torch.stack(rejected),
-        context=torch.stack([load_rollout_file(line.context, frame_width) for line in lines]) if has_ctx else None,
+        chosen=stack("chosen"),
+        rejected=stack("rejected"),
+        context=stack("context") if has_ctx else None,
         prompt_ids=torch.tensor([line.prompt_id for line in lines], dtype=torch.int64),
     )
 

@@ -103,3 +103,21 @@ def test_broken_reward_model_folders_are_one_line_errors_caught_before_any_work(
         with pytest.raises(ValueError, match=r"rewards\[1\]: reward 'learned'"):
             check_reward_specs([RewardSpec(name="psnr"), RewardSpec(name="learned", params={"path": str(folder)})])
     check_reward_specs([RewardSpec(name="learned", params={"path": str(good)})])
+
+
+def test_broken_pair_files_are_one_line_errors_naming_the_file(tmp_path):
+    import pytest
+
+    np.save(tmp_path / "a.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    np.save(tmp_path / "long.npy", np.zeros((3, 8, 8, 3), np.uint8))
+    (tmp_path / "bad.png").write_bytes(b"not a png")  # was PIL's UnidentifiedImageError (an OSError): a traceback
+    line = {"prompt_id": 1, "chosen": "a.npy", "rejected": "bad.png"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match="bad.png: not a readable PNG"):
+        load_pairs_jsonl(tmp_path / "p.jsonl")
+    # Rollouts of different lengths on different lines: was torch.stack's RuntimeError traceback.
+    lines = [{"prompt_id": 1, "chosen": "a.npy", "rejected": "a.npy"}, {"prompt_id": 2, "chosen": "long.npy",
+                                                                         "rejected": "a.npy"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(ValueError, match=r"p.jsonl:2: chosen has shape \(3, 8, 8, 3\).*p.jsonl:1"):
+        load_pairs_jsonl(tmp_path / "p.jsonl")
