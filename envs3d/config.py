@@ -56,6 +56,7 @@ class SceneConfig:
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
+            _check_type(self, item.name, item.default)
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"scene key {item.name!r} must be finite, got {value!r}")
@@ -113,6 +114,29 @@ class SceneConfig:
 
 
 POLICIES = ("random_walk", "orbit", "loop", "push", "mixed")
+
+
+def _check_type(config: SceneConfig, key: str, default: object) -> None:
+    """Refuse a value of the wrong type (`min_objects: 2.5` or `walls: 3` in a recipe would otherwise pass);
+    an int where a float is expected and a list of names where a tuple is are stored as float and tuple."""
+    value = getattr(config, key)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            object.__setattr__(config, key, float(value))
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if ok:
+            object.__setattr__(config, key, tuple(value))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        kind = "a list of names" if isinstance(default, tuple) else type(default).__name__
+        raise ValueError(f"scene key {key!r} must be {kind}, got {value!r}")
 
 
 def _parse(raw: object, current: object, key: str) -> object:

@@ -43,6 +43,9 @@ class EpisodeDataConfig:
         require(self, positive=("frames", "image_size", "workers"))
         if not self.path:
             parse_seeds(self.seeds)  # a bad range fails when the recipe loads, not after other work
+        if "image_size" in self.scene:  # one place for the size, the one the model-size checks read
+            raise ValueError(f"scene.image_size={self.scene['image_size']!r}: set the data section's image_size "
+                             f"instead (data.image_size, eval.data.image_size)")
         self.scene_config()  # likewise a bad scene override
 
     def scene_config(self) -> SceneConfig:

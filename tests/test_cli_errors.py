@@ -87,6 +87,11 @@ CASES = [
      ["eval.data.seeds", "overlaps"]),
     ("unknown-key", lambda m, c, o, t: _grpo(m, c, o, "train.lrr=0.1"), ["train.lrr", "'lr'"]),
     ("scene-inf-in-recipe", lambda m, c, o, t: _grpo(m, c, o, "data.scene={move_step: .inf}"), ["data", "move_step"]),
+    ("scene-float-count", lambda m, c, o, t: _grpo(m, c, o, "data.scene={min_objects: 2.5}"),
+     ["min_objects", "must be int", "2.5"]),
+    ("scene-number-as-flag", lambda m, c, o, t: _grpo(m, c, o, "eval.data.scene={walls: 3}"), ["walls", "bool"]),
+    ("scene-image-size", lambda m, c, o, t: _grpo(m, c, o, "data.scene={image_size: 16}"),
+     ["scene.image_size=16", "data.image_size"]),
 ]
 
 

@@ -268,6 +268,13 @@ def test_scene_override_errors_name_the_key():
     with pytest.raises(ValueError, match="cannot parse 'many'"):
         SceneConfig().override(["max_objects=many"])
     assert SceneConfig().override(["walls=false", "fov_deg=60"]).walls is False
+    # Values from a recipe (YAML) arrive typed: a wrong type is refused, an int where a float goes is a float.
+    with pytest.raises(ValueError, match="scene key 'min_objects' must be int, got 2.5"):
+        SceneConfig().override({"min_objects": 2.5})
+    with pytest.raises(ValueError, match="scene key 'object_types' must be a list of names"):
+        SceneConfig().override({"object_types": [1, 2]})
+    config = SceneConfig().override({"checker_size": 1, "object_types": ["duck"]})
+    assert config.checker_size == 1.0 and isinstance(config.checker_size, float) and config.object_types == ("duck",)
 
 
 def test_cli_bad_inputs(tmp_path, capsys):
