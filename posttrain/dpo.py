@@ -261,6 +261,10 @@ def _load_rollout_tokens(world, file: Path, horizon: int, tokens_per_frame: int,
     if array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
         tokens = torch.from_numpy(array.astype(np.int64))
     elif array.ndim == 4 and array.dtype == np.uint8 and array.shape[-1] == 3:
+        size = getattr(world, "image_size", None)
+        if size and array.shape[1:3] != (size, size):
+            raise ValueError(f"{where}: {file} holds {array.shape[2]}x{array.shape[1]} frames; the model reads "
+                             f"{size}x{size}")
         with torch.no_grad():
             tokens = world.encode(torch.from_numpy(array))
     else:

@@ -319,13 +319,17 @@ def save_reward_model(model: RewardModel, path: str | Path, report: dict[str, fl
     """Write ``model.safetensors`` and ``config.json`` (config plus optional report) into ``path``."""
     from safetensors.torch import save_file
 
+    from posttrain.envs3d.jobs import atomic_write, atomic_write_text
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Each file by a rename, config.json last: a kill mid-save leaves the previous files whole, never half a file.
+    atomic_write(path / "model.safetensors", lambda staging: save_file(weights, str(staging)))
     meta: dict[str, Any] = {"config": asdict(model.config)}
     if report is not None:
         meta["report"] = report
-    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
     return path
 
 

@@ -204,6 +204,12 @@ def test_jsonl_pairs(tiny_model, data_cache, tmp_path):
     with pytest.raises(ValueError, match="prompt_id 999"):
         run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, tmp_path / "bad") + SMALL + [
             "pairs.source=jsonl", f"pairs.path={tmp_path / 'prefs.jsonl'}", "train.eval_at_end=false"])
+    # Frames of another size: one line naming the line and the sizes (was a shape error inside encode).
+    np.save(tmp_path / "c2.npy", rng.integers(0, 256, (horizon, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "prefs.jsonl").write_text(json.dumps({**lines[1], "chosen": "c2.npy"}) + "\n")
+    with pytest.raises(ValueError, match=r"prefs.jsonl:1 chosen: .*c2.npy holds 16x16 frames; the model reads 32x32"):
+        run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, tmp_path / "bad2") + SMALL + [
+            "pairs.source=jsonl", f"pairs.path={tmp_path / 'prefs.jsonl'}", "train.eval_at_end=false"])
 
 
 def test_training_makes_the_chosen_rollouts_more_likely(tiny_model, data_cache, tmp_path, captured_trainer):
