@@ -30,6 +30,7 @@ from .jobs import (
     fault_point,
     progress_bar,
     replace_folder,
+    save_dataset_quietly,
     staging_folder,
     write_output_marker,
 )
@@ -269,7 +270,7 @@ def generate_dataset(
         # A content fingerprint (not the random default) keeps the saved folder identical across runs.
         dataset._fingerprint = hashlib.sha256(f"{list(seeds)}|{frames}|{config.to_json()}".encode()).hexdigest()[:16]
         final_tmp = staging / "dataset"
-        dataset.save_to_disk(str(final_tmp))
+        save_dataset_quietly(dataset, final_tmp)
         del dataset
         write_output_marker(final_tmp, "posttrain scenes generate")
         if shared:

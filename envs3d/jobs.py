@@ -6,6 +6,7 @@
   it records its owner process, and staging folders whose owner is provably dead are removed.
 - `atomic_write` / `atomic_write_text` / `replace_folder`: the one way a file or folder is put in
   place, by a rename, so a kill mid-write leaves the previous version whole.
+- `save_dataset_quietly`: `datasets` save_to_disk without its tqdm bar.
 - `read_json_object`: a JSON file that must hold an object, errors naming the file.
 - `progress_bar`: the one progress bar (rich, with ETA), silent when disabled or POSTTRAIN_NO_PROGRESS.
 - `die_with_parent`: a pool worker's initializer, so workers do not outlive a SIGKILLed parent.
@@ -192,6 +193,21 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def save_dataset_quietly(dataset, path: str | os.PathLike) -> None:
+    """`datasets` save_to_disk without its own tqdm bar (ours already shows progress, and --quiet means quiet);
+    restores the global setting."""
+    from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        # num_shards=1: with no rows the default would write no data file and the folder would not load.
+        dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def current_umask() -> int:

@@ -61,6 +61,7 @@ from posttrain.envs3d.jobs import (
     die_with_parent,
     fault_point,
     replace_folder,
+    save_dataset_quietly,
     staging_folder,
     write_output_marker,
 )
@@ -435,7 +436,7 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: FootageConfig
         # A content fingerprint (not the random default) keeps the saved folder identical across runs.
         dataset._fingerprint = digest.hexdigest()[:16]
         final_tmp = staging / "dataset"
-        _save_quietly(dataset, final_tmp)
+        save_dataset_quietly(dataset, final_tmp)
         del dataset, parts
         all_results = sorted(results + skipped, key=lambda r: natural_key(r.path))
         manifest = {
@@ -466,20 +467,6 @@ def _written_by_ingest(folder: Path) -> bool:
         return False
     return (isinstance(manifest, dict) and set(_MANIFEST_KEYS) <= manifest.keys()
             and isinstance(manifest["sources"], list) and isinstance(manifest["config"], dict))
-
-
-def _save_quietly(dataset, path: Path) -> None:
-    """save_to_disk without its own tqdm bar (ours already shows progress); restores the global setting."""
-    from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        # num_shards=1: with no rows the default would write no data file and the folder would not load.
-        dataset.save_to_disk(str(path), num_shards=1 if len(dataset) == 0 else None)
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
 
 
 # --- command line ---------------------------------------------------------------------------

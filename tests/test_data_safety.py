@@ -372,6 +372,7 @@ def test_scenes_generate_prints_no_pybullet_lines(tmp_path, workers):
     assert "wrote 2 episodes" in done.stdout
     for line in NOISE:
         assert line not in done.stdout + done.stderr
+    assert "Saving the dataset" not in done.stderr  # --quiet: not even datasets' own bar
 
 
 def test_a_run_without_deepspeed_does_not_import_it(tiny_model, tmp_path):
