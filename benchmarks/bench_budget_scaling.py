@@ -2,6 +2,9 @@
 
     python benchmarks/bench_budget_scaling.py --method grpo_branch --steps 14,28,56,112 \
         --out benchmarks/results/budget_scaling_val.json
+    python benchmarks/bench_budget_scaling.py --method grpo_branch --name grpo_branch_lr1e-4 --steps 28,56,84 \
+        --base-from benchmarks/results/budget_scaling_val.json --out benchmarks/results/budget_scaling_val_lr1e-4.json \
+        train.lr=1e-4
 
 The bake-off gives every method 4 minutes on this CPU (13-14 steps of the main job on v4). Whether the
 -25% targets of the drift issue are a matter of compute or of method is a question this answers: the
@@ -46,12 +49,17 @@ def run_to(recipe: str, overrides: list[str], model: str, out: Path, steps: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="grpo_branch", choices=sorted(METHODS))
+    parser.add_argument("--name", default=None, help="name of this variant (run folder, result keys); "
+                                                      "default: the method's name")
     parser.add_argument("--steps", default="14,28,56,112", help="increasing step counts to evaluate at")
     parser.add_argument("--split", choices=sorted(SPLITS), default="val")
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default="runs/budget_scaling", help="folder for the run and adapter copies")
     parser.add_argument("--cache-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results/budget_scaling_val.json")
+    parser.add_argument("--base-from", default=None, metavar="JSON",
+                        help="take the base's evaluation from an earlier result file of this script or of "
+                             "bench_methods.py (same split, model weights and scenes)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides (KEY=VALUE)")
     args = parser.parse_args()
     try:
@@ -69,11 +77,12 @@ def main() -> None:
     recipe, overrides = str(root / recipe), [*overrides, *args.overrides]
     split = SPLITS[args.split]
     scenes = {"default": ({}, split["seeds"]), **{k: (v, split["shifted_seeds"]) for k, v in SHIFTS.items()}}
-    runs = Path(args.runs) / args.split / args.method
+    name = args.name or args.method
+    runs = Path(args.runs) / args.split / name
     run_dir = runs / "run"
     out_json = Path(args.out)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "split": args.split,
-              "method": args.method, "recipe": recipe, "overrides": overrides, "model": args.model,
+              "method": args.method, "name": name, "recipe": recipe, "overrides": overrides, "model": args.model,
               "model_weights_sha256": weights_hash(resolve_model_path(args.model)), "horizon": 32,
               "scenes": {k: {"scene": v[0], "seeds": v[1]} for k, v in scenes.items()}, "results": {}}
 
@@ -87,7 +96,15 @@ def main() -> None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(report, indent=2))
 
-    report["results"]["base"] = {"adapter": None, "eval": score(None)}
+    if args.base_from:
+        earlier = json.loads(Path(args.base_from).read_text())
+        mine = (args.split, report["model_weights_sha256"], report["scenes"])
+        theirs = (earlier.get("split"), earlier.get("model_weights_sha256"), earlier.get("scenes"))
+        if theirs != mine:
+            parser.error(f"--base-from {args.base_from}: its split, model weights or scenes differ from this run's")
+        report["results"]["base"] = {**earlier["results"]["base"], "eval_from": args.base_from}
+    else:
+        report["results"]["base"] = {"adapter": None, "eval": score(None)}
     write()
     print("evaluated base", flush=True)
     seconds = 0.0
@@ -97,11 +114,11 @@ def main() -> None:
         if adapter.exists():
             shutil.rmtree(adapter)
         shutil.copytree(run_dir / "adapter", adapter)
-        report["results"][f"{args.method}@{steps}"] = {"adapter": str(adapter), "steps": steps,
+        report["results"][f"{name}@{steps}"] = {"adapter": str(adapter), "steps": steps,
                                                        "train_seconds": round(seconds, 1),
                                                        "eval": score(str(adapter))}
         write()
-        print(f"{args.method}@{steps}: trained {seconds:.0f} s, evaluated", flush=True)
+        print(f"{name}@{steps}: trained {seconds:.0f} s, evaluated", flush=True)
     for scene, text in report["tables"].items():
         print(f"\n### {scene} ({scenes[scene][1]})\n{text}")
     print(f"-> {out_json}")
