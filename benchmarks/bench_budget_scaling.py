@@ -106,7 +106,7 @@ def main() -> None:
     else:
         report["results"]["base"] = {"adapter": None, "eval": score(None)}
     write()
-    print("evaluated base", flush=True)
+    print(f"base: {'from ' + args.base_from if args.base_from else 'evaluated'}", flush=True)
     seconds = 0.0
     for i, steps in enumerate(counts):
         seconds += run_to(recipe, overrides, args.model, run_dir, steps, resume=i > 0)
