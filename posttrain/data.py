@@ -81,7 +81,7 @@ def dataset_path(config: EpisodeDataConfig, progress: bool = True) -> Path:
     key = hashlib.sha256(f"{config.seeds}|{config.frames}|{scene.to_json()}".encode()).hexdigest()[:12]
     path = Path(config.cache_dir) / f"envs3d-{key}"
     seeds = parse_seeds(config.seeds)
-    if (path / "dataset_info.json").is_file() and _cache_entry_ok(path, len(seeds), config.frames, scene):
+    if (path / "dataset_info.json").is_file() and _cache_entry_ok(path, len(seeds), config.frames, config.image_size):
         return path
     if path.exists() or path.is_symlink():
         _discard_cache_entry(path)
@@ -89,7 +89,7 @@ def dataset_path(config: EpisodeDataConfig, progress: bool = True) -> Path:
     return path
 
 
-def _cache_entry_ok(path: Path, rows: int, frames: int, scene: SceneConfig) -> bool:
+def _cache_entry_ok(path: Path, rows: int, frames: int, image_size: int) -> bool:
     """Whether cache folder `path` is whole and of the current format: readable, the columns and shapes
     `generate_dataset` writes today, one row per seed."""
     from datasets import load_from_disk
@@ -98,7 +98,7 @@ def _cache_entry_ok(path: Path, rows: int, frames: int, scene: SceneConfig) -> b
 
     try:
         dataset = load_from_disk(str(path))  # memory-mapped: cheap
-        return len(dataset) == rows and dataset.features == features(frames, scene.image_size)
+        return len(dataset) == rows and dataset.features == features(frames, image_size)
     except Exception:  # a cut-short arrow file (OSError), a bad state.json (ValueError), ...: regenerate
         return False
 

@@ -158,9 +158,9 @@ def check_shapes(config: PretrainConfig) -> None:
     sections = [("data", config.data), *((f"extra_data[{i}]", d) for i, d in enumerate(config.extra_data)),
                 ("eval_data", config.eval_data)]
     sections = [(key, data) for key, data in sections if not data.path]  # a dataset folder's frames are its own
-    for key, data in sections:
-        if data.scene_config().image_size != size:
-            raise ValueError(f"{key}.image_size={data.scene_config().image_size} does not match the tokenizer's "
+    for key, data in sections:  # (a scene section may not set image_size: EpisodeDataConfig refuses it)
+        if data.image_size != size:
+            raise ValueError(f"{key}.image_size={data.image_size} does not match the tokenizer's "
                              f"{size}x{size} frames (tokenizer.model.image_size); set {key}.image_size={size}")
     for key, data in sections:  # the training episodes are stacked into one tensor
         if key.startswith("extra_data") and not config.data.path and data.frames != config.data.frames:
@@ -345,11 +345,13 @@ def run(config: PretrainConfig) -> Path:
     # data.path, extra_data[i].path, eval_data.path...: --overwrite must never delete a dataset inside `out`.
     inputs = input_paths(to_dict(config))
     if config.init:
-        from posttrain.models import load_model
         from posttrain.models.registry import resolve_model_path
 
-        prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite,
-                           inputs={**inputs, "init model": resolve_model_path(config.init)})
+        inputs["init model"] = resolve_model_path(config.init)
+    prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite, inputs=inputs)
+    if config.init:
+        from posttrain.models import load_model
+
         start_model = load_model(config.init)
         if not isinstance(start_model, TokenWorldModel):
             raise ValueError(f"init={config.init}: pre-training continues only the built-in token world model, "
@@ -357,8 +359,6 @@ def run(config: PretrainConfig) -> Path:
         config.tokenizer.model = start_model.tokenizer.config
         config.dynamics.model = start_model.dynamics.config
         check_shapes(config)
-    else:
-        prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite, inputs=inputs)
     lock = RunLock(out, "pretrain")  # noqa: F841 (held until the process ends)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -342,11 +342,13 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> R
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a reward model folder (no {name}); a reward_model run writes "
                                     f"one to OUT/reward_model")
+    from posttrain.envs3d.jobs import read_json_object
+
+    meta = read_json_object(path / "config.json")  # not UTF-8, not JSON, not an object: an error naming it
     try:
-        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
         known = {f.name for f in fields(RewardModelConfig)}
         config = RewardModelConfig(**{k: v for k, v in meta["config"].items() if k in known})
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, no "config" object, bad values
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # no "config" object, bad values
         raise ValueError(f"{path / 'config.json'}: not a reward model config ({type(exc).__name__}: {exc})") from None
     model = RewardModel(config)
     try:
