@@ -1,6 +1,6 @@
 """Who owns a run folder: refuse to clobber, lock for the run's life, and resume honestly.
 
-Rules (the README's "Reliability" section states them for users):
+Rules (docs/reliability.md states them for users):
 - a run writes into an empty or new `out`; a non-empty `out` needs `--resume` (continue it) or
   `--overwrite` (replace it), and `--overwrite` deletes only a folder that holds this toolkit's
   run marker (`.posttrain-run`), never anything else; a marked folder left by a start that failed on

@@ -50,7 +50,7 @@ _ARCHITECTURES: dict[str, Callable[[Path, str], Any]] = {}
 def register_architecture(name: str, loader: Callable[[Path, str], Any]) -> None:
     """Let `load_model` (hence every recipe's `model=`, `posttrain eval --model`, `posttrain play`) load a
     folder whose config.json says `"architecture": name`, as `loader(folder, map_location)`. The model it
-    returns must follow the `WorldModel` protocol (README, "Bring your own world model"). From the CLI,
+    returns must follow the `WorldModel` protocol (docs/models.md, "Bring your own world model"). From the CLI,
     register through an entry point instead: in your package's pyproject.toml,
     `[project.entry-points."posttrain.world_models"] my_arch = "my_package.world:load"`."""
     _ARCHITECTURES[name] = loader

@@ -9,7 +9,7 @@
 
 Plugging in another model: implement `WorldModel` (encode, decode, score, rollout, plus
 `tokens_per_frame`, `vocab_size`, `lora_target_modules`, `frozen_modules`, forward == score and
-save_pretrained); see the README's "Bring your own world model" and docs/architecture.md.
+save_pretrained); see "Bring your own world model" in docs/models.md, and docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
         browser.press("w")
         png = browser.screenshot()
 
-Used by tests/test_play.py, benchmarks/bench_play.py (in-browser fps and latency) and the README's
+Used by tests/test_play.py, benchmarks/bench_play.py (in-browser fps and latency) and docs/play.md's
 screenshot. Every wait is on an event or a page-side promise, with a generous timeout.
 """
 

@@ -5,7 +5,7 @@
     posttrain play --model models/my-wm --scene min_objects=4 --port 8080
 
 One process serves the page (posttrain/play/static: HTML + JS, no build step, nothing fetched from
-elsewhere) and a WebSocket at /ws, both with `websockets` (pure Python, no dependencies; see the README).
+elsewhere) and a WebSocket at /ws, both with `websockets` (pure Python, no dependencies; see docs/play.md).
 Each WebSocket connection is one `PlaySession` (at most MAX_SESSIONS at once). The WebSocket only takes
 pages of this server opened by a name it is known by (an IP address, localhost or --host), which keeps other
 sites out, DNS rebinding included. The page sends JSON (an action, a push, re-sync, new
