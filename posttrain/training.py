@@ -34,7 +34,7 @@ from posttrain.adapters import (
     save_adapter,
 )
 from posttrain.data import EpisodeDataConfig, check_held_out
-from posttrain.envs3d.jobs import atomic_write_text, fault_point, replace_folder
+from posttrain.envs3d.jobs import FAULT_ENV, atomic_write_text, fault_point, replace_folder
 from posttrain.evaluate import EvalConfig
 from posttrain.logging_utils import MetricsWriter, progress_bar
 from posttrain.rollouts import score_in_chunks
@@ -425,10 +425,17 @@ def save_checkpoint(session: Session, step: int, history: list) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(staging))
+    _hold_other_ranks(acc, staging)
+    acc.save_state(str(staging))  # every rank writes its own files (RNG state; DeepSpeed: its shards)
+    # Every rank's files are in before rank 0 renames the folder: without this barrier a rank still
+    # writing (a loaded machine) found its folder gone ("Parent directory .tmp-step-000000 does not exist")
+    # and died, and rank 0 then failed in the next barrier with gloo's "Connection closed by peer".
+    _mark_commit_barrier(acc, staging)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         (staging / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
         replace_folder(staging, final)
+        _commit_marker(staging).unlink(missing_ok=True)
         atomic_write_text(root / "latest", final.name)
         kept = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in kept[: -max(1, session.settings.keep_checkpoints)]:
@@ -438,6 +445,32 @@ def save_checkpoint(session: Session, step: int, history: list) -> Path:
     # right after checkpoint step-000003 is committed (no timers, no polling).
     fault_point(f"after_checkpoint:{step}")
     return final
+
+
+# Deterministic fault injection for the checkpoint-ordering test (tests/test_distributed.py):
+# POSTTRAIN_FAULT=slow_rank_checkpoint makes every rank but 0 start writing its checkpoint files only once
+# rank 0 has either reached the barrier that waits for them (correct) or renamed the folder (the bug this
+# barrier fixed): a slow rank on demand, decided by events, not by timing.
+_SLOW_RANK_FAULT = "slow_rank_checkpoint"
+
+
+def _commit_marker(staging: Path) -> Path:
+    return staging.parent / f"{staging.name}.rank0-waits"
+
+
+def _hold_other_ranks(acc, staging: Path) -> None:
+    if os.environ.get(FAULT_ENV) != _SLOW_RANK_FAULT or acc.is_main_process:
+        return
+    marker, deadline = _commit_marker(staging), time.monotonic() + 600
+    while staging.is_dir() and not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{_SLOW_RANK_FAULT}: rank 0 neither waited for this rank nor renamed {staging}")
+        time.sleep(0.01)
+
+
+def _mark_commit_barrier(acc, staging: Path) -> None:
+    if os.environ.get(FAULT_ENV) == _SLOW_RANK_FAULT and acc.is_main_process:
+        _commit_marker(staging).touch()
 
 
 def load_checkpoint(session: Session) -> tuple[int, list]:

@@ -9,13 +9,11 @@ and the same reductions). GRPO's gradient-level check lives in test_distributed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from conftest import tiny_grpo_overrides, tiny_overrides
+from launch import posttrain_entry, run_launch
 from safetensors.torch import load_file
 
 from posttrain.runner import run_recipe
@@ -23,13 +21,8 @@ from posttrain.runner import run_recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launch(config: str, recipe: str, overrides: list[str]) -> None:
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / config),
-               "-m", "posttrain", "run", str(ROOT / "recipes" / recipe), *overrides]
-    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1", "POSTTRAIN_DEBUG": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def _launch(config: str, recipe: str, overrides: list[str], log_dir: Path) -> None:
+    run_launch(config, posttrain_entry(ROOT / "recipes" / recipe, overrides), log_dir)
 
 
 def test_deepspeed_zero3_grpo_saves_an_adapter_that_reloads(tiny_model_dir, data_cache, tmp_path):
@@ -38,7 +31,8 @@ def test_deepspeed_zero3_grpo_saves_an_adapter_that_reloads(tiny_model_dir, data
 
     out = tmp_path / "zero3"
     _launch("zero3.yaml", "grpo_tabletop.yaml",
-            tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=2, extra=["train.eval_at_end=false"]))
+            tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=2, extra=["train.eval_at_end=false"]),
+            tmp_path / "logs")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1] and records[-1]["processes"] == 2
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -77,11 +71,11 @@ def _compare(one: Path, two: Path) -> None:
 
 def test_dpo_two_processes_equal_one(tiny_model_dir, data_cache, tmp_path):
     run_recipe(ROOT / "recipes" / "dpo_tabletop.yaml", _dpo(tiny_model_dir, data_cache, tmp_path / "one"))
-    _launch("ddp.yaml", "dpo_tabletop.yaml", _dpo(tiny_model_dir, data_cache, tmp_path / "two"))
+    _launch("ddp.yaml", "dpo_tabletop.yaml", _dpo(tiny_model_dir, data_cache, tmp_path / "two"), tmp_path / "logs")
     _compare(tmp_path / "one", tmp_path / "two")
 
 
 def test_sft_two_processes_equal_one(tiny_model_dir, data_cache, tmp_path):
     run_recipe(ROOT / "recipes" / "sft_tabletop.yaml", _sft(tiny_model_dir, data_cache, tmp_path / "one"))
-    _launch("ddp.yaml", "sft_tabletop.yaml", _sft(tiny_model_dir, data_cache, tmp_path / "two"))
+    _launch("ddp.yaml", "sft_tabletop.yaml", _sft(tiny_model_dir, data_cache, tmp_path / "two"), tmp_path / "logs")
     _compare(tmp_path / "one", tmp_path / "two")
