@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_model, sigkill_resume_and_compare, tiny_overrides
+from tolerances import assert_close_reordered
 
 from posttrain.config import RecipeError
 from posttrain.forcing import ForcingConfig, anchored_batch, anchored_nll, forcing_inputs, own_frames_at
@@ -55,7 +56,7 @@ def test_loss_is_the_cross_entropy_of_true_frames_after_own_frames_worked_out_fr
     assert math.isclose(float(loss.detach()), expected, rel_tol=1e-5), (float(loss.detach()), expected)
     # The generic per-prefix fallback (what token-by-token models use) gives the same log-probs.
     fallback = forced_score_by_prefix(model, inputs, actions, c, 1.0, targets)
-    torch.testing.assert_close(fallback, model.score(inputs, actions, c, targets=targets), rtol=1e-5, atol=1e-5)
+    assert_close_reordered(fallback, model.score(inputs, actions, c, targets=targets))
     # targets=None is plain teacher forcing; a wrong shape is refused.
     torch.testing.assert_close(model.score(true, actions, c, targets=true[:, c:]), model.score(true, actions, c))
     with pytest.raises(ValueError, match="targets must be"):

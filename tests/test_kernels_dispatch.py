@@ -23,7 +23,7 @@ from posttrain.kernels import dispatch
 def _run(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         env=env, timeout=120)
+                         env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout.strip()
 

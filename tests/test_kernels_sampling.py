@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+from tolerances import logprob_bound
 
 from posttrain.kernels import sample, sample_reference, triton_available
 
@@ -68,9 +69,10 @@ def test_kernel_matches_reference(shape, cfg):
         q = _oracle_probs(x[r].cpu(), cfg.get("temperature", 1.0), cfg.get("top_k"), cfg.get("top_p"))
         t = int(a.tokens[r])
         assert q[t] > 0
-        assert abs(float(a.logprobs[r]) - math.log(q[t])) < 1e-4
+        bound = logprob_bound(x[r].cpu(), cfg.get("temperature", 1.0))
+        assert abs(float(a.logprobs[r]) - math.log(q[t])) < bound
         full = torch.log_softmax(x[r].cpu().double() / cfg.get("temperature", 1.0), -1)[t]
-        assert abs(float(a.full_logprobs[r]) - float(full)) < 1e-4
+        assert abs(float(a.full_logprobs[r]) - float(full)) < bound
 
 
 # fp16/bf16 logits are upcast exactly to fp32 on both paths, so tokens must agree and
@@ -176,7 +178,7 @@ def test_ties_follow_threshold_semantics(backend):
     out = sample(x.expand(n, 64), uniform=u, top_k=2, backend=backend)
     assert set(out.tokens.tolist()) == {0, 1, 2, 3}
     z = math.exp(5) + 3 * math.exp(3)
-    assert abs(float(out.logprobs[out.tokens == 1][0]) - (3 - math.log(z))) < 1e-5
+    assert abs(float(out.logprobs[out.tokens == 1][0]) - (3 - math.log(z))) < logprob_bound(x[0].cpu())
     # top_p cut inside a tie keeps the whole tie: mass(5) < 0.5 <= mass(>= 3) keeps {0,1,2,3}.
     y = torch.tensor([[2.0, 2.0, 2.0, 0.0]], device=DEVICE)
     out = sample(y.expand(n, 4), uniform=u, top_p=0.5, backend=backend)
@@ -218,8 +220,9 @@ def test_reference_equals_inverse_cdf_by_hand(cfg):
             continue
         want = int(torch.searchsorted(cdf, torch.tensor([float(u[r])], dtype=torch.float64), right=True))
         assert int(tokens[r]) == want, (r, int(tokens[r]), want)
-        assert abs(float(logprobs[r]) - math.log(q[want])) < 1e-5
-        assert abs(float(full[r]) - float(torch.log_softmax(x[r].double() / temperature, -1)[want])) < 1e-5
+        bound = logprob_bound(x[r], temperature)
+        assert abs(float(logprobs[r]) - math.log(q[want])) < bound
+        assert abs(float(full[r]) - float(torch.log_softmax(x[r].double() / temperature, -1)[want])) < bound
         compared += 1
     assert compared >= rows - 2
     # The public entry point runs the same reference on the torch backend.

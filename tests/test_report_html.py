@@ -50,7 +50,7 @@ def _loaded_images(page, tmp_path) -> dict[str, tuple[int, int]]:
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000", "--dump-dom",
                page.as_uri()]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True).stdout
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, f"the probe did not run; chromium printed: {dom[:500]}"
     return {src: (width, height) for src, width, height in json.loads(html.unescape(found.group(1)))}

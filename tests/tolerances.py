@@ -86,3 +86,15 @@ def assert_within(actual: torch.Tensor, truth: torch.Tensor, tol: torch.Tensor, 
     assert bool((err <= tol).all()), (
         f"{what}: {int((err > tol).sum())} of {err.numel()} elements outside the rounding bound; worst at {index}: "
         f"error {float(err.flatten()[worst]):.3g} vs bound {float(tol.flatten()[worst]):.3g}")
+
+
+def logprob_bound(logits_row: torch.Tensor, temperature: float = 1.0, safety: float = 4.0) -> float:
+    """How far a float32 log-prob `z_i - logsumexp(z)` of one row (z = logits / T) may lie from the float64
+    truth: the forward bound of `log_softmax_bounds`, for the row's largest |z| (also covers log-probs
+    renormalised over a top-k / top-p subset, whose logsumexp is no larger)."""
+    u = eps(torch.float32)
+    z = logits_row.detach().double() / temperature
+    z = z[z.isfinite()]
+    lse = float(torch.logsumexp(z, 0))
+    zmax = float(z.abs().max())
+    return safety * u * (3 * zmax + 2 * abs(lse) + math.log2(z.numel()) + 2)
