@@ -7,7 +7,7 @@ posttrain's models or trainers; rewards read plain tensors (``RolloutBatch``,
 """
 
 # metrics first; importing reward_model, stability and verifiers registers the built-ins.
-from . import metrics, reward_model, stability, verifiers
+from . import metrics, patch, reward_model, stability, verifiers
 from .compose import (
     CompositeReward,
     RewardFailureError,
@@ -49,4 +49,5 @@ __all__ = [
     "reward_model",
     "stability",
     "verifiers",
+    "patch",
 ]

@@ -8,6 +8,8 @@
 - ``components`` {name: (B,)}: each reward's values (NaN where it failed).
 - ``valid`` (B,) bool: every component finite for that sample.
 - ``failures``: one ``SampleFailure`` per (sample, reward) that raised or gave NaN/inf.
+- ``dense`` (B, T, H, W), with ``dense=True``: the weighted sum of the rewards' per-pixel maps, each
+  map's mean being its reward (dense credit: the simulator knows which pixels earned it).
 
 A reward that raises on the batch is re-run sample by sample to find the culprit(s).
 Every failure is logged (logger ``posttrain.rewards``) with the prompt seed, sample
@@ -83,6 +85,9 @@ class RewardOutput:
     components: dict[str, torch.Tensor]
     valid: torch.Tensor
     failures: list[SampleFailure]
+    dense: torch.Tensor | None = None
+    """With ``compose(..., dense=True)``: (B, T, H, W) sum of weight x each reward's per-pixel map (its mean
+    over (T, H, W) is ``total``); NaN rows for failed samples."""
 
 
 class RewardFailureError(RuntimeError):
@@ -109,43 +114,75 @@ def _ids(batch_ids: np.ndarray | None, i: int) -> int | None:
 
 
 def _evaluate_chunk(
-    rewards: list[tuple[str, Reward]], roll_np: dict, ep_np: dict, offset: int
-) -> tuple[dict[str, np.ndarray], list[SampleFailure]]:
-    """Evaluate every reward on one chunk (numpy in, numpy out); isolates failures."""
+    rewards: list[tuple[str, Reward]], roll_np: dict, ep_np: dict, offset: int, dense: bool = False
+) -> tuple[dict[str, np.ndarray], list[SampleFailure], dict[str, np.ndarray]]:
+    """Evaluate every reward on one chunk (numpy in, numpy out); isolates failures. With `dense`, also each
+    reward's (b, T, H, W) per-pixel map (NaN rows where the sample failed)."""
     rollouts = RolloutBatch.from_numpy(roll_np)
     episodes = EpisodeBatch.from_numpy(ep_np)
     b = rollouts.batch_size
+    map_shape = (b, *rollouts.frames.shape[1:4])  # (b, T, H, W)
     prompt_ids = roll_np["prompt_ids"] if roll_np["prompt_ids"] is not None else ep_np["seed"]
     sample_ids = roll_np["sample_ids"]
     comps: dict[str, np.ndarray] = {}
+    maps: dict[str, np.ndarray] = {}
     failures: list[SampleFailure] = []
+
+    def run(reward, rows_roll, rows_ep, n):
+        if not dense:
+            return _checked(reward(rows_roll, rows_ep), n), None
+        result = reward.evaluate(rows_roll, rows_ep)
+        return _checked(result.reward, n), _checked_map(result.dense, (n, *map_shape[1:]))
+
     with _single_thread():
         for key, reward in rewards:
             values = np.full(b, np.nan, dtype=np.float64)
+            per_pixel = np.full(map_shape, np.nan, dtype=np.float32) if dense else None
             reasons: dict[int, str] = {}
             try:
-                values[:] = _checked(reward(rollouts, episodes), b)
+                values[:], chunk_map = run(reward, rollouts, episodes, b)
+                if dense:
+                    per_pixel[:] = chunk_map
             except Exception as batch_exc:  # noqa: BLE001 - any reward bug must be isolated, not crash
                 logger.debug("reward %s raised on a chunk (%r); re-running per sample", key, batch_exc)
                 for i in range(b):
                     try:
-                        values[i] = _checked(reward(rollouts.select([i]), episodes.select([i])), 1)[0]
+                        one, one_map = run(reward, rollouts.select([i]), episodes.select([i]), 1)
+                        values[i] = one[0]
+                        if dense:
+                            per_pixel[i] = one_map[0]
                     except Exception as e:  # noqa: BLE001
                         reasons[i] = f"{type(e).__name__}: {e}"
             for i in range(b):
                 if i not in reasons and not math.isfinite(values[i]):
                     reasons[i] = f"non-finite value {values[i]}"
+                if i not in reasons and dense and not np.isfinite(per_pixel[i]).all():
+                    reasons[i] = "non-finite value in its dense map"
+                if i in reasons:
                     values[i] = np.nan
+                    if dense:
+                        per_pixel[i] = np.nan
             for i, why in sorted(reasons.items()):
                 failures.append(SampleFailure(offset + i, _ids(prompt_ids, i), _ids(sample_ids, i), key, why))
             comps[key] = values
-    return comps, failures
+            if dense:
+                maps[key] = per_pixel
+    return comps, failures, maps
 
 
 def _checked(out: Any, b: int) -> np.ndarray:
     t = torch.as_tensor(out).detach().to("cpu", torch.float64)
     if t.shape != (b,):
         raise ValueError(f"reward returned shape {tuple(t.shape)}, expected ({b},)")
+    return t.numpy()
+
+
+def _checked_map(out: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        raise ValueError("reward returned no dense map (RewardResult.dense is None)")
+    t = torch.as_tensor(out).detach().to("cpu", torch.float32)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"reward returned a dense map of shape {tuple(t.shape)}, expected {shape}")
     return t.numpy()
 
 
@@ -162,6 +199,7 @@ class CompositeReward:
         max_failure_fraction: float = 0.25,
         workers: int = 1,
         chunk_size: int = 16,
+        dense: bool = False,
     ):
         if not specs:
             raise ValueError("compose needs at least one RewardSpec")
@@ -170,6 +208,13 @@ class CompositeReward:
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate component keys {keys}; set RewardSpec.key to tell them apart")
         self.rewards = [(k, get_reward(s.name, **s.params)) for k, s in zip(keys, self.specs)]
+        self.dense = dense
+        if dense:
+            without = [k for k, r in self.rewards if not getattr(r, "has_dense_map", False)]
+            if without:
+                raise ValueError(f"dense credit needs a per-pixel map from every reward; {', '.join(without)} "
+                                 f"give(s) none with these params (maps: {', '.join(dense_map_rewards())}; "
+                                 f"fidelity/neg_mse/neg_mae/ssim and object_presence only with aggregate: mean)")
         self.weights = {k: float(s.weight) for k, s in zip(keys, self.specs)}
         self.max_failure_fraction = max_failure_fraction
         self.workers = workers
@@ -218,10 +263,10 @@ class CompositeReward:
             jobs.append((rollouts.select(idx).to_numpy(), episodes.select(idx).to_numpy(), s))
         if self.workers > 1 and len(jobs) > 1:
             pool = self._get_pool()
-            futures = [pool.submit(_evaluate_chunk, self.rewards, r, e, s) for r, e, s in jobs]
+            futures = [pool.submit(_evaluate_chunk, self.rewards, r, e, s, self.dense) for r, e, s in jobs]
             results = [f.result() for f in futures]
         else:
-            results = [_evaluate_chunk(self.rewards, r, e, s) for r, e, s in jobs]
+            results = [_evaluate_chunk(self.rewards, r, e, s, self.dense) for r, e, s in jobs]
         comps_np = {k: np.concatenate([res[0][k] for res in results]) for k in self.names}
         failures = [f for res in results for f in res[1]]
         valid_np = np.ones(b, dtype=bool)
@@ -230,11 +275,17 @@ class CompositeReward:
             valid_np &= np.isfinite(comps_np[k])
             total_np += self.weights[k] * comps_np[k]
         total_np[~valid_np] = np.nan
+        dense = None
+        if self.dense:
+            dense_np = sum(self.weights[k] * np.concatenate([res[2][k] for res in results]) for k in self.names)
+            dense_np[~valid_np] = np.nan
+            dense = torch.from_numpy(np.asarray(dense_np, dtype=np.float32)).to(device)
         out = RewardOutput(
             total=torch.from_numpy(total_np).float().to(device),
             components={k: torch.from_numpy(v).float().to(device) for k, v in comps_np.items()},
             valid=torch.from_numpy(valid_np).to(device),
             failures=failures,
+            dense=dense,
         )
         for f in failures:
             logger.warning(
@@ -256,7 +307,24 @@ class CompositeReward:
 
 
 def compose(
-    specs: list[RewardSpec], max_failure_fraction: float = 0.25, workers: int = 1, chunk_size: int = 16
+    specs: list[RewardSpec], max_failure_fraction: float = 0.25, workers: int = 1, chunk_size: int = 16,
+    dense: bool = False,
 ) -> CompositeReward:
-    """Build a ``CompositeReward`` from specs (``RewardSpec`` or dicts with its fields)."""
-    return CompositeReward(specs, max_failure_fraction=max_failure_fraction, workers=workers, chunk_size=chunk_size)
+    """Build a ``CompositeReward`` from specs (``RewardSpec`` or dicts with its fields). ``dense``: also sum
+    the rewards' per-pixel maps (every reward must have one: ``has_dense_map``)."""
+    return CompositeReward(specs, max_failure_fraction=max_failure_fraction, workers=workers, chunk_size=chunk_size,
+                           dense=dense)
+
+
+def dense_map_rewards() -> list[str]:
+    """Registered rewards that give a per-pixel map with their default params."""
+    from .registry import list_rewards
+
+    found = []
+    for name in list_rewards():
+        try:
+            if getattr(get_reward(name), "has_dense_map", False):
+                found.append(name)
+        except Exception:  # noqa: BLE001 - a reward that needs params (e.g. a model path) has no default
+            continue
+    return found

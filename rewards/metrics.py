@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["mse", "mae", "psnr", "ssim", "object_presence", "to_unit_float"]
+__all__ = ["mse", "mae", "psnr", "ssim", "ssim_map", "object_presence", "object_presence_map", "to_unit_float"]
 
 _SSIM_SIGMA = 1.5
 _SSIM_WIN = 11
@@ -161,15 +161,14 @@ def _filter_valid(x: torch.Tensor) -> torch.Tensor:
     return (x.transpose(-1, -2) @ _band(h, x.dtype, x.device)).transpose(-1, -2)
 
 
-def ssim(a, b, data_range: float | None = None):
-    """Mean structural similarity per image (Gaussian window, averaged over channels). Shape (...)."""
-    ta, tb, is_numpy = _prepare(a, b, data_range)
-    *lead, h, w, c = ta.shape
+def _ssim_valid_map(ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) unit-range images -> (N, H-10, W-10) SSIM map over the fully covered interior,
+    averaged over channels."""
+    n, h, w, c = ta.shape
     if h < _SSIM_WIN or w < _SSIM_WIN:
         raise ValueError(f"SSIM needs images of at least {_SSIM_WIN}x{_SSIM_WIN}, got {h}x{w}")
-    n = math.prod(lead) if lead else 1
-    x = ta.reshape(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W)
-    y = tb.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    x = ta.permute(0, 3, 1, 2)  # (N, C, H, W)
+    y = tb.permute(0, 3, 1, 2)
     # Filter the five moment maps of every channel in one pass.
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (N, 5C, H, W)
     mu = _filter_valid(stack)
@@ -180,7 +179,30 @@ def ssim(a, b, data_range: float | None = None):
     c1 = _K1**2  # data range is 1 after scaling
     c2 = _K2**2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return _out(s.mean(dim=(1, 2, 3)).reshape(lead), is_numpy)
+    return s.mean(dim=1)
+
+
+def ssim(a, b, data_range: float | None = None):
+    """Mean structural similarity per image (Gaussian window, averaged over channels). Shape (...)."""
+    ta, tb, is_numpy = _prepare(a, b, data_range)
+    *lead, h, w, c = ta.shape
+    n = math.prod(lead) if lead else 1
+    s = _ssim_valid_map(ta.reshape(n, h, w, c), tb.reshape(n, h, w, c))
+    return _out(s.mean(dim=(1, 2)).reshape(lead), is_numpy)
+
+
+def ssim_map(a, b, data_range: float | None = None):
+    """Per-pixel SSIM (..., H, W) whose mean over (H, W) is `ssim(a, b)` exactly: the map over the interior
+    the 11x11 window covers fully, and in the 5-pixel border (which scikit-image's mean crops) that
+    interior's mean, so the border neither earns nor loses anything of its own."""
+    ta, tb, is_numpy = _prepare(a, b, data_range)
+    *lead, h, w, c = ta.shape
+    n = math.prod(lead) if lead else 1
+    inner = _ssim_valid_map(ta.reshape(n, h, w, c), tb.reshape(n, h, w, c))  # (N, H-10, W-10)
+    r = _SSIM_WIN // 2
+    full = inner.mean(dim=(1, 2))[:, None, None].expand(n, h, w).clone()
+    full[:, r:h - r, r:w - r] = inner
+    return _out(full.reshape(*lead, h, w), is_numpy)
 
 
 def object_presence(pred, true, segmentation, threshold: float = 0.2, erode: int = 1,
@@ -199,12 +221,40 @@ def object_presence(pred, true, segmentation, threshold: float = 0.2, erode: int
     >>> object_presence(img, img, seg, max_objects=1).tolist()   # interior is the centre pixel
     [[1.0]]
     """
+    shares, _ = _presence(pred, true, segmentation, threshold, erode, max_objects)
+    return shares
+
+
+def object_presence_map(pred, true, segmentation, threshold: float = 0.2, erode: int = 1,
+                        max_objects: int = 6) -> torch.Tensor:
+    """Per pixel (..., H, W): where `object_presence` comes from. An interior pixel of object k that is
+    drawn within ``threshold`` holds H*W / (interior_k * visible objects), every other pixel 0, so the
+    map's mean over (H, W) is the mean over visible objects of their shares (0 with no visible object).
+
+    >>> img = torch.zeros(1, 4, 4, 3); img[0, :3, :3] = 1.0
+    >>> seg = torch.zeros(1, 4, 4, dtype=torch.long); seg[0, :3, :3] = 1
+    >>> object_presence_map(img, img, seg, max_objects=1).mean().item()
+    1.0
+    """
+    shares, parts = _presence(pred, true, segmentation, threshold, erode, max_objects)
+    close, masks, counts = parts  # (M, H, W) bool, (K, M, H, W) bool, (K, M)
+    m, h, w = close.shape
+    visible = (counts > 0).sum(0).clamp_min(1).float()  # (M,)
+    out = torch.zeros(m, h, w, device=close.device)
+    for mask, count in zip(masks, counts):
+        share_of_frame = (h * w) / (count.clamp_min(1).float() * visible)  # (M,)
+        out += (close & mask).float() * share_of_frame[:, None, None]
+    return out.reshape(*shares.shape[:-1], h, w)
+
+
+def _presence(pred, true, segmentation, threshold, erode, max_objects):
     pred_t, true_t = to_unit_float(pred, torch.float32), to_unit_float(true, torch.float32)
     seg = torch.as_tensor(segmentation).to(pred_t.device)
     lead, (h, w) = seg.shape[:-2], seg.shape[-2:]
     close = ((pred_t - true_t.to(pred_t.device)).norm(dim=-1) < threshold).reshape(-1, h, w)  # (M, H, W)
     seg = seg.reshape(-1, h, w)
     out = torch.full((seg.shape[0], max_objects), float("nan"), device=pred_t.device)
+    masks, counts = [], []
     for k in range(1, max_objects + 1):
         mask = (seg == k).float()[:, None]
         if erode:
@@ -214,4 +264,6 @@ def object_presence(pred, true, segmentation, threshold: float = 0.2, erode: int
         count = mask.sum((1, 2))
         hits = (close & mask).sum((1, 2))
         out[:, k - 1] = torch.where(count > 0, hits.float() / count.clamp_min(1), out[:, k - 1])
-    return out.reshape(*lead, max_objects)
+        masks.append(mask)
+        counts.append(count)
+    return out.reshape(*lead, max_objects), (close, masks, torch.stack(counts))

@@ -53,12 +53,17 @@ class RewardResult:
     """(B,) bool, False where the reward does not apply (its value there is 0 by contract)."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """Named (B,) diagnostics (e.g. the parts of a sum), for logging."""
+    dense: torch.Tensor | None = None
+    """(B, T, H, W) float per-pixel map over the rollout's T frames whose mean over (T, H, W) equals
+    `reward`: which pixels earned it (dense credit). Filled by rewards whose `has_dense_map` is True."""
 
 
 class Reward:
     """Base class: subclasses set ``name`` (done by ``register_reward``) and implement ``evaluate``."""
 
     name: str = "reward"
+    has_dense_map: bool = False
+    """True where `evaluate` fills `RewardResult.dense` (with this instance's params)."""
 
     def evaluate(self, rollouts, episodes) -> RewardResult:
         raise NotImplementedError

@@ -133,8 +133,28 @@ class Fidelity(Reward):
         if self.object_weight != 1.0:
             objects = true_segmentation(rollouts, episodes) > 0  # (B, T, H, W)
             weight = 1.0 + (self.object_weight - 1.0) * objects.float()
-        per_step = _frame_metric(self.metric, rollouts.frames.float(), tgt, self.max_psnr, weight)  # (B, T)
-        return RewardResult(reward=aggregate(per_step, self.aggregate, self.gamma))
+        pred = rollouts.frames.float()
+        per_step = _frame_metric(self.metric, pred, tgt, self.max_psnr, weight)  # (B, T)
+        reward = aggregate(per_step, self.aggregate, self.gamma)
+        dense = self._map(pred, tgt, weight) if self.has_dense_map else None
+        return RewardResult(reward=reward, dense=dense)
+
+    @property
+    def has_dense_map(self) -> bool:
+        # A map whose mean is the reward exists for per-pixel means (MSE, MAE, SSIM) averaged over frames;
+        # PSNR is a log of a mean and 'last'/'discounted' weigh frames unequally.
+        return self.metric in ("mse", "mae", "ssim") and self.aggregate == "mean"
+
+    def _map(self, pred: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, H, W): per pixel, its part of the frame's score, scaled so the map's mean is the score."""
+        if self.metric == "ssim":
+            return metrics.ssim_map(pred, tgt)
+        err = (pred - tgt).square() if self.metric == "mse" else (pred - tgt).abs()
+        err = err.mean(-1)  # (B, T, H, W)
+        if weight is None:
+            return -err
+        h, w = err.shape[-2:]
+        return -err * weight * (h * w) / weight.sum((-2, -1), keepdim=True)
 
 
 @register_reward("neg_mse")
@@ -181,6 +201,8 @@ class Consistency3D(Reward):
     No co-visible pixels at all gives NaN (a loud failure in ``compose``).
     """
 
+    has_dense_map = True
+
     def __init__(
         self, mode: str = "bilinear", rel_tol: float = 0.05, abs_tol: float = 0.02, include_context: bool = False
     ):
@@ -226,7 +248,16 @@ class Consistency3D(Reward):
         err_sum = (err * mask).reshape(b, -1).sum(dim=1)
         count = mask.reshape(b, -1).sum(dim=1)
         reward = -err_sum / count  # NaN where nothing is co-visible: deliberate
-        return RewardResult(reward=reward, extras={"covisible_fraction": count / (n // b * h * w)})
+        # Dense map over the rollout's frames: pair (t, t+1)'s error, on frame t's pixel grid, goes to the
+        # later frame t+1 (the one asked to agree with what came before); without include_context the first
+        # generated frame is in no pair as the later one and gets 0. Approximate placement: the content at
+        # pixel p of frame t lies at p' (a few pixels away for one camera step) in frame t+1.
+        pairs = (-(err * mask)).reshape(b, t - 1, h, w)
+        frames_out = rollouts.horizon
+        dense = torch.zeros(b, frames_out, h, w, dtype=frames.dtype, device=dev)
+        dense[:, frames_out - (t - 1):] = pairs
+        dense = dense * (frames_out * h * w) / count[:, None, None, None]
+        return RewardResult(reward=reward, extras={"covisible_fraction": count / (n // b * h * w)}, dense=dense)
 
 
 @register_reward("loop_closure")
@@ -369,4 +400,15 @@ class ObjectPresence(Reward):
             reward = (per_frame * weight).sum(1) / weight.sum(1).clamp_min(1e-12)
         any_seen = frame_seen.any(1)
         reward = torch.where(any_seen, reward, torch.zeros_like(reward))
-        return RewardResult(reward=reward, success=any_seen & (reward >= 0.5), mask=any_seen)
+        dense = None
+        if self.has_dense_map:
+            # Each frame's map has that frame's score as its mean; frames without an object are skipped by
+            # the mean over frames, so the others are scaled by T / (frames with an object).
+            per_pixel = metrics.object_presence_map(rollouts.frames.float(), truth, seg, self.threshold, self.erode)
+            frames_seen = frame_seen.sum(1).clamp_min(1).to(per_pixel.dtype)  # (B,)
+            dense = per_pixel * (frame_seen.shape[1] / frames_seen)[:, None, None, None]
+        return RewardResult(reward=reward, success=any_seen & (reward >= 0.5), mask=any_seen, dense=dense)
+
+    @property
+    def has_dense_map(self) -> bool:
+        return self.aggregate == "mean"
