@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain import rollouts, training
+from posttrain import credit, rollouts, training
 from posttrain.config import to_dict
+from posttrain.credit import DenseCredit
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.report import save_step_video
 from posttrain.rewards import RewardOutput, RewardSpec, check_reward_specs
@@ -83,7 +84,11 @@ class GRPOConfig(training.RunConfig):
     """Policy passes per batch of rollouts (with stored old log-probs)."""
     credit: str = "rollout"
     """rollout: one reward per rollout, one advantage for all its tokens (GRPO) | frame: per-frame
-    rewards, and each frame's tokens get the group-normalised return-to-go from that frame on."""
+    rewards, and each frame's tokens get the group-normalised return-to-go from that frame on | dense:
+    frame credit plus each token's own patch return from the rewards' per-pixel maps (`dense` section;
+    posttrain/credit.py says what is exact and what approximate)."""
+    dense: DenseCredit = field(default_factory=DenseCredit)
+    """credit: dense settings: patch_weight, frame_weight, patch_return (none | same_cell | flow)."""
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="psnr", weight=1.0)])
     """Weighted rewards (see `posttrain.rewards.list_rewards()`)."""
     monitor_rewards: list[RewardSpec] = field(default_factory=list)
@@ -111,8 +116,10 @@ class GRPOConfig(training.RunConfig):
         if self.data.frames != self.num_context + self.prefix_frames + self.horizon:
             raise ValueError(f"data.frames={self.data.frames} must equal num_context + prefix_frames + horizon = "
                              f"{self.num_context + self.prefix_frames + self.horizon}")
-        if self.credit not in ("rollout", "frame"):
-            raise ValueError(f"credit={self.credit!r}; choose rollout or frame")
+        if self.credit not in ("rollout", "frame", "dense"):
+            raise ValueError(f"credit={self.credit!r}; choose rollout, frame or dense")
+        if self.credit == "dense" and self.loss_type == "gspo":
+            raise ValueError("loss_type=gspo uses one sequence-level ratio: it needs credit=rollout, not dense")
         if self.group_size < 2:
             raise ValueError("group_size must be at least 2 (advantages are relative within a group)")
         if self.temperature == 0:
@@ -149,12 +156,30 @@ def frame_advantages(frame_rewards: torch.Tensor, valid: torch.Tensor, scale: st
     return advantages.reshape(-1, horizon)
 
 
+def dense_token_advantages(config: GRPOConfig, grid, frame_totals, maps, valid, episodes, episode_index, start,
+                           acc=None) -> torch.Tensor:
+    """credit: dense. (B, H) per-frame rewards and (B, H, h, w) per-pixel maps of B = P * G rollouts of
+    episode rows `episode_index`, whose frames are episode steps start..start + H - 1 -> (B, H * N)
+    per-token advantages (`posttrain.credit.dense_advantages`); the patch scale is reduced over processes."""
+    frame_adv = frame_advantages(frame_totals, valid, config.scale_rewards)  # (B, H)
+    patch = credit.pool_to_tokens(torch.nan_to_num(maps.float()), grid)  # (B, H, N); failed rows are masked
+    flow = None
+    if config.dense.patch_return == "flow":
+        steps = slice(start, start + maps.shape[1])
+        flow = credit.cell_flow(episodes["depth"][episode_index, steps], episodes["world_to_camera"][episode_index, steps],
+                                episodes["intrinsics"][episode_index], grid)  # (B, H - 1, N)
+    returns = credit.patch_returns(patch, config.dense.patch_return, flow)
+    reduce = None if acc is None or acc.num_processes == 1 else (lambda x: training.reduce_sum(acc, x))
+    return credit.dense_advantages(frame_adv, returns, valid, config.dense, reduce_sum=reduce)
+
+
 def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, epsilon_high,
                 ref_logp=None, kl_coef=0.0, num_sequences=None):
     """Clipped policy-gradient loss (and stats) for a micro-batch of fixed-length rollouts.
 
-    new_logp, old_logp, ref_logp: (B, L) per-token log-probs; advantages: (B,) per sequence or
-    (B, F) per frame (each frame's L/F tokens share it; not with gspo); valid: (B,) bool.
+    new_logp, old_logp, ref_logp: (B, L) per-token log-probs; advantages: (B,) per sequence,
+    (B, F) per frame (each frame's L/F tokens share it) or (B, L) per token (dense credit); not with gspo
+    unless (B,); valid: (B,) bool.
     Returns the SUM of per-sequence losses divided by `num_sequences` (the number of valid
     sequences in the whole batch), so micro-batch losses add up to the full-batch loss.
     """
@@ -216,6 +241,12 @@ def run(config: GRPOConfig):
     start = config.num_context + config.prefix_frames
     scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, start,
                                     max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
+    grid = None
+    if config.credit == "dense":  # before any rollout: the model must say which pixels its tokens govern
+        grid = credit.token_grid(session.world, tuple(episodes["frames"].shape[2:4]))
+        from posttrain.rewards import compose
+
+        compose(config.rewards, dense=True).close()  # refuses, by name, a reward without a per-pixel map
     monitor = scorer.with_rewards(config.monitor_rewards) if config.monitor_rewards else None
     group = config.group_size
     prefix_temperature = config.temperature if config.prefix_temperature is None else config.prefix_temperature
@@ -253,7 +284,15 @@ def run(config: GRPOConfig):
 
             # 3. Score against the simulator; 4. group-normalised advantages.
             started = time.perf_counter()
-            if config.credit == "frame":
+            if config.credit == "dense":
+                frame_totals, frame_components, frame_valid, failures, maps = scorer.score_frames_dense(
+                    out.frames, episode_index, sample_ids, out.tokens, context=seen)
+                valid = frame_valid.view(len(local), group)
+                advantages = dense_token_advantages(config, grid, frame_totals, maps, valid, episodes,
+                                                    episode_index, start, acc)  # (B, H * N)
+                scores = RewardOutput(total=frame_totals.mean(1), failures=failures, valid=frame_valid,
+                                      components={k: v.mean(1) for k, v in frame_components.items()})
+            elif config.credit == "frame":
                 frame_totals, frame_components, frame_valid, failures = scorer.score_frames(
                     out.frames, episode_index, sample_ids, out.tokens, context=seen)
                 valid = frame_valid.view(len(local), group)

@@ -130,7 +130,7 @@ class RolloutScorer:
         self.world, self.num_context = world, num_context
         self.max_failure_fraction, self.workers = max_failure_fraction, workers
         self.reward = compose(self.specs, max_failure_fraction=max_failure_fraction, workers=workers)
-        self.frame_reward = None  # built on the first per-frame call
+        self._frame_rewards: dict[bool, object] = {}  # per-frame composites (plain, dense), built on first use
         self._reconstructions: dict[int, torch.Tensor] = {} if reconstructions is None else reconstructions
 
     def with_rewards(self, rewards: list[RewardSpec], *, workers: int = 1) -> RolloutScorer:
@@ -158,28 +158,42 @@ class RolloutScorer:
         true context followed by the rollout's own earlier frames as its context (so
         `consistency_3d` compares frame t with frame t-1; it is built with include_context=True).
         Returns (totals (B, H), components {name: (B, H)}, valid (B,), failures)."""
-        if self.frame_reward is None:
+        return self._per_frame(frames, episode_index, sample_ids, tokens, context, dense=False)[:4]
+
+    def score_frames_dense(self, frames: torch.Tensor, episode_index: torch.Tensor, sample_ids: torch.Tensor,
+                           tokens: torch.Tensor | None = None, context: torch.Tensor | None = None):
+        """`score_frames` plus the weighted per-pixel maps of the rewards (every one must have a map):
+        (totals (B, H), components, valid (B,), failures, maps (B, H, h, w)); each frame's map mean is its total."""
+        return self._per_frame(frames, episode_index, sample_ids, tokens, context, dense=True)
+
+    def _per_frame(self, frames, episode_index, sample_ids, tokens, context, dense: bool):
+        if dense not in self._frame_rewards:
             specs = [RewardSpec(s.name, s.weight, {**s.params, "include_context": True}
                                 if s.name == "consistency_3d" else dict(s.params), s.key) for s in self.specs]
-            self.frame_reward = compose(specs, max_failure_fraction=self.max_failure_fraction, workers=self.workers)
+            self._frame_rewards[dense] = compose(specs, max_failure_fraction=self.max_failure_fraction,
+                                                 workers=self.workers, dense=dense)
+        frame_reward = self._frame_rewards[dense]
         true_context = self.context(episode_index) if context is None else context
         reference = self.reference_frames(episode_index)
         episodes = episode_batch(self.episodes, episode_index)
         frames = frames.float()
-        totals, components, valid, failures = [], {}, torch.ones(len(frames), dtype=torch.bool), []
+        totals, components, valid, failures, maps = [], {}, torch.ones(len(frames), dtype=torch.bool), [], []
         for t in range(frames.shape[1]):
             rollouts = RolloutBatch(
                 frames=frames[:, t: t + 1], num_context=self.num_context + t,
                 context=torch.cat([true_context, frames[:, :t]], 1), reference_frames=reference[:, t: t + 1],
                 tokens=None if tokens is None else tokens[:, t: t + 1],
                 prompt_ids=self.episodes["seed"][episode_index], sample_ids=sample_ids)
-            out = self.frame_reward(rollouts, episodes)
+            out = frame_reward(rollouts, episodes)
             totals.append(out.total)
             valid &= out.valid.cpu()
             failures.extend(out.failures)
             for name, values in out.components.items():
                 components.setdefault(name, []).append(values)
-        return (torch.stack(totals, 1), {k: torch.stack(v, 1) for k, v in components.items()}, valid, failures)
+            if dense:
+                maps.append(out.dense[:, 0])
+        return (torch.stack(totals, 1), {k: torch.stack(v, 1) for k, v in components.items()}, valid, failures,
+                torch.stack(maps, 1) if dense else None)
 
     def context(self, episode_index: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w, 3) the true context frames in [0, 1]."""
@@ -197,9 +211,8 @@ class RolloutScorer:
 
     def close(self) -> None:
         """Stop the reward worker processes (if any)."""
-        for reward in (self.reward, self.frame_reward):
-            if reward is not None:
-                reward.close()
+        for reward in (self.reward, *self._frame_rewards.values()):
+            reward.close()
 
 
 def best_and_worst(rewards: torch.Tensor, valid: torch.Tensor):

@@ -33,8 +33,9 @@ def _last_record(out: Path) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-@pytest.mark.parametrize("layout", ["ddp", "two_nodes"])
-def test_two_processes_equal_one_with_the_same_global_batch(layout, tiny_model_dir, data_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout, credit", [("ddp", "frame"), ("two_nodes", "dense")])
+def test_two_processes_equal_one_with_the_same_global_batch(layout, credit, tiny_model_dir, data_cache, tmp_path,
+                                                            monkeypatch):
     """Step 0's gradients (after DDP's all-reduce, before clipping) on each of 2 processes equal
     one process's over the same global batch. Gradients, not weights: the first AdamW step from
     LoRA B = 0 is lr * sign(grad), so a dropped `* num_processes` or a local instead of global
@@ -42,12 +43,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(layout, tiny_model_d
 
     layout "ddp": one launch of recipes/accelerate/ddp.yaml, 2 processes. "two_nodes": two launches of
     recipes/accelerate/multinode.yaml on this machine acting as 2 nodes (127.0.0.1, one process each,
-    gloo, static rendezvous), the launch line docs/methods.md gives for real nodes."""
+    gloo, static rendezvous), the launch line docs/methods.md gives for real nodes, with dense credit (whose
+    patch-advantage scale is reduced over processes; a per-rank scale would break the equality)."""
     import grad_capture
 
     records: list = []
     grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
     extra = ["train.eval_at_end=false", "rewards=[{name: neg_mse, weight: 1.0}]"]
+    if credit == "dense":
+        extra += ["credit=dense", "dense.patch_return=same_cell"]  # neg_mse has a per-pixel map
     run_recipe(RECIPE, tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "one", steps=2, extra=extra))
     overrides = tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "two", steps=2, extra=extra)
     if layout == "ddp":

@@ -313,10 +313,17 @@ def test_trivially_learnable_reward_goes_up(tiny_model_dir, data_cache, tmp_path
     assert sum(rewards[-3:]) / 3 > 1.25 * sum(rewards[:3]) / 3, rewards  # measured: 0.072 -> 0.104
 
 
-def test_sigkill_and_resume_equals_unbroken_run(tiny_model_dir, data_cache, tmp_path):
+# Dense credit with the simulator's cell flow: the longest path from rewards to advantages.
+DENSE = ["credit=dense", "dense.patch_return=flow", "dense.frame_weight=0.5",
+         "rewards=[{name: near_hit, weight: 1.0}, {name: ssim, weight: 0.2}, {name: consistency_3d, weight: 1.0}]"]
+
+
+@pytest.mark.parametrize("credit", ["frame", "dense"])
+def test_sigkill_and_resume_equals_unbroken_run(credit, tiny_model_dir, data_cache, tmp_path):
     unbroken = tmp_path / "unbroken"
+    extra = ["train.eval_at_end=false", *(DENSE if credit == "dense" else [])]
     overrides = lambda out: tiny_grpo_overrides(tiny_model_dir, data_cache, out, steps=4,  # noqa: E731
-                                                extra=["train.eval_at_end=false"])
+                                                extra=extra)
     run_recipe(RECIPE, overrides(unbroken))
     killed = tmp_path / "killed"
     # Killed from inside, right after checkpoint step-000001 is committed: no timer to race.

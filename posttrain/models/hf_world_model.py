@@ -129,6 +129,12 @@ class HFWorldModel(nn.Module):
         positions = getattr(self.backbone.config, "max_position_embeddings", None)
         return (positions + 1) // (self.tokens_per_frame + 1) if positions else 2 ** 31
 
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """The tokenizer's row-major grid (dense credit). Tokens of a frame are sampled in sequence here, so
+        a token is also context for the later tokens of its own frame: per-cell credit leaves that out."""
+        return self.tokenizer.config.grid, self.tokenizer.config.grid
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.encode(frames)
 

@@ -95,6 +95,9 @@ class WorldModel(Protocol):
     """Module names a LoRA adapter targets by default (recipes may override `lora.target_modules`)."""
     frozen_modules: tuple[str, ...]
     """Submodules a full fine-tune keeps frozen (e.g. the frame tokenizer that rewards decode with)."""
+    # Optional, for GRPO's `credit: dense` (not checked by isinstance): `token_grid: tuple[int, int]`,
+    # (rows, cols) such that the frame's N = rows x cols tokens tile it row-major in equal cells and token i
+    # governs cell (i // cols, i % cols); see posttrain/credit.py for what that makes exact and approximate.
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, H, W, 3) uint8 or [0, 1] float frames -> (B, T, N) int64 tokens."""
@@ -169,6 +172,11 @@ class TokenWorldModel(nn.Module):
     @property
     def image_size(self) -> int:
         return self.tokenizer.config.image_size
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Tokens tile the frame row-major, one per `downsample` x `downsample` patch (dense credit)."""
+        return self.tokenizer.config.grid, self.tokenizer.config.grid
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.encode(frames)
