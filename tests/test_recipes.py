@@ -43,3 +43,22 @@ def test_duplicate_keys_are_refused_but_merge_keys_may_be_overridden():
         safe_load("train: {lr: 0.5, lr: 0.1}")
     merged = safe_load("base: &b {lr: 1, micro_batch_size: 2}\ntrain:\n  <<: *b\n  lr: 0.5\n")
     assert merged["train"] == {"lr": 0.5, "micro_batch_size": 2}
+
+
+ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_parse_and_show_their_launch_line(path):
+    """Each Accelerate config is YAML with the fields `accelerate launch` needs, and its opening comment holds
+    the command that uses it (with its own file name), as every recipe does."""
+    import yaml
+
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    assert config["distributed_type"] in ("MULTI_GPU", "DEEPSPEED"), path.name
+    assert config["num_processes"] >= config["num_machines"] >= 1
+    head = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    assert f"accelerate launch --config_file recipes/accelerate/{path.name}" in head, path.name
+    if config["num_machines"] > 1:
+        assert "--machine_rank" in head and "--main_process_ip" in head, path.name
