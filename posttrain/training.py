@@ -450,7 +450,8 @@ def save_checkpoint(session: Session, step: int, history: list) -> Path:
 # Deterministic fault injection for the checkpoint-ordering test (tests/test_distributed.py):
 # POSTTRAIN_FAULT=slow_rank_checkpoint makes every rank but 0 start writing its checkpoint files only once
 # rank 0 has either reached the barrier that waits for them (correct) or renamed the folder (the bug this
-# barrier fixed): a slow rank on demand, decided by events, not by timing.
+# barrier fixed): a slow rank on demand, decided by events, not by timing. For DDP runs only: DeepSpeed's
+# save_state has collectives of its own, which a held rank would block.
 _SLOW_RANK_FAULT = "slow_rank_checkpoint"
 
 
