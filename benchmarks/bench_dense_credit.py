@@ -34,6 +34,39 @@ SETTINGS = {
 }
 
 
+def table(data: dict) -> str:
+    """Markdown: per scene and temperature, the base and each setting's mean over training seeds with the
+    (min..max) spread, at 12 and 32 frames; changes are relative to the base."""
+    results = data["results"]
+    base = results["base"]["eval"]
+    names = sorted({key.split("/")[0] for key in results if key != "base"})
+    lines = []
+    for scene in base:
+        for temperature in ("0.0", "1.0"):
+            lines += [f"\n{scene}, {'greedy' if temperature == '0.0' else 'T = 1'}:\n",
+                      "| model | seeds | 32f MSE | 32f SSIM | 32f objects | 12f MSE | 12f SSIM | 12f objects | horizon |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            b = base[scene][temperature]
+            lines.append(f"| base | | {b['32']['mse']:.4f} | {b['32']['ssim']:.3f} | {b['32']['objects']:.3f} | "
+                         f"{b['12']['mse']:.4f} | {b['12']['ssim']:.3f} | {b['12']['objects']:.3f} | "
+                         f"{b['32']['useful_horizon']} |")
+            for name in names:
+                runs = [v for k, v in results.items() if k.split("/")[0] == name and "eval" in v]
+                if not runs:
+                    continue
+                cells = []
+                for horizon in ("32", "12"):
+                    for metric, fmt in (("mse", "{:+.1f}%"), ("ssim", "{:+.3f}"), ("objects", "{:+.3f}")):
+                        ref = b[horizon][metric]
+                        values = [r["eval"][scene][temperature][horizon][metric] for r in runs]
+                        change = [(100 * (v / ref - 1)) if metric == "mse" else v - ref for v in values]
+                        mean = sum(change) / len(change)
+                        cells.append(f"{fmt.format(mean)} ({fmt.format(min(change))}..{fmt.format(max(change))})")
+                horizons = [r["eval"][scene][temperature]["32"]["useful_horizon"] for r in runs]
+                lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {min(horizons)}..{max(horizons)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -47,7 +80,11 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/dense_credit")
     parser.add_argument("--cache-dir", default="data")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     settings = {name: SETTINGS[name] for name in args.settings.split(",") if name}
     for extra in args.setting:
         name, *overrides = shlex.split(extra)
@@ -93,6 +130,7 @@ def main() -> None:
             save()
             print(key, json.dumps({s: {t: v["32"] for t, v in e.items()} for s, e in info["eval"].items()}), flush=True)
     save()
+    print(table(json.loads(out_path.read_text())))
 
 
 if __name__ == "__main__":
