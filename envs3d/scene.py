@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 
 import numpy as np
 import pybullet_data
@@ -75,6 +76,9 @@ class Scene:
         with _c_output_silenced():
             self.client = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
         self._texture_dir = tempfile.mkdtemp(prefix="envs3d-tex-")
+        # Removed by close(), or when the scene is collected or the interpreter exits without one (an env
+        # nobody closed left one folder per process in TMPDIR); only a SIGKILL still leaves it.
+        self._remove_textures = weakref.finalize(self, shutil.rmtree, self._texture_dir, True)
         self._textures: dict[tuple, int] = {}
         self.body_ids: list[int] = []
         self.object_types: list[str] = []
@@ -90,7 +94,7 @@ class Scene:
         except pybullet.error:
             pass
         # The checker PNGs are read once by loadTexture; the folder would otherwise outlive the process.
-        shutil.rmtree(self._texture_dir, ignore_errors=True)
+        self._remove_textures()
 
     # --- building ------------------------------------------------------------------------
     def build(self, rng: np.random.Generator) -> None:

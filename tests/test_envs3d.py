@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -334,3 +335,22 @@ def test_close_removes_the_texture_folder():
     assert os.listdir(folder)
     env.close()
     assert not os.path.exists(folder)
+
+
+def test_a_scene_nobody_closed_leaves_no_texture_folder():
+    import gc
+
+    from posttrain.envs3d.config import SceneConfig
+    from posttrain.envs3d.scene import Scene
+
+    scene = Scene(SceneConfig(image_size=32))
+    folder = Path(scene._texture_dir)
+    assert folder.is_dir()
+    del scene
+    gc.collect()
+    assert not folder.exists()
+    closed = Scene(SceneConfig(image_size=32))
+    folder = Path(closed._texture_dir)
+    closed.close()
+    closed.close()  # twice is fine
+    assert not folder.exists()
