@@ -20,10 +20,14 @@ Where this departs from the papers:
   the same tokens), so no extra forward pass is spent on them.
 - Samples whose reward failed are masked out of the update and counted (never zeroed).
 - The entropy logged is a Monte-Carlo estimate: minus the mean log-prob of sampled tokens.
+- `credit: dense` (posttrain/credit.py) gives each token, beside its frame's advantage, the group-centred
+  return of its own patch from the rewards' per-pixel maps: per-token credit from the simulator's truth,
+  as PXPO / SpatialFlow-GRPO do with region rewards for images.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +38,7 @@ from posttrain.config import to_dict
 from posttrain.credit import DenseCredit
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.report import save_step_video
-from posttrain.rewards import RewardOutput, RewardSpec, check_reward_specs
+from posttrain.rewards import RewardOutput, RewardSpec, check_reward_specs, compose
 
 
 @dataclass
@@ -169,7 +173,7 @@ def dense_token_advantages(config: GRPOConfig, grid, frame_totals, maps, valid, 
         flow = credit.cell_flow(episodes["depth"][episode_index, steps], episodes["world_to_camera"][episode_index, steps],
                                 episodes["intrinsics"][episode_index], grid)  # (B, H - 1, N)
     returns = credit.patch_returns(patch, config.dense.patch_return, flow)
-    reduce = None if acc is None or acc.num_processes == 1 else (lambda x: training.reduce_sum(acc, x))
+    reduce = None if acc is None else functools.partial(training.reduce_sum, acc)
     return credit.dense_advantages(frame_adv, returns, valid, config.dense, reduce_sum=reduce)
 
 
@@ -231,22 +235,20 @@ def run(config: GRPOConfig):
     check_reward_specs(config.rewards)  # before any work: a bad reward would otherwise fail after the rollouts
     if config.monitor_rewards:
         check_reward_specs(config.monitor_rewards, key="monitor_rewards")
+    if config.credit == "dense":
+        compose(config.rewards, dense=True).close()  # refuses, by name, a reward without a per-pixel map
     session = training.setup("grpo", out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
                              overwrite=config.overwrite, frozen_reference=bool(config.kl_coef))
     acc, policy, settings = session.accelerator, session.policy, config.train
+    # Dense credit: the model must say which pixels its tokens govern (before any episode or rollout).
+    grid = credit.token_grid(session.world, (config.data.image_size,) * 2) if config.credit == "dense" else None
     episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
     episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)
     # Rollouts are scored and trained from `start` on: after the true context and the shared prefix (if any).
     start = config.num_context + config.prefix_frames
     scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, start,
                                     max_failure_fraction=config.max_failure_fraction, workers=config.reward_workers)
-    grid = None
-    if config.credit == "dense":  # before any rollout: the model must say which pixels its tokens govern
-        grid = credit.token_grid(session.world, tuple(episodes["frames"].shape[2:4]))
-        from posttrain.rewards import compose
-
-        compose(config.rewards, dense=True).close()  # refuses, by name, a reward without a per-pixel map
     monitor = scorer.with_rewards(config.monitor_rewards) if config.monitor_rewards else None
     group = config.group_size
     prefix_temperature = config.temperature if config.prefix_temperature is None else config.prefix_temperature

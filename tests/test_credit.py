@@ -118,7 +118,7 @@ def test_a_reward_without_a_map_is_refused_before_any_rollout(tiny_model_dir, da
 
     with pytest.raises(ValueError, match="psnr"):
         run_recipe(Path(__file__).resolve().parents[1] / "recipes" / "grpo_tabletop.yaml", recipe)
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
 
 
 def _train_one_patch_world(credit: str, steps: int, seed: int) -> float:
