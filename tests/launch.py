@@ -52,7 +52,7 @@ def posttrain_entry(recipe: Path, overrides: list[str], grad_dump: bool = False)
     return [*head, "run", str(recipe), *overrides]
 
 
-def test_env(grad_dump: Path | None = None) -> dict:
+def launch_env(grad_dump: Path | None = None) -> dict:
     env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1", "POSTTRAIN_DEBUG": "1"}
     if grad_dump is not None:
         env["POSTTRAIN_GRAD_DUMP"] = str(grad_dump)
@@ -62,7 +62,7 @@ def test_env(grad_dump: Path | None = None) -> dict:
 def run_launch(config: str, entry: list[str], log_dir: Path, env: dict | None = None, timeout: float = 900) -> None:
     """One `accelerate launch` that must exit 0; a failure shows each rank's own log."""
     command = launch_command(config, entry, port=free_port(), log_dir=log_dir)
-    result = subprocess.run(command, env=env or test_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (f"accelerate launch exited {result.returncode}\n{rank_logs(log_dir)}\n"
                                     f"--- launcher stderr (last 2000 chars) ---\n{result.stderr[-2000:]}")
 
@@ -77,7 +77,7 @@ def run_nodes(config: str, entry: list[str], log_dir: Path, nodes: int, env: dic
         launch_args = ["--num_machines", str(nodes), "--num_processes", str(nodes), "--machine_rank", str(rank),
                        "--main_process_ip", "127.0.0.1"]
         command = launch_command(config, entry, port=port, log_dir=log_dir / f"node{rank}", launch_args=launch_args)
-        processes.append(subprocess.Popen(command, env=env or test_env(), stdout=subprocess.PIPE,
+        processes.append(subprocess.Popen(command, env=env or launch_env(), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     outputs, codes = [], []
     for process in processes:

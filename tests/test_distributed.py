@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_grpo_overrides
-from launch import posttrain_entry, run_launch, run_nodes, test_env
+from launch import launch_env, posttrain_entry, run_launch, run_nodes
 from safetensors.torch import load_file
 from tolerances import assert_close_reordered
 
@@ -26,7 +26,7 @@ def _launch(config: str, overrides: list[str], log_dir: Path, grad_dump: Path | 
     """`accelerate launch` the recipe (each rank's log under `log_dir`); with `grad_dump`, through
     tests/grad_dump_main.py, which saves each rank's first-step gradients there."""
     run_launch(config, posttrain_entry(RECIPE, overrides, grad_dump=grad_dump is not None), log_dir,
-               env=test_env(grad_dump))
+               env=launch_env(grad_dump))
 
 
 def _last_record(out: Path) -> dict:
@@ -58,14 +58,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(layout, credit, tiny
         # Also the checkpoint-ordering fault: rank 1 writes its checkpoint files only after rank 0 has reached
         # the barrier before the commit (or, without that barrier, after rank 0 renamed the folder away: the
         # ZeRO-2/3 crash on loaded machines). Events, not timing: deterministic on any machine.
-        env = {**test_env(tmp_path / "grads"), "POSTTRAIN_FAULT": "slow_rank_checkpoint"}
+        env = {**launch_env(tmp_path / "grads"), "POSTTRAIN_FAULT": "slow_rank_checkpoint"}
         run_launch("ddp.yaml", posttrain_entry(RECIPE, overrides, grad_dump=True), tmp_path / "logs", env=env)
         final = tmp_path / "two" / "checkpoints" / "step-000001"
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in final.iterdir()}
         assert not list((tmp_path / "two" / "checkpoints").glob(".tmp-*")), "a staging folder or marker was left"
     else:
         run_nodes("multinode.yaml", posttrain_entry(RECIPE, overrides, grad_dump=True), tmp_path / "logs", nodes=2,
-                  env=test_env(tmp_path / "grads"))
+                  env=launch_env(tmp_path / "grads"))
     assert _last_record(tmp_path / "two")["processes"] == 2
     single = records[0]["step_grads"]
     # The single process's accumulated gradient is one backward over the whole batch...
