@@ -58,13 +58,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    parser = sub.add_parser("eval", help="roll a model out on envs3d episodes and score it against the simulator")
+    parser = sub.add_parser("eval", help="roll a model out on held-out envs3d episodes or footage clips and score it",
+                            description="Roll a model out from true context frames and score the predicted frames "
+                                        "against the true ones, beside the persistence and mean-image baselines.")
     parser.add_argument("--model", default="default", help="'default' or a save_pretrained folder")
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply")
     parser.add_argument("--force-adapter", action="store_true",
                         help="apply an adapter that lacks posttrain_adapter.json (its base model cannot be checked)")
-    parser.add_argument("--seeds", default="2000000:2000048", help="held-out episode seeds START:STOP")
+    parser.add_argument("--no-base", action="store_true", help="with --adapter, do not evaluate the base model too")
+    parser.add_argument("--seeds", default=None, help="held-out envs3d episode seeds START:STOP (default 2000000:2000048)")
     parser.add_argument("--scene", action="append", metavar="KEY=VALUE", help="SceneConfig override")
+    parser.add_argument("--data", default=None, metavar="FOOTAGE_DATASET",
+                        help="evaluate on footage clips (a `posttrain footage ingest` folder) instead of envs3d seeds")
+    parser.add_argument("--clips", default=None, metavar="START:STOP",
+                        help="with --data: the held-out clips (row numbers, STOP excluded, or a,b,c); default all")
+    parser.add_argument("--heldout-fraction", type=float, default=None, metavar="F",
+                        help="with --data: hold out the last F of the clips, as SFT's heldout_fraction does")
     parser.add_argument("--horizon", type=int, default=12, help="frames to predict (default 12)")
     parser.add_argument("--context", type=int, default=2, help="true context frames (default 2)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")

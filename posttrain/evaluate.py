@@ -1,7 +1,13 @@
-"""`posttrain eval`: roll a world model out on envs3d episodes and score it against the simulator.
+"""`posttrain eval`: roll a world model out on held-out envs3d episodes or footage clips and score it.
 
     posttrain eval --model default --seeds 900000:900032 --horizon 12 --temperature 0 --json runs/eval.json
     posttrain eval --model default --adapter runs/grpo/adapter --seeds 900000:900032 --horizon 12 --json e.json
+    posttrain eval --data data/footage --heldout-fraction 0.1 --adapter runs/sft_lora_footage/adapter --json f.json
+
+On envs3d episodes the simulator's truth gives every metric: MSE, PSNR, SSIM, object presence, 3D
+consistency, loop closure. Footage (`--data`, a `posttrain footage ingest` folder) has no simulator, so
+only the image metrics are reported; the others are absent from the JSON, not zero. With `--adapter` the
+base model is evaluated on the same rollouts' seeds too (`base` in the JSON; `--no-base` skips it).
 
 Temperature 0 means greedy. Each rollout's sampling seed is derived from its episode
 seed, so two models evaluated on the same seeds see the same noise (common random
@@ -78,11 +84,18 @@ def mean_frame_for(model_name: str | None, episodes: dict) -> tuple[torch.Tensor
 MEAN_FRAME_FILE = "mean_frame.png"
 
 
-def _frame_metrics(predicted, truth, segmentation) -> dict:
-    """Per-episode, per-step metrics (E, H) of predicted frames (E, H, h, w, 3) in [0, 1]."""
-    presence = M.object_presence(predicted, truth, segmentation)  # (E, H, objects), NaN where none
-    return {"mse": M.mse(predicted, truth), "psnr": M.psnr(predicted, truth).clamp(max=60.0),
-            "ssim": M.ssim(predicted, truth), "object_presence": presence}
+SIMULATOR_METRICS = ("object_presence", "consistency_3d", "loop_closure_error")
+"""Metrics that need the simulator's truth (segmentation, depth, poses): absent from footage reports."""
+
+
+def _frame_metrics(predicted, truth, segmentation=None) -> dict:
+    """Per-episode, per-step metrics (E, H) of predicted frames (E, H, h, w, 3) in [0, 1]; object presence
+    (E, H, objects) only with the true `segmentation`."""
+    out = {"mse": M.mse(predicted, truth), "psnr": M.psnr(predicted, truth).clamp(max=60.0),
+           "ssim": M.ssim(predicted, truth)}
+    if segmentation is not None:
+        out["object_presence"] = M.object_presence(predicted, truth, segmentation)  # NaN where no object
+    return out
 
 
 def _summarise(chunks: dict, report: dict, prefix: str = "") -> None:
@@ -123,21 +136,25 @@ def useful_horizon(model_ssim: list, *baseline_ssims: list) -> int:
 @torch.no_grad()
 def evaluate_model(model, episodes: dict, config: EvalConfig, description: str = "eval", progress: bool = True,
                    mean_frame: torch.Tensor | None = None, mean_frame_source: str = "") -> dict:
-    """Per-step and mean metrics of `model` rolled out on `episodes` (a `load_episodes` dict), beside the
-    trivial baselines (persistence, mean image), with skill scores and the useful horizon."""
+    """Per-step and mean metrics of `model` rolled out on `episodes` (a `load_episodes` dict, or footage clips:
+    frames, actions and seed only), beside the trivial baselines (persistence, mean image), with skill
+    scores and the useful horizon. Without simulator columns (footage) the SIMULATOR_METRICS are left out and
+    `tokenizer_ceiling` holds the scores of the true frames passed through the model's own tokenizer: no
+    rollout, which emits tokens, can draw the truth better than that (on footage the tokenizer may never
+    have seen such images)."""
     count, length = episodes["frames"].shape[:2]
     context_len, horizon = config.num_context, config.horizon
     if context_len + horizon > length:
         raise ValueError(f"episodes have {length} frames; need num_context + horizon = {context_len + horizon}")
+    simulator = "segmentation" in episodes
     if mean_frame is None:
         mean_frame, mean_frame_source = mean_frame_for(None, episodes)
     was_training = model.training
     model.eval()
-    per_step: dict[str, list] = {"consistency_3d": []}
+    per_step: dict[str, list] = {"consistency_3d": []} if simulator else {}
     baseline_steps: dict[str, dict[str, list]] = {name: {} for name in BASELINES}
+    ceiling_steps: dict[str, list] = {}
     loop_errors: list[float] = []
-    consistency = get_reward("consistency_3d")
-    loop = get_reward("loop_closure")
     with progress_bar(count, description, enabled=progress) as update:
         for start in range(0, count, config.batch_size):
             index = list(range(start, min(start + config.batch_size, count)))
@@ -149,7 +166,8 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
                            top_k=config.top_k, top_p=config.top_p, chunk=config.batch_size)
             predicted = out.frames.float()  # (B, H, h, w, 3) in [0, 1]
             truth = frames[:, context_len: context_len + horizon].float() / 255
-            segmentation = episodes["segmentation"][index][:, context_len: context_len + horizon]
+            segmentation = (episodes["segmentation"][index][:, context_len: context_len + horizon]
+                            if simulator else None)
             for name, values in _frame_metrics(predicted, truth, segmentation).items():
                 per_step.setdefault(name, []).append(values)
             trivial = {"persistence": (frames[:, context_len - 1: context_len].float() / 255).expand_as(truth),
@@ -157,55 +175,75 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
             for name, guess in trivial.items():
                 for metric, values in _frame_metrics(guess, truth, segmentation).items():
                     baseline_steps[name].setdefault(metric, []).append(values)
-            batch = episode_batch(episodes, index)
-            truncated = EpisodeBatch(**{**batch.__dict__, **{k: getattr(batch, k)[:, : context_len + horizon]
-                                        for k in ("frames", "depth", "segmentation", "world_to_camera",
-                                                  "object_positions", "object_visible")},
-                                        "actions": batch.actions[:, : context_len + horizon - 1]})
-            context = frames[:, :context_len].float() / 255
-            steps = []
-            for t in range(horizon):
-                pair = predicted[:, t - 1: t + 1] if t else torch.cat([context[:, -1:], predicted[:, :1]], 1)
-                rollouts = RolloutBatch(frames=pair, num_context=context_len + t - 1)
-                steps.append(-consistency(rollouts, truncated))
-            per_step["consistency_3d"].append(torch.stack(steps, 1))
-            full = RolloutBatch(frames=predicted, num_context=context_len, context=context)
-            result = loop.evaluate(full, truncated)
-            if result.mask is not None and result.mask.any():
-                loop_errors.extend((-result.reward[result.mask]).tolist())
+            if not simulator:  # footage: how well the model's own tokenizer can draw the truth at best
+                recon = model.decode(model.encode(frames[:, context_len: context_len + horizon])).float()
+                for metric, values in _frame_metrics(recon, truth).items():
+                    ceiling_steps.setdefault(metric, []).append(values)
+            if simulator:
+                steps, errors = _simulator_scores(predicted, frames, episodes, index, context_len, horizon)
+                per_step["consistency_3d"].append(steps)
+                loop_errors.extend(errors)
             update(len(index))
     model.train(was_training)
     report: dict = {"episodes": count, "num_context": context_len, "horizon": horizon,
                     "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
     _summarise(per_step, report)
-    report["loop_closure_error_mean"] = round(float(np.mean(loop_errors)), 6) if loop_errors else None
-    report["loop_episodes"] = len(loop_errors)
+    if simulator:
+        report["loop_closure_error_mean"] = round(float(np.mean(loop_errors)), 6) if loop_errors else None
+        report["loop_episodes"] = len(loop_errors)
     report["baselines"] = {}
     for name, chunks in baseline_steps.items():
         summary: dict = {}
         _summarise(chunks, summary)
         report["baselines"][name] = summary
     report["baselines"]["mean_image"]["source"] = mean_frame_source
+    if ceiling_steps:
+        report["tokenizer_ceiling"] = {}
+        _summarise(ceiling_steps, report["tokenizer_ceiling"])
     report["skill"] = {name: skill_scores(report, report["baselines"][name]) for name in BASELINES}
     report["useful_horizon"] = useful_horizon(report["ssim_per_step"],
                                               *[report["baselines"][name]["ssim_per_step"] for name in BASELINES])
     return report
 
 
-def filmstrip(model, episodes: dict, config: EvalConfig, path: str | Path, rows: int = 4) -> Path:
-    """PNG: for a few episodes, ground truth (top) and prediction (bottom) per step."""
+def _simulator_scores(predicted, frames, episodes, index, context_len, horizon):
+    """3D-consistency error per step (B, horizon) and the loop-closure errors of the loop episodes in
+    `index`, from the simulator's depth and poses."""
+    consistency, loop = get_reward("consistency_3d"), get_reward("loop_closure")
+    batch = episode_batch(episodes, index)
+    truncated = EpisodeBatch(**{**batch.__dict__, **{k: getattr(batch, k)[:, : context_len + horizon]
+                                for k in ("frames", "depth", "segmentation", "world_to_camera",
+                                          "object_positions", "object_visible")},
+                                "actions": batch.actions[:, : context_len + horizon - 1]})
+    context = frames[:, :context_len].float() / 255
+    steps = []
+    for t in range(horizon):
+        pair = predicted[:, t - 1: t + 1] if t else torch.cat([context[:, -1:], predicted[:, :1]], 1)
+        rollouts = RolloutBatch(frames=pair, num_context=context_len + t - 1)
+        steps.append(-consistency(rollouts, truncated))
+    full = RolloutBatch(frames=predicted, num_context=context_len, context=context)
+    result = loop.evaluate(full, truncated)
+    errors = (-result.reward[result.mask]).tolist() if result.mask is not None and result.mask.any() else []
+    return torch.stack(steps, 1), errors
+
+
+def filmstrip(model, episodes: dict, config: EvalConfig, path: str | Path, rows: int = 4, base=None) -> Path:
+    """PNG: for a few episodes, ground truth (top), then `base`'s prediction when given, then `model`'s,
+    one column per predicted step."""
     from PIL import Image
 
     rows = min(rows, episodes["frames"].shape[0])
     frames = episodes["frames"][:rows]
-    with torch.no_grad():
-        tokens = model.encode(frames[:, : config.num_context])
-        actions = episodes["actions"][:rows][:, : config.num_context + config.horizon - 1]
-        seeds = [rollout_seed(config.seed, int(s)) for s in episodes["seed"][:rows]]
-        out = generate(model, tokens, actions, config.horizon, seeds, temperature=config.temperature, chunk=rows)
+    actions = episodes["actions"][:rows][:, : config.num_context + config.horizon - 1]
+    seeds = [rollout_seed(config.seed, int(s)) for s in episodes["seed"][:rows]]
+    predictions = []
+    for world in ([base] if base is not None else []) + [model]:
+        with torch.no_grad():
+            tokens = world.encode(frames[:, : config.num_context])
+            out = generate(world, tokens, actions, config.horizon, seeds, temperature=config.temperature, chunk=rows)
+        predictions.append((out.frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
     truth = frames[:, config.num_context: config.num_context + config.horizon].numpy()
-    predicted = (out.frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    strips = [np.concatenate([np.concatenate(list(truth[i]), 1), np.concatenate(list(predicted[i]), 1)], 0)
+    strips = [np.concatenate([np.concatenate(list(images[i]), 1) for images in (truth, *predictions)], 0)
               for i in range(rows)]
     gap = np.full((4, strips[0].shape[1], 3), 255, np.uint8)
     image = np.concatenate([part for s in strips for part in (s, gap)][:-1], 0)
@@ -215,18 +253,30 @@ def filmstrip(model, episodes: dict, config: EvalConfig, path: str | Path, rows:
 
 
 def format_eval_summary(report: dict) -> str:
-    """A few lines: the model beside the baselines, skill and useful horizon."""
-    rows = [("model", report)] + [(name, report["baselines"][name]) for name in BASELINES]
-    lines = [f"{'':12} {'MSE':>8} {'PSNR dB':>8} {'SSIM':>7} {'objects':>8}"]
+    """A few lines: the model (and the base, when evaluated) beside the baselines, skill and useful horizon.
+    Object presence and 3D consistency appear only where the simulator measured them."""
+    objects = "object_presence_mean" in report
+    rows = ([("base", report["base"])] if "base" in report else []) + [("model", report)]
+    rows += [(name, report["baselines"][name]) for name in BASELINES]
+    if "tokenizer_ceiling" in report:
+        rows.append(("tokenizer*", report["tokenizer_ceiling"]))
+    lines = [f"{'':12} {'MSE':>8} {'PSNR dB':>8} {'SSIM':>7}" + (f" {'objects':>8}" if objects else "")]
     for name, values in rows:
-        lines.append(f"{name:12} {values['mse_mean']:8.5f} {values['psnr_mean']:8.2f} {values['ssim_mean']:7.4f} "
-                     f"{values['object_presence_mean']:8.3f}")
+        lines.append(f"{name:12} {values['mse_mean']:8.5f} {values['psnr_mean']:8.2f} {values['ssim_mean']:7.4f}"
+                     + (f" {values['object_presence_mean']:8.3f}" if objects else ""))
     for name in BASELINES:
-        skill = report["skill"][name]
-        lines.append(f"skill vs {name}: MSE {skill['mse']:+.3f}, PSNR {skill['psnr_db']:+.2f} dB, SSIM "
-                     f"{skill['ssim']:+.3f} (positive = better than the baseline)")
-    lines.append(f"useful horizon: {report['useful_horizon']} of {report['horizon']} steps (model SSIM above both "
-                 f"baselines at every step so far); consistency_3d {report['consistency_3d_mean']:.4f}")
+        skill = {k: "n/a" if v is None else f"{v:+.3f}" for k, v in report["skill"][name].items()}
+        lines.append(f"skill vs {name}: MSE {skill['mse']}, PSNR {skill['psnr_db']} dB, SSIM {skill['ssim']} "
+                     f"(positive = better than the baseline; n/a where the baseline is exact)")
+    horizons = (f"base {report['base']['useful_horizon']}, model " if "base" in report else "")
+    line = (f"useful horizon: {horizons}{report['useful_horizon']} of {report['horizon']} steps (model SSIM above "
+            f"both baselines at every step so far)")
+    if "consistency_3d_mean" in report:
+        line += f"; consistency_3d {report['consistency_3d_mean']:.4f}"
+    lines.append(line)
+    if "tokenizer_ceiling" in report:
+        lines.append("tokenizer*: the true frames encoded and decoded by the model's tokenizer, the best any rollout "
+                     "can score")
     return "\n".join(lines)
 
 
@@ -243,11 +293,25 @@ def load_with_adapter(model_name: str, adapter: str | None = None, force: bool =
     return model.eval()
 
 
+DEFAULT_SEEDS = "2000000:2000048"
+
+
 def run_eval_cli(args) -> int:
     from posttrain.envs3d import parse_seeds
 
     # Every check before any work: a bad flag must not cost minutes of episode generation first.
-    parse_seeds(args.seeds)
+    footage = getattr(args, "data", None)
+    if footage:
+        for flag, value in (("--seeds", args.seeds), ("--scene", args.scene)):
+            if value:
+                raise ValueError(f"{flag} picks envs3d episodes; --data {footage} evaluates footage clips instead. "
+                                 f"Give one of them")
+    else:
+        for flag in ("clips", "heldout_fraction"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} selects footage clips; it needs --data FOOTAGE_DATASET")
+        args.seeds = args.seeds or DEFAULT_SEEDS
+        parse_seeds(args.seeds)
     for flag in ("horizon", "context", "batch_size", "size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
@@ -261,25 +325,57 @@ def run_eval_cli(args) -> int:
     from posttrain.runfolder import check_not_overlapping
 
     # The report and its filmstrip may not land on or inside an input (a model's config.json, its mean frame).
-    inputs = {"model": resolve_model_path(args.model), "adapter": args.adapter, "episode cache": args.cache_dir}
+    inputs = {"model": resolve_model_path(args.model), "adapter": args.adapter,
+              **({"footage dataset": footage} if footage else {"episode cache": args.cache_dir})}
     for written in (out, out.with_suffix(".png")):
         check_not_overlapping(written, inputs)
+    needed = args.context + args.horizon
+    clips = None
+    if footage:
+        from posttrain.footage_clips import FootageClips
+
+        clips = FootageClips.open(footage, needed_frames=needed)
+        if clips.image_size != args.size:
+            raise ValueError(f"--data {footage} holds {clips.image_size}x{clips.image_size} frames but --size is "
+                             f"{args.size}; ingest at the model's size (posttrain footage ingest --size {args.size})")
+        held, rest = clips.split(args.clips, args.heldout_fraction)
     config = EvalConfig(
-        data=EpisodeDataConfig(seeds=args.seeds, frames=args.context + args.horizon, image_size=args.size,
-                               scene=dict(s.split("=", 1) if "=" in s else (s, None) for s in (args.scene or [])), cache_dir=args.cache_dir),
+        data=EpisodeDataConfig(seeds=args.seeds or DEFAULT_SEEDS, frames=needed, image_size=args.size,
+                               scene=dict(s.split("=", 1) if "=" in s else (s, None) for s in (args.scene or [])),
+                               cache_dir=args.cache_dir, path=footage or ""),
         num_context=args.context, horizon=args.horizon, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, batch_size=args.batch_size,
     )
     model = load_with_adapter(args.model, args.adapter, force=getattr(args, "force_adapter", False))
     if getattr(model, "image_size", args.size) != args.size:
         raise ValueError(f"--size {args.size} does not match the model's {model.image_size}x{model.image_size} frames")
-    episodes = load_episodes(config.data, EPISODE_FIELDS)
-    mean_frame, source = mean_frame_for(args.model, episodes)
+    base = load_with_adapter(args.model) if args.adapter and not getattr(args, "no_base", False) else None
+    if clips is not None:
+        episodes = clips.load(held, needed)
+        if rest:
+            mean_frame, source = clips.mean_frame(rest), f"mean of the other {clips.describe(rest)}"
+        else:
+            mean_frame, source = mean_frame_for(None, episodes)
+        selection = clips.describe(held)
+    else:
+        episodes = load_episodes(config.data, EPISODE_FIELDS)
+        mean_frame, source = mean_frame_for(args.model, episodes)
+        selection = args.seeds
     report = evaluate_model(model, episodes, config, description="eval", mean_frame=mean_frame,
                             mean_frame_source=source)
-    report.update({"model": args.model, "adapter": args.adapter, "seeds": args.seeds})
+    if base is not None:
+        base_report = evaluate_model(base, episodes, config, description="base", mean_frame=mean_frame,
+                                     mean_frame_source=source)
+        report["base"] = {k: v for k, v in base_report.items() if k not in ("baselines", "skill")}
+        report["change_vs_base"] = {"mse_relative": round(report["mse_mean"] / base_report["mse_mean"] - 1, 6)
+                                    if base_report["mse_mean"] else None,
+                                    "psnr_db": round(report["psnr_mean"] - base_report["psnr_mean"], 4),
+                                    "ssim": round(report["ssim_mean"] - base_report["ssim_mean"], 6)}
+    report.update({"model": args.model, "adapter": args.adapter,
+                   **({"data": footage, "clips": selection} if footage else {"seeds": args.seeds})})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(json_safe(report), indent=2))
-    strip = filmstrip(model, episodes, config, out.with_suffix(".png"))
-    print(format_eval_summary(report) + f"\n-> {out} (+ {strip.name})")
+    strip = filmstrip(model, episodes, config, out.with_suffix(".png"), base=base)
+    print(format_eval_summary(report) + f"\n-> {out} (+ {strip.name}: rows truth"
+          + (", base" if base is not None else "") + ", model)")
     return 0

@@ -177,12 +177,11 @@ def model_card(run_dir: Path, kind: str, base_name: str | None, base_hash: str |
     lines += ["", "## Data", "", *_data_summary(recipe), "", "## Metrics", "", *_metrics(run_dir, kind), ""]
     if (export / "rollout.gif").is_file():
         lines += ["## Sample rollout", "", "![rollout](rollout.gif)", "",
-                  "Panels: context | base | post-trained | ground truth (greedy, on a held-out clip; for "
-                  "footage, context and truth are the tokenizer's reconstructions) or, for a training GIF, "
-                  "context | prediction | ground truth.", ""]
+                  "Panels: context | base | post-trained | ground truth (greedy, on a held-out clip) or, for a "
+                  "training GIF, context | prediction | ground truth.", ""]
     else:
-        lines += ["## Sample rollout", "", "The run wrote no rollout GIF (footage runs have no simulator "
-                  "report; set `train.video_every` for training GIFs).", ""]
+        lines += ["## Sample rollout", "", "The run wrote no rollout GIF (`train.eval_at_end` was off; set "
+                  "`train.video_every` for training GIFs).", ""]
     lines += ["## Recipe", "", f"From the run's `config.json` (`{run_dir.name}/`); rerun with `posttrain run "
               "RECIPE.yaml`. Local paths are shown by their last folder name.", "",
               "```yaml", yaml.safe_dump(_public_recipe(recipe), sort_keys=False).strip() if recipe
@@ -253,14 +252,24 @@ def _metrics(run_dir: Path, kind: str = "adapter") -> list[str]:
     lines: list[str] = []
     if (report / "metrics.json").is_file():
         results = read_json_object(report / "metrics.json")
-        lines += [f"Held-out rollouts (seeds `{results.get('eval_seeds')}`, horizon {results.get('horizon')}), "
-                  f"base ({'adapter disabled' if kind in ('adapter', 'merged') else 'the frozen base model'}) "
-                  "vs post-trained:", "",
-                  "| temperature | metric | base | post-trained |", "|---|---|---|---|"]
+        held = str(results.get("eval_seeds"))
+        public = results.get("eval_clips_public")  # footage: the clips, named without local paths
+        where = f"{public} (a local dataset)" if public else f"seeds `{held}`"
+        base_is = "adapter disabled" if kind in ("adapter", "merged") else "the frozen base model"
+        lines += [f"Held-out rollouts ({where}, horizon {results.get('horizon')}), base ({base_is}) vs "
+                  "post-trained, beside the trivial baselines (repeat the last context frame; the training "
+                  "data's mean frame):", "",
+                  "| temperature | metric | persistence | mean image | base | post-trained |", "|---|---|---|---|---|---|"]
         for temperature, pair in results.get("temperatures", {}).items():
-            for metric in ("mse_mean", "psnr_mean", "ssim_mean", "consistency_3d_mean", "loop_closure_error_mean"):
-                lines.append(f"| {temperature} | {metric} | {_fmt(pair['base'].get(metric))} | "
-                             f"{_fmt(pair['post'].get(metric))} |")
+            baselines = pair["base"].get("baselines", {})
+            for metric in ("mse_mean", "psnr_mean", "ssim_mean", "object_presence_mean", "useful_horizon",
+                           "consistency_3d_mean", "loop_closure_error_mean"):
+                if metric not in pair["base"]:
+                    continue  # footage reports have no simulator metrics
+                persistence, mean_image = (baselines.get(name, {}).get(metric) for name in ("persistence",
+                                                                                            "mean_image"))
+                lines.append(f"| {temperature} | {metric} | {_fmt(persistence)} | {_fmt(mean_image)} | "
+                             f"{_fmt(pair['base'].get(metric))} | {_fmt(pair['post'].get(metric))} |")
         lines.append("")
     if (report / "heldout_loss.json").is_file():
         held = read_json_object(report / "heldout_loss.json")

@@ -70,10 +70,14 @@ def greedy_pair(policy, base, context: torch.Tensor, actions: torch.Tensor, hori
     return before.frames, after.frames
 
 
-def write_report(policy, base, *, out: Path, base_name: str, eval_config, temperatures, history: list) -> Path:
+def write_report(policy, base, *, out: Path, base_name: str, eval_config, temperatures, history: list,
+                 episodes: dict | None = None, mean_frame=None, mean_frame_source: str = "",
+                 held_out: str | None = None, held_out_public: str | None = None) -> Path:
     """Evaluate the base (`base`: a frozen copy, or None for the policy with its adapter disabled) and the
-    post-trained `policy` on held-out seeds (`eval_config`, an EvalConfig) at each temperature; write
-    run folder `out`'s report/."""
+    post-trained `policy` on held-out episodes at each temperature; write run folder `out`'s report/.
+    The episodes are `eval_config.data`'s envs3d seeds, or `episodes` given by the caller (footage clips:
+    frames, actions, seed) with their mean-image baseline and a description `held_out` of where they come from
+    (`held_out_public`: the same without local paths, for model cards)."""
     from posttrain.data import load_episodes
     from posttrain.evaluate import evaluate_model, mean_frame_for
     from posttrain.rollouts import EPISODE_FIELDS, reference_policy, rollout_seed
@@ -81,22 +85,26 @@ def write_report(policy, base, *, out: Path, base_name: str, eval_config, temper
     run_dir = Path(out)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    episodes = load_episodes(eval_config.data, EPISODE_FIELDS)
-    mean_frame, source = mean_frame_for(base_name, episodes)
-    results: dict = {"eval_seeds": eval_config.data.seeds, "horizon": eval_config.horizon, "temperatures": {}}
+    if episodes is None:
+        episodes = load_episodes(eval_config.data, EPISODE_FIELDS)
+        mean_frame, mean_frame_source = mean_frame_for(base_name, episodes)
+        held_out = eval_config.data.seeds
+    results: dict = {"eval_seeds": held_out, "horizon": eval_config.horizon, "temperatures": {}}
+    if held_out_public is not None:
+        results["eval_clips_public"] = held_out_public
     for temperature in temperatures:
         config = _replace(eval_config, temperature=temperature)
         with reference_policy(policy, base) as model:
             base_report = evaluate_model(model, episodes, config, description=f"base T={temperature}",
-                                         mean_frame=mean_frame, mean_frame_source=source)
+                                         mean_frame=mean_frame, mean_frame_source=mean_frame_source)
         post_report = evaluate_model(policy, episodes, config, description=f"post T={temperature}",
-                                     mean_frame=mean_frame, mean_frame_source=source)
-        results["temperatures"][str(temperature)] = {
-            "base": base_report, "post": post_report,
-            "mse_reduction": improvement(base_report["mse_mean"], post_report["mse_mean"]),
-            "consistency_3d_error_reduction": improvement(base_report["consistency_3d_mean"],
-                                                          post_report["consistency_3d_mean"]),
-        }
+                                     mean_frame=mean_frame, mean_frame_source=mean_frame_source)
+        entry = {"base": base_report, "post": post_report,
+                 "mse_reduction": improvement(base_report["mse_mean"], post_report["mse_mean"])}
+        if "consistency_3d_mean" in base_report:
+            entry["consistency_3d_error_reduction"] = improvement(base_report["consistency_3d_mean"],
+                                                                  post_report["consistency_3d_mean"])
+        results["temperatures"][str(temperature)] = entry
     results["training"] = history
     (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=2))
     _plot_rewards(run_dir / "metrics.jsonl", out / "reward_curve.png")
@@ -178,9 +186,12 @@ def _plot_against_baselines(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     temps = results["temperatures"]
+    metrics = [("ssim", "SSIM"), ("object_presence", "object presence"), ("psnr", "PSNR (dB)")]
+    first = next(iter(temps.values()))["base"]
+    metrics = [m for m in metrics if f"{m[0]}_per_step" in first][:2]  # footage: SSIM and PSNR
     fig, axes = plt.subplots(2, len(temps), figsize=(5 * len(temps), 6.5), squeeze=False)
     for column, (temperature, pair) in enumerate(temps.items()):
-        for row, (metric, title) in enumerate((("ssim", "SSIM"), ("object_presence", "object presence"))):
+        for row, (metric, title) in enumerate(metrics):
             axis = axes[row][column]
             for name in ("base", "post"):
                 values = pair[name][f"{metric}_per_step"]
@@ -188,6 +199,9 @@ def _plot_against_baselines(results: dict, out: Path) -> None:
             for name, style in (("persistence", "--"), ("mean_image", ":")):
                 values = pair["base"]["baselines"][name][f"{metric}_per_step"]
                 axis.plot(range(1, len(values) + 1), values, style, color="grey", label=name.replace("_", " "))
+            if "tokenizer_ceiling" in pair["base"]:  # footage: the best the tokenizer can draw the truth
+                values = pair["base"]["tokenizer_ceiling"][f"{metric}_per_step"]
+                axis.plot(range(1, len(values) + 1), values, "-.", color="black", label="tokenizer ceiling")
             axis.set_title(f"held-out {title} per step, T={temperature}")
             axis.set_xlabel("predicted frame")
             axis.legend(fontsize=7)
@@ -202,6 +216,8 @@ def write_index_html(folder: Path, results: dict) -> Path:
     for temperature, pair in results["temperatures"].items():
         for metric in ("mse_mean", "psnr_mean", "ssim_mean", "object_presence_mean", "useful_horizon",
                        "consistency_3d_mean", "loop_closure_error_mean"):
+            if metric not in pair["base"]:
+                continue  # a simulator metric of a footage report
             base, post = pair["base"].get(metric), pair["post"].get(metric)
             fmt = (lambda v: "n/a" if v is None else f"{v:.5g}")
             rows.append(f"<tr><td>{html.escape(temperature)}</td><td>{metric}</td><td>{fmt(base)}</td>"
@@ -212,13 +228,19 @@ def write_index_html(folder: Path, results: dict) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>posttrain report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
 padding:4px 8px}}figure{{display:inline-block;margin:1em}}img{{image-rendering:pixelated;max-width:100%}}</style>
-</head><body><h1>posttrain report</h1><p>Held-out seeds {html.escape(str(results.get('eval_seeds')))}, horizon
+</head><body><h1>posttrain report</h1><p>Held-out {html.escape(_held_out_phrase(results))}, horizon
 {results.get('horizon')}. Rollout GIF panels: context | base | post-trained | ground truth.</p>
 <table><tr><th>temperature</th><th>metric</th><th>base</th><th>post-trained</th></tr>{''.join(rows)}</table>
 {images}</body></html>"""
     path = folder / "index.html"
     path.write_text(page)
     return path
+
+
+def _held_out_phrase(results: dict) -> str:
+    """'seeds 3000000:3000032' for envs3d, the clips' description for footage."""
+    held = str(results.get("eval_seeds"))
+    return held if held.startswith("clips") else f"seeds {held}"
 
 
 def change_phrase(name: str, base: float, post: float, lower_is_better: bool, relative: bool = True,
@@ -240,11 +262,16 @@ def result_lines(results: dict) -> list[str]:
     for temperature, pair in results["temperatures"].items():
         base, post = pair["base"], pair["post"]
         parts = [change_phrase("MSE", base["mse_mean"], post["mse_mean"], lower_is_better=True),
-                 change_phrase("SSIM", base["ssim_mean"], post["ssim_mean"], False, relative=False),
-                 change_phrase("object presence", base["object_presence_mean"], post["object_presence_mean"], False,
-                               relative=False),
-                 change_phrase("3D-consistency error", base["consistency_3d_mean"], post["consistency_3d_mean"], True),
-                 f"useful horizon {base['useful_horizon']} -> {post['useful_horizon']} steps"]
+                 change_phrase("SSIM", base["ssim_mean"], post["ssim_mean"], False, relative=False)]
+        if "object_presence_mean" in base:  # the simulator's metrics; footage has none
+            parts += [change_phrase("object presence", base["object_presence_mean"], post["object_presence_mean"],
+                                    False, relative=False),
+                      change_phrase("3D-consistency error", base["consistency_3d_mean"], post["consistency_3d_mean"],
+                                    True)]
+        else:
+            parts.append(change_phrase("PSNR", base["psnr_mean"], post["psnr_mean"], False, relative=False,
+                                       unit=" dB"))
+        parts.append(f"useful horizon {base['useful_horizon']} -> {post['useful_horizon']} steps")
         label = "greedy" if float(temperature) == 0 else f"T={temperature}"
         lines.append(f"{label}: " + "; ".join(parts))
     return lines

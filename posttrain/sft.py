@@ -19,9 +19,11 @@ trains the dynamics transformer (the tokenizer stays frozen: rewards and reports
 Held-out evaluation: `eval.data` clips (their first `clip_frames` frames) or, with `heldout_fraction`,
 the last clips of the training dataset kept out of training; teacher-forced loss
 of the base and of the fine-tuned model in `report/heldout_loss.json`, and every `eval_every`
-steps in metrics.jsonl; plus, with `train.eval_at_end`, for envs3d data the shared rollout
-report (report/metrics.json, index.html), for footage report/rollout.gif (greedy base and
-fine-tuned rollouts from the first held-out clip).
+steps in metrics.jsonl; plus, with `train.eval_at_end`, the shared rollout report (report/metrics.json,
+per-step plots with the persistence and mean-image baselines, rollout.gif, index.html): base vs fine-tuned
+rollouts of `eval.horizon` frames from `eval.num_context` true frames of each held-out clip. On envs3d
+episodes it has every simulator metric; on footage (`posttrain eval --data`'s code) MSE, PSNR and SSIM, with
+the mean image of the training clips as the mean-image baseline.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def run(config: SFTConfig):
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
                              overwrite=config.overwrite)
     acc = session.accelerator
+    footage_report = footage_heldout(config, columns) if config.train.eval_at_end else None
     episodes = load_episodes(config.data, columns, progress=acc.is_main_process)
     tokens, actions = rollouts.encode_episodes(session.world, episodes["frames"]), episodes["actions"]
     if config.heldout_fraction:
@@ -199,12 +202,39 @@ def run(config: SFTConfig):
         (session.out / "report").mkdir(parents=True, exist_ok=True)
         (session.out / "report" / "heldout_loss.json").write_text(json.dumps(summary, indent=2))
         session.metrics.write({"stage": "heldout", "step": config.steps, "heldout_loss": post_loss})
-        if not rollout_report and config.train.eval_at_end:
+        if not rollout_report and footage_report is None and config.train.eval_at_end:
             heldout_rollout_gif(session, config, *heldout)
         print(f"held-out teacher-forced loss: base {base_loss:.4f} -> fine-tuned {post_loss:.4f} nats/token")
+    if footage_report is not None:
+        return training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
+                               eval_temperatures=config.eval_temperatures, report_data=footage_report)
     return training.finish(session, steps.history, recipe=to_dict(config),
                            eval_config=config.eval if rollout_report else None,
                            eval_temperatures=config.eval_temperatures)
+
+
+def footage_heldout(config: SFTConfig, columns: tuple[str, ...]) -> dict | None:
+    """For footage runs, the held-out rollout report's clips, checked before training: the last
+    `heldout_fraction` of `data` (with the rest's mean frame as the mean-image baseline), or every clip of a
+    footage `eval.data.path` (with `data`'s mean frame). None for envs3d runs (the simulator report)."""
+    from posttrain.footage_clips import FootageClips
+
+    needed = config.eval.num_context + config.eval.horizon
+    if columns != FOOTAGE_COLUMNS or not (config.heldout_fraction or config.eval.data.path):
+        return None
+    if config.heldout_fraction:
+        clips = FootageClips.open(config.data.path, needed, where="data.path", horizon_key="eval.horizon")
+        held, rest = clips.split(heldout_fraction=config.heldout_fraction)
+        train_clips = clips
+    else:
+        clips = FootageClips.open(config.eval.data.path, needed, where="eval.data.path", horizon_key="eval.horizon")
+        held, _ = clips.split()
+        train_clips = FootageClips.open(config.data.path, where="data.path")
+        rest = list(range(len(train_clips)))
+    episodes = clips.load(held, needed)
+    return {"episodes": episodes, "mean_frame": train_clips.mean_frame(rest),
+            "mean_frame_source": f"mean of the training {train_clips.describe(rest)}",
+            "held_out": clips.describe(held), "held_out_public": clips.describe(held, name=clips.path.name)}
 
 
 @torch.no_grad()

@@ -590,9 +590,10 @@ class Steps:
 
 # --- the end --------------------------------------------------------------------------------------
 def finish(session: Session, history: list, *, recipe: dict, eval_config=None,
-           eval_temperatures: tuple[float, ...] | list[float] = ()) -> Path:
+           eval_temperatures: tuple[float, ...] | list[float] = (), report_data: dict | None = None) -> Path:
     """Save the adapter (LoRA) or the whole model (full fine-tune) and, with `eval_config` and
-    settings.eval_at_end, the held-out base-vs-post-trained report (main process); release the run folder."""
+    settings.eval_at_end, the held-out base-vs-post-trained report (main process); release the run folder.
+    `report_data` gives the report's episodes instead of eval_config.data (footage: see report.write_report)."""
     if session.accelerator.is_main_process:
         if session.lora:
             save_adapter(session.policy, session.out / "adapter", session.base_name, session.base_hash,
@@ -605,7 +606,8 @@ def finish(session: Session, history: list, *, recipe: dict, eval_config=None,
             from posttrain.report import write_report
 
             write_report(session.policy, frozen_base(session), out=session.out, base_name=session.base_name,
-                         eval_config=eval_config, temperatures=eval_temperatures, history=history)
+                         eval_config=eval_config, temperatures=eval_temperatures, history=history,
+                         **(report_data or {}))
     if session.lock is not None:
         session.lock.release()
     return session.out

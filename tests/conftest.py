@@ -157,3 +157,22 @@ def sigkill_resume_and_compare(recipe, overrides, tmp_path, kill_after: int = 1)
         return load_file(str(path if path.is_file() else out / "model" / "model.safetensors"))
 
     return weights(unbroken), weights(killed)
+
+
+def write_footage(folder, clips, actions=None):
+    """A footage dataset with `posttrain footage ingest`'s schema: one row per clip of `clips`
+    (each (T, H, H, 3) uint8), actions NULL_ACTION unless given ((T - 1,) ints per clip)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from posttrain.footage import NULL_ACTION, FootageConfig, features
+
+    clips = [np.asarray(c, np.uint8) for c in clips]
+    t, size = clips[0].shape[0], clips[0].shape[1]
+    schema = features(FootageConfig(size=size, clip_frames=t))
+    rows = {"clip_id": [f"clip-{i}" for i in range(len(clips))], "source": ["test.mp4"] * len(clips),
+            "start_time": [float(i) for i in range(len(clips))], "end_time": [i + 1.0 for i in range(len(clips))],
+            "has_actions": [actions is not None] * len(clips), "frames": clips,
+            "actions": [list(a) for a in actions] if actions is not None else [[NULL_ACTION] * (t - 1)] * len(clips)}
+    Dataset.from_dict(rows, features=schema).save_to_disk(str(folder))
+    return folder

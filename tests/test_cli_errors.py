@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import tiny_grpo_overrides
+from conftest import tiny_grpo_overrides, write_footage
 
 from posttrain.cli import main
 
@@ -53,6 +53,36 @@ def _eval(model, cache, *extra):
             "--json", str(cache.parent / "e.json"), *extra]
 
 
+def _footage(tmp_path, frames: int = 6, size: int = 32, clips: int = 3):
+    import numpy as np
+
+    return write_footage(tmp_path / "footage", [np.zeros((frames, size, size, 3), np.uint8)] * clips)
+
+
+def _videos_folder(tmp_path):
+    """A folder of videos, not yet ingested (a user's likely mistake)."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "take1.mp4").write_bytes(b"not decoded")
+    return folder
+
+
+def _envs3d_like(tmp_path):
+    """A dataset with envs3d's simulator columns (frames, actions, segmentation, seed): not footage."""
+    import numpy as np
+    from datasets import Dataset
+
+    folder = tmp_path / "envs3d"
+    Dataset.from_dict({"frames": [np.zeros((6, 32, 32, 3), np.uint8)], "actions": [[0] * 5],
+                       "segmentation": [np.zeros((6, 32, 32), np.int32)], "seed": [0]}).save_to_disk(str(folder))
+    return folder
+
+
+def _eval_footage(model, tmp_path, data, *extra):
+    return ["eval", "--model", str(model), "--data", str(data), "--size", "32", "--horizon", "4",
+            "--json", str(tmp_path / "e.json"), *extra]
+
+
 def _grpo(model, cache, out, *extra):
     return ["run", GRPO, *tiny_grpo_overrides(model, cache, out, extra=list(extra))]
 
@@ -69,6 +99,20 @@ CASES = [
     ("eval-huge-seed", lambda m, c, o, t: ["eval", "--model", str(m), "--seeds", "99999999999999999999",
                                            "--json", str(t / "e.json")], ["99999999999999999999"]),
     ("eval-scene-inf", lambda m, c, o, t: _eval(m, c, "--scene", "move_step=inf"), ["move_step"]),
+    ("eval-data-missing", lambda m, c, o, t: _eval_footage(m, t, t / "nope"), ["--data", "nope", "no such folder"]),
+    ("eval-data-not-a-dataset", lambda m, c, o, t: _eval_footage(m, t, _videos_folder(t)),
+     ["--data", "videos", "dataset_info.json", "footage ingest"]),
+    ("eval-data-is-envs3d", lambda m, c, o, t: _eval_footage(m, t, _envs3d_like(t)), ["envs3d", "--seeds"]),
+    ("eval-data-clips-too-short", lambda m, c, o, t: _eval_footage(m, t, _footage(t, frames=5)),
+     ["5 frames", "6 needed", "--horizon"]),
+    ("eval-data-size-mismatch", lambda m, c, o, t: _eval_footage(m, t, _footage(t, size=16)), ["16x16", "--size 32"]),
+    ("eval-data-and-seeds", lambda m, c, o, t: _eval_footage(m, t, _footage(t), "--seeds", "0:2"),
+     ["--seeds", "--data"]),
+    ("eval-clips-without-data", lambda m, c, o, t: _eval(m, c, "--clips", "0:2"), ["--clips", "--data"]),
+    ("eval-clips-out-of-range", lambda m, c, o, t: _eval_footage(m, t, _footage(t), "--clips", "2:5"),
+     ["2:5", "0..2", "not 3"]),
+    ("eval-heldout-fraction-1", lambda m, c, o, t: _eval_footage(m, t, _footage(t), "--heldout-fraction", "1"),
+     ["fraction 1.0", "(0, 1)"]),
     ("empty-footage-sft", lambda m, c, o, t: ["run", SFT, f"model={m}", f"out={o}", f"data.path={_empty_footage(t)}",
                                               "heldout_fraction=0.25", "data.image_size=32"], ["no episodes"]),
     ("steps-negative", lambda m, c, o, t: _grpo(m, c, o, "steps=-1"), ["steps=-1"]),

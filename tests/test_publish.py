@@ -45,7 +45,7 @@ def test_studio_flow_footage_to_exported_adapter(tiny_model, tmp_path, captured_
     run_dir = tmp_path / "run"
     assert main(["run", RECIPE, f"model={tiny_model}", f"out={run_dir}", f"data.path={footage}", "steps=2",
                  "clip_frames=4", "batch_size=4", "train.micro_batch_size=4", "train.lr=0.01", "eval_every=1",
-                 "heldout_fraction=0.2", "train.checkpoint_every=0", "train.tensorboard=false"]) == 0
+                 "heldout_fraction=0.2", "train.checkpoint_every=0", "train.tensorboard=false", "eval.horizon=4"]) == 0
     held = json.loads((run_dir / "report" / "heldout_loss.json").read_text())
     assert held["heldout_clips"] == 1 and math.isfinite(held["heldout_loss_post"])
     trainer = captured_trainer["trainer"]
@@ -62,6 +62,16 @@ def test_studio_flow_footage_to_exported_adapter(tiny_model, tmp_path, captured_
     assert f"footage dataset `{footage.name} (a local dataset)`, 5 clips" in card
     assert f"| held-out loss | {held['heldout_loss_base']:.5g} | {held['heldout_loss_post']:.5g} |" in card
     assert "envs3d" not in card  # the held-out clips come from the footage, not eval.data
+    # The card quotes the held-out rollout report on the footage: base vs fine-tuned beside both baselines.
+    rollouts = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert f"Held-out rollouts (clips 4..4 of {footage.name} (a local dataset), horizon 4)" in card
+    for temperature, pair in rollouts["temperatures"].items():
+        base_ssim, post_ssim = pair["base"]["ssim_mean"], pair["post"]["ssim_mean"]
+        persistence = pair["base"]["baselines"]["persistence"]["ssim_mean"]
+        mean_image = pair["base"]["baselines"]["mean_image"]["ssim_mean"]
+        assert (f"| {temperature} | ssim_mean | {persistence:.5g} | {mean_image:.5g} | {base_ssim:.5g} | "
+                f"{post_ssim:.5g} |") in card
+    assert "consistency_3d_mean" not in card and "object_presence_mean" not in card  # no simulator metrics
     # The footage run's base-vs-fine-tuned rollout GIF travels with the adapter and is embedded in the card.
     assert (export / "rollout.gif").read_bytes() == (run_dir / "report" / "rollout.gif").read_bytes()
     assert "![rollout](rollout.gif)" in card

@@ -107,7 +107,15 @@ def test_footage_folder(tiny_model, tmp_path):
     assert len(steps_of(out)) == 2
     summary = json.loads((out / "report" / "heldout_loss.json").read_text())
     assert summary["heldout_clips"] == 2 and math.isfinite(summary["heldout_loss_post"])
-    assert not (out / "report" / "metrics.json").exists()  # no simulator truth: no rollout report
+    # The rollout report on the held-out footage: image metrics beside the baselines, no simulator metrics.
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    assert report["eval_seeds"] == f"clips 0..1 of {held}" and report["horizon"] == 4
+    for pair in report["temperatures"].values():
+        for name in ("base", "post"):
+            assert len(pair[name]["ssim_per_step"]) == 4 and math.isfinite(pair[name]["psnr_mean"])
+            assert "object_presence_mean" not in pair[name] and "consistency_3d_mean" not in pair[name]
+        assert pair["base"]["baselines"]["mean_image"]["source"] == f"mean of the training clips 0..2 of {train}"
+    assert (out / "report" / "rollout.gif").is_file() and (out / "report" / "index.html").is_file()
 
 
 def test_time_budget_stops_after_the_step_that_crosses_it(tiny_model, data_cache, tmp_path, monkeypatch):
