@@ -94,7 +94,7 @@ def main() -> None:
     split = SPLITS[args.split]
     scenes = {"default": ({}, split["seeds"]), args.shift: (SHIFTS[args.shift], split["shifted_seeds"])}
     out_path = Path(args.out)
-    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results = json.loads(out_path.read_text())["results"] if out_path.is_file() else {}  # resume: keep every run
 
     def save():
         out_path.parent.mkdir(parents=True, exist_ok=True)

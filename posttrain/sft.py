@@ -92,6 +92,32 @@ def columns_for(data: EpisodeDataConfig) -> tuple[str, ...]:
     return EPISODE_FIELDS if set(EPISODE_FIELDS) <= names else FOOTAGE_COLUMNS
 
 
+def tokenise_clips(world, data: EpisodeDataConfig, progress: bool = True, rows: int = 64):
+    """Every clip of `data` tokenised with the frozen tokenizer: ((E, T, N) token ids, (E, T - 1) actions).
+    Frames are read from the memory-mapped dataset `rows` clips at a time and dropped once encoded, so memory
+    holds the tokens (256 int64 per frame: 2 KB, against 12 KB of 64x64 RGB) and not the footage."""
+    from datasets import load_from_disk
+
+    from posttrain.logging_utils import progress_bar
+
+    dataset = load_from_disk(str(dataset_path(data, progress=progress)))
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {data.path or data.seeds} holds no episodes")
+    missing = [c for c in FOOTAGE_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise KeyError(f"dataset {data.path or data.seeds} lacks columns {missing}")
+    tokens, actions = [], []
+    with progress_bar(len(dataset), "tokenise", enabled=progress) as update:
+        for start in range(0, len(dataset), rows):
+            part = dataset.select(range(start, min(start + rows, len(dataset))))
+            frames = part.with_format("torch", columns=["frames"], dtype=torch.uint8)[:]["frames"]
+            with torch.no_grad():
+                tokens.append(rollouts.encode_episodes(world, frames))
+            actions.append(part.with_format("torch", columns=["actions"])[:]["actions"].long())
+            update(len(part))
+    return torch.cat(tokens), torch.cat(actions)
+
+
 def sample_clips(tokens: torch.Tensor, actions: torch.Tensor, batch_size: int, clip_frames: int,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random clips: tokens (E, T, N), actions (E, T - 1) -> (B, clip, N) tokens, (B, clip - 1) actions."""
@@ -159,8 +185,7 @@ def run(config: SFTConfig):
                              overwrite=config.overwrite)
     acc = session.accelerator
     footage_report = footage_heldout(config, columns) if config.train.eval_at_end else None
-    episodes = load_episodes(config.data, columns, progress=acc.is_main_process)
-    tokens, actions = rollouts.encode_episodes(session.world, episodes["frames"]), episodes["actions"]
+    tokens, actions = tokenise_clips(session.world, config.data, progress=acc.is_main_process)
     if config.heldout_fraction:
         (tokens, actions), heldout = split_heldout(tokens, actions, config)
     else:

@@ -133,3 +133,28 @@ def test_time_budget_stops_after_the_step_that_crosses_it(tiny_model, data_cache
     assert "stopped_by_time_budget" not in records[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class _ExactWorld:
+    """encode() is exact integer arithmetic (a frame's token i is the sum of its pixel row i mod 97): chunking
+    cannot change it, so the test checks which frames reach the encoder in which order."""
+
+    def encode(self, frames):
+        return frames.long().sum((-1, -2)) % 97  # (..., H)
+
+
+def test_clips_are_tokenised_from_the_memory_mapped_dataset_in_order(tmp_path):
+    from conftest import write_footage
+
+    from posttrain.data import EpisodeDataConfig
+    from posttrain.sft import tokenise_clips
+
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8) for _ in range(7)]
+    actions = [rng.integers(0, 5, 4) for _ in range(7)]
+    data = EpisodeDataConfig(path=str(write_footage(tmp_path / "footage", clips, actions)))
+    expected = torch.from_numpy(np.stack(clips)).long().sum((-1, -2)) % 97
+    for rows in (1, 3, 64):  # chunks that split the clips unevenly, and one chunk for all
+        tokens, got_actions = tokenise_clips(_ExactWorld(), data, progress=False, rows=rows)
+        assert torch.equal(tokens, expected), rows
+        assert torch.equal(got_actions, torch.from_numpy(np.stack(actions)).long()), rows
