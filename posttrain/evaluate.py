@@ -175,14 +175,14 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
             for name, guess in trivial.items():
                 for metric, values in _frame_metrics(guess, truth, segmentation).items():
                     baseline_steps[name].setdefault(metric, []).append(values)
-            if not simulator:  # footage: how well the model's own tokenizer can draw the truth at best
-                recon = model.decode(model.encode(frames[:, context_len: context_len + horizon])).float()
-                for metric, values in _frame_metrics(recon, truth).items():
-                    ceiling_steps.setdefault(metric, []).append(values)
             if simulator:
                 steps, errors = _simulator_scores(predicted, frames, episodes, index, context_len, horizon)
                 per_step["consistency_3d"].append(steps)
                 loop_errors.extend(errors)
+            else:  # footage: how well the model's own tokenizer can draw the truth at best
+                recon = model.decode(model.encode(frames[:, context_len: context_len + horizon])).float()
+                for metric, values in _frame_metrics(recon, truth).items():
+                    ceiling_steps.setdefault(metric, []).append(values)
             update(len(index))
     model.train(was_training)
     report: dict = {"episodes": count, "num_context": context_len, "horizon": horizon,
