@@ -1,0 +1,301 @@
+"""A flow-matching (rectified-flow) world model: each next frame is denoised from noise, conditioned on the
+previous frames (clean, as channels) and the action (a class embedding that enters every residual block's
+scale and shift, i.e. AdaGN/FiLM, through the time embedding).
+
+    model = FlowWorldModel(FlowConfig(image_size=64))
+    loss = model.flow_matching_loss(frames, actions)              # (B, T, H, W, 3) uint8, (B, T - 1)
+    out = model.rollout(frames[:, :2], actions, horizon=8, temperature=1.0, seeds=[0, 1])
+    out.frames                                                    # (B, 8, H, W, 3) in [0, 1]
+    model.score_paths(frames[:, :2], out.paths, actions, temperature=1.0)   # == out.logprobs
+
+The maths (x_t = (1 - t) x_0 + t eps, t = 1 is noise, the velocity is v = eps - x_0):
+* Deterministic sampling ("greedy", temperature 0) integrates the ODE dx/dt = v from t = 1 to 0 with Euler
+  steps on `sample_steps` evenly spaced times.
+* Stochastic sampling (temperature > 0) replaces the Euler steps listed in `sde_steps` by Flow-GRPO's
+  marginal-preserving SDE step (Liu et al. 2025, arXiv 2505.05470): for a step from t to t - d,
+  mean = x - d [v + s^2 / (2 t) (x + (1 - t) v)], std = s sqrt(d), with s = a sqrt(t / (1 - t)) and
+  a = `noise_level` x temperature (t = 1 uses the next time's s, as Flow-GRPO does, where s is infinite).
+  The step's log-density is a diagonal Gaussian's, exact; the other steps are deterministic.
+* A rollout's stochastic choices are the denoising path of each frame: the states x_t at every time of the
+  schedule (`paths`). `score_paths` recomputes each stochastic step's log-density of the recorded next
+  state under the current weights: what a policy-gradient trainer needs, and equal to the rollout's
+  `logprobs` up to float rounding.
+
+The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep embedding), in pixel space.
+This module is the model's core: it is not yet wired into `posttrain eval`, the trainers, play or
+`load_model` (issue: "a second model family").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from posttrain.envs3d.actions import NUM_ACTIONS
+
+ARCHITECTURE = "posttrain.FlowWorldModel"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class FlowConfig:
+    """Shape and sampler of a FlowWorldModel."""
+
+    image_size: int = 64
+    """Frames are image_size x image_size RGB."""
+    context_frames: int = 2
+    """Clean previous frames the denoiser sees (channels beside the noisy frame)."""
+    num_actions: int = NUM_ACTIONS
+    """Action ids are in [0, num_actions]; id num_actions is the null action (footage without actions)."""
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    """UNet2DModel widths, one resolution level each (the last level has self-attention)."""
+    layers_per_block: int = 1
+    """Residual blocks per level."""
+    norm_num_groups: int = 8
+    """GroupNorm groups (must divide every width)."""
+    sample_steps: int = 3
+    """Denoising steps per frame (evenly spaced times from 1 to 0)."""
+    sde_steps: tuple[int, ...] = (0,)
+    """Which of the steps are stochastic when temperature > 0 (Flow-GRPO-Fast: a few trained steps)."""
+    noise_level: float = 0.7
+    """Flow-GRPO's a: the SDE's diffusion scale at temperature 1."""
+
+    def __post_init__(self) -> None:
+        self.block_out_channels, self.sde_steps = tuple(self.block_out_channels), tuple(self.sde_steps)
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps={self.sample_steps} must be at least 1")
+        if any(not 0 <= s < self.sample_steps for s in self.sde_steps) or len(set(self.sde_steps)) != len(self.sde_steps):
+            raise ValueError(f"sde_steps={self.sde_steps} must be distinct steps in [0, {self.sample_steps})")
+        if self.context_frames < 1:
+            raise ValueError(f"context_frames={self.context_frames} must be at least 1")
+        if not self.noise_level > 0:
+            raise ValueError(f"noise_level={self.noise_level} must be > 0")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every width {self.block_out_channels}")
+        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(f"image_size={self.image_size} must halve {len(self.block_out_channels) - 1} times")
+
+
+@dataclass
+class FlowRollout:
+    """What `FlowWorldModel.rollout` returns. B rollouts, H frames, K = sample_steps."""
+
+    frames: torch.Tensor
+    """(B, H, h, w, 3) generated frames in [0, 1]."""
+    paths: torch.Tensor
+    """(B, H, K + 1, 3, h, w) each frame's denoising states, from the noise (t = 1) to the frame (t = 0)."""
+    logprobs: torch.Tensor
+    """(B, H, S) log-density of each stochastic step's next state (S = len(sde_steps); 0 when greedy)."""
+    times: torch.Tensor = field(default=None)
+    """(K + 1,) the schedule's times, 1 .. 0."""
+
+
+class FlowWorldModel(nn.Module):
+    """Action-conditioned rectified-flow next-frame model on a diffusers UNet2DModel (pixel space)."""
+
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    """The U-Net's attention projections and residual-block convolutions."""
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(self, config: FlowConfig | None = None):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.config = config or FlowConfig()
+        c = self.config
+        levels = len(c.block_out_channels)
+        self.denoiser = UNet2DModel(
+            sample_size=c.image_size, in_channels=3 * (1 + c.context_frames), out_channels=3,
+            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+            down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
+            up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            norm_num_groups=c.norm_num_groups, num_class_embeds=c.num_actions + 1,
+            resnet_time_scale_shift="scale_shift", attention_head_dim=8,
+        )
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    # --- spaces -----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def to_space(self, frames: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) uint8 or [0, 1] float frames -> (..., 3, H, W) in [-1, 1], in the weights' dtype."""
+        x = frames.to(self.dtype) / 255 if frames.dtype == torch.uint8 else frames.to(self.dtype)
+        return (x * 2 - 1).movedim(-1, -3)
+
+    @staticmethod
+    def from_space(x: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) -> (..., H, W, 3) frames in [0, 1]."""
+        return ((x.movedim(-3, -1) + 1) / 2).clamp(0, 1)
+
+    def times(self, device=None) -> torch.Tensor:
+        """(K + 1,) float32 times 1, 1 - 1/K, ..., 0."""
+        k = self.config.sample_steps
+        return torch.linspace(1.0, 0.0, k + 1, device=device)
+
+    # --- the denoiser -------------------------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t | context, action): x_t (B, 3, h, w), t (B,) in [0, 1], context (B, C, 3, h, w) clean
+        frames in [-1, 1], action (B,) ids."""
+        inputs = torch.cat([x_t, context.flatten(1, 2)], 1)
+        return self.denoiser(inputs, t * 1000, class_labels=action).sample
+
+    def _context(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The `context_frames` frames before frame `index` of x (B, T, 3, h, w); the first frame repeats
+        where there are fewer."""
+        c = self.config.context_frames
+        picks = [max(index - c + j, 0) for j in range(c)]
+        return x[:, picks]
+
+    def flow_matching_loss(self, frames: torch.Tensor, actions: torch.Tensor, num_context: int = 1,
+                           generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                           noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error between the predicted and the true velocity (eps - x_0) of every frame
+        num_context.. of `frames` (B, T, H, W, 3), each noised at its own time t ~ U(0, 1) with its own
+        eps ~ N(0, I); `t` (B, T - num_context) and `noise` (B, T - num_context, 3, H, W) may be given."""
+        x = self.to_space(frames)  # (B, T, 3, h, w)
+        b, length = x.shape[:2]
+        targets = length - num_context
+        if t is None:
+            t = torch.rand(b, targets, generator=generator, device=x.device)
+        if noise is None:
+            noise = torch.randn(b, targets, *x.shape[2:], generator=generator, device=x.device)
+        t, noise = t.to(x.dtype), noise.to(x.dtype)
+        x0 = x[:, num_context:]
+        x_t = (1 - t)[..., None, None, None] * x0 + t[..., None, None, None] * noise
+        context = torch.stack([self._context(x, num_context + i) for i in range(targets)], 1)  # (B, F, C, 3, h, w)
+        action = actions[:, num_context - 1: length - 1]  # the action into each target frame
+        v = self.velocity(x_t.flatten(0, 1), t.flatten(), context.flatten(0, 1), action.flatten())
+        return (v - (noise - x0).flatten(0, 1)).square().mean()
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def _noise_scale(self, times: torch.Tensor, k: int, temperature: float) -> float:
+        t = float(times[k]) if float(times[k]) < 1 else float(times[1])  # s is infinite at t = 1
+        return self.config.noise_level * temperature * math.sqrt(t / (1 - t))
+
+    def _step(self, x: torch.Tensor, v: torch.Tensor, times: torch.Tensor, k: int, temperature: float):
+        """The step from times[k] to times[k + 1]: (mean, std) with std None for a deterministic step."""
+        t, d = float(times[k]), float(times[k] - times[k + 1])
+        if temperature > 0 and k in self.config.sde_steps:
+            s = self._noise_scale(times, k, temperature)
+            mean = x - d * (v + s * s / (2 * t) * (x + (1 - t) * v))
+            return mean, s * math.sqrt(d)
+        return x - d * v, None
+
+    @staticmethod
+    def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+        """(B,) log N(x; mean, std^2 I) summed over every element but the first axis (float64 sums)."""
+        z = ((x - mean).double() / std).flatten(1)
+        return -(0.5 * z.square() + math.log(std) + 0.5 * _LOG_2PI).sum(1)
+
+    def _generators(self, seeds, batch):
+        if seeds is None:
+            return None
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for {batch} rollouts")
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @staticmethod
+    def _randn(like: torch.Tensor, generators) -> torch.Tensor:
+        """Standard normal noise shaped like `like`, one generator per row (float32 draws, then cast: the
+        same seeds give the same noise in any dtype)."""
+        if generators is None:
+            return torch.randn(like.shape, device=like.device).to(like.dtype)
+        return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
+
+    @torch.no_grad()
+    def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
+                seeds: list[int] | None = None) -> FlowRollout:
+        """Sample `horizon` frames after context frames (B, C, H, W, 3) (uint8 or [0, 1]); actions
+        (B, >= C + horizon - 1). Temperature 0: the deterministic ODE; > 0: the SDE on `sde_steps`."""
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        x = self.to_space(context)
+        b, c = x.shape[:2]
+        generators = self._generators(seeds, b)
+        times = self.times(x.device).to(x.dtype)
+        paths, logprobs = [], []
+        for h in range(horizon):
+            state = self._randn(x[:, 0], generators)
+            window, action = self._context(x, c + h), actions[:, c + h - 1]
+            path, steps = [state], []
+            for k in range(self.config.sample_steps):
+                v = self.velocity(state, times[k].expand(b), window, action)
+                mean, std = self._step(state, v, times, k, temperature)
+                if std is None:
+                    state = mean
+                else:
+                    state = mean + std * self._randn(mean, generators)
+                    steps.append(self.gaussian_logprob(state, mean, std))
+                path.append(state)
+            paths.append(torch.stack(path, 1))
+            logprobs.append(torch.stack(steps, 1) if steps else torch.zeros(b, 0, dtype=torch.float64))
+            x = torch.cat([x, state[:, None]], 1)
+        frames = self.from_space(x[:, c:])
+        return FlowRollout(frames=frames, paths=torch.stack(paths, 1), logprobs=torch.stack(logprobs, 1),
+                           times=times)
+
+    def score_paths(self, context: torch.Tensor, paths: torch.Tensor, actions: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+        """(B, H, S) log-densities of the stochastic steps of `paths` (B, H, K + 1, 3, h, w) under the current
+        weights, given the context frames (B, C, H, W, 3); differentiable. All H x S steps go through the
+        denoiser in one batch (each frame's conditioning is the path's final states before it)."""
+        if temperature <= 0:
+            raise ValueError("a deterministic (temperature 0) path has no stochastic step to score")
+        x = torch.cat([self.to_space(context), paths[:, :, -1]], 1)  # (B, C + H, 3, h, w)
+        b, c, horizon = x.shape[0], context.shape[1], paths.shape[1]
+        times, steps = self.times(x.device).to(x.dtype), sorted(self.config.sde_steps)
+        windows = torch.stack([self._context(x, c + h) for h in range(horizon)], 1)  # (B, H, C', 3, h, w)
+        action = actions[:, c - 1: c + horizon - 1]  # (B, H)
+        states = paths[:, :, steps]  # (B, H, S, 3, h, w)
+        s_count = len(steps)
+        t = times[steps].repeat(b * horizon)
+        v = self.velocity(states.flatten(0, 2), t, windows.repeat_interleave(s_count, 1).flatten(0, 1),
+                          action.repeat_interleave(s_count, 1).flatten())
+        out = []
+        for i, k in enumerate(steps):
+            v_k = v.view(b, horizon, s_count, *v.shape[1:])[:, :, i].flatten(0, 1)
+            mean, std = self._step(states[:, :, i].flatten(0, 1), v_k, times, k, temperature)
+            out.append(self.gaussian_logprob(paths[:, :, k + 1].flatten(0, 1), mean, std).view(b, horizon))
+        return torch.stack(out, -1)
+
+    # --- save / load --------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """config.json + model.safetensors; nothing pickled."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"architecture": ARCHITECTURE, "flow": asdict(self.config), **({"metadata": metadata} if metadata
+                                                                                 else {})}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": ARCHITECTURE})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> FlowWorldModel:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        if config.get("architecture") != ARCHITECTURE:
+            raise ValueError(f"{folder / CONFIG_FILE}: architecture {config.get('architecture')!r} is not "
+                             f"{ARCHITECTURE!r}")
+        try:
+            model = cls(FlowConfig(**config["flow"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{folder / CONFIG_FILE}: bad flow model config ({exc})") from None
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=map_location))
+        return model

@@ -1,0 +1,160 @@
+"""The flow-matching world model's core (posttrain/models/flow.py) on a tiny U-Net: the SDE step's density is a
+hand-worked Gaussian, score_paths equals the rollout's log-probs, the loss is a hand-worked value, greedy is
+deterministic, save/load round-trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.models.flow import FlowConfig, FlowWorldModel
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+TINY = dict(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, sample_steps=3, sde_steps=(0, 1))
+
+
+def _model(seed: int = 0, **changes) -> FlowWorldModel:
+    torch.manual_seed(seed)
+    return FlowWorldModel(FlowConfig(**{**TINY, **changes})).eval()
+
+
+def _episode(batch: int = 2, frames: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (batch, frames, 16, 16, 3), generator=g, dtype=torch.uint8),
+            torch.randint(0, 5, (batch, frames - 1), generator=g))
+
+
+def test_the_sde_step_density_is_the_hand_worked_gaussian(monkeypatch):
+    """A constant velocity field v = 0.5 makes the step's mean and std closed-form numbers."""
+    model = _model(sample_steps=2, sde_steps=(0, 1))
+    monkeypatch.setattr(model, "velocity", lambda x, t, context, action: torch.full_like(x, 0.5))
+    times = model.times()  # 1, 0.5, 0
+    x = torch.full((1, 3, 16, 16), 0.2)
+    mean, std = model._step(x, torch.full_like(x, 0.5), times, 1, temperature=1.0)
+    # Step 1 goes from t = 0.5 to 0 (d = 0.5): s = 0.7 sqrt(0.5 / 0.5) = 0.7,
+    # mean = 0.2 - 0.5 (0.5 + 0.49 / 1.0 (0.2 + 0.5 * 0.5)) = 0.2 - 0.5 (0.5 + 0.2205) = -0.16025,
+    # std = 0.7 sqrt(0.5).
+    assert std == pytest.approx(0.7 * math.sqrt(0.5), rel=1e-12)
+    assert torch.allclose(mean, torch.full_like(x, -0.16025), atol=4 * EPS32)
+    # Its log-density against torch.distributions, for a point off the mean.
+    point = mean + 0.3
+    ours = model.gaussian_logprob(point, mean, std)
+    reference = torch.distributions.Normal(mean.double(), std).log_prob(point.double()).sum()
+    assert float(ours) == pytest.approx(float(reference), rel=1e-12)
+    # One element by hand: -0.5 (0.3 / std)^2 - log(std) - 0.5 log(2 pi), times 768 elements.
+    one = -0.5 * (0.3 / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+    assert float(ours) == pytest.approx(768 * one, rel=1e-6)
+    # At t = 1 the scale s is infinite; the step uses the next time's s (Flow-GRPO's sigma_max).
+    assert model._noise_scale(times, 0, 1.0) == pytest.approx(0.7 * math.sqrt(0.5 / 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_score_paths_equals_the_rollout_logprobs(dtype):
+    model = _model().to(dtype)
+    frames, actions = _episode()
+    out = model.rollout(frames[:, :2], actions, horizon=3, temperature=1.0, seeds=[3, 4])
+    assert out.frames.shape == (2, 3, 16, 16, 3) and out.paths.shape == (2, 3, 4, 3, 16, 16)
+    assert out.logprobs.shape == (2, 3, 2) and torch.isfinite(out.logprobs).all()
+    with torch.no_grad():
+        scored = model.score_paths(frames[:, :2], out.paths, actions, temperature=1.0)
+    if dtype == torch.float64:
+        # The same velocities recomputed in another batch layout. In float64 each of the 768 terms
+        # 0.5 z^2 + log(std) + 0.5 log(2 pi) is off by a few ulps of its size (z^2 / 2 <= |logp| + 768 bounds
+        # every term): 768 x 64 ulps of that is far below any real mismatch (a mean off by 1e-6 std moves
+        # logp by ~1e-6 |z| per element).
+        tol = 768 * 64 * float(torch.finfo(torch.float64).eps) * (out.logprobs.abs() + 768)
+        assert ((scored - out.logprobs).abs() <= tol).all(), ((scored - out.logprobs).abs() / tol).max()
+    else:
+        # float32: a step's mean may differ between the two layouts by some ulps of the states' size
+        # (|d mean| <= 64 eps (max|x| + 1)), which moves logp by sum_i z_i d mean_i / std <= sum|z| |d mean| / std,
+        # and sum|z| <= sqrt(n sum z^2) where sum z^2 / 2 = -logp - n (log std + log(2 pi) / 2) (exact).
+        n, times = 768, model.times().double()
+        stds = torch.tensor([model._noise_scale(times, k, 1.0) * math.sqrt(float(times[k] - times[k + 1]))
+                             for k in sorted(model.config.sde_steps)], dtype=torch.float64)
+        z2 = 2 * (-out.logprobs - n * (stds.log() + 0.5 * math.log(2 * math.pi)))
+        size = float(out.paths.abs().max()) + 1
+        tol = (n * z2).sqrt() * 64 * EPS32 * size / stds
+        assert ((scored - out.logprobs).abs() <= tol).all(), ((scored - out.logprobs).abs() / tol).max()
+    # And the scores are of *these* choices: another path scores differently.
+    other = model.rollout(frames[:, :2], actions, horizon=3, temperature=1.0, seeds=[5, 6])
+    with torch.no_grad():
+        mismatched = model.score_paths(frames[:, :2], other.paths, actions, temperature=1.0)
+    assert not torch.allclose(mismatched, scored, atol=1.0)
+
+
+def test_score_paths_is_differentiable_with_respect_to_the_weights():
+    model = _model()
+    frames, actions = _episode()
+    out = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    model.score_paths(frames[:, :2], out.paths, actions).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().max() > 0 for g in grads)
+
+
+def test_greedy_is_the_deterministic_ode_and_sampling_follows_the_seeds():
+    model = _model()
+    frames, actions = _episode()
+    a = model.rollout(frames[:, :2], actions, horizon=2, temperature=0.0, seeds=[0, 1])
+    b = model.rollout(frames[:, :2], actions, horizon=2, temperature=0.0, seeds=[0, 1])
+    assert torch.equal(a.frames, b.frames) and a.logprobs.shape == (2, 2, 0)
+    s1 = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    s2 = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    s3 = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[7, 8])
+    assert torch.equal(s1.frames, s2.frames) and not torch.equal(s1.frames, s3.frames)
+    # A rollout's first frame does not depend on the others in the batch (per-rollout generators).
+    alone = model.rollout(frames[:1, :2], actions[:1], horizon=2, temperature=1.0, seeds=[0])
+    assert torch.allclose(alone.frames[0], s1.frames[0], atol=1e-5)
+    with pytest.raises(ValueError, match="no stochastic step"):
+        model.score_paths(frames[:, :2], a.paths, actions, temperature=0.0)
+
+
+def test_flow_matching_loss_is_the_hand_worked_value(monkeypatch):
+    """Frames of constant 0.75 (x_0 = 0.5 in [-1, 1]), noise 1, t = 0.25 and a velocity field of 0.2: the
+    target velocity is eps - x_0 = 0.5, so the loss is (0.2 - 0.5)^2 = 0.09; the noisy input is
+    (1 - t) x_0 + t eps = 0.625."""
+    model = _model()
+    seen = {}
+
+    def velocity(x_t, t, context, action):
+        seen.update(x_t=x_t, t=t, context=context, action=action)
+        return torch.full_like(x_t, 0.2)
+
+    monkeypatch.setattr(model, "velocity", velocity)
+    frames = torch.full((1, 3, 16, 16, 3), 0.75)
+    actions = torch.tensor([[3, 4]])
+    loss = model.flow_matching_loss(frames, actions, num_context=1, t=torch.full((1, 2), 0.25),
+                                    noise=torch.ones(1, 2, 3, 16, 16))
+    assert float(loss) == pytest.approx(0.09, abs=8 * EPS32)
+    assert torch.allclose(seen["x_t"], torch.full_like(seen["x_t"], 0.625), atol=4 * EPS32)
+    assert seen["action"].tolist() == [3, 4]  # the action into each target frame
+    assert seen["context"].shape == (2, 2, 3, 16, 16)  # two context frames per target (the first repeats)
+
+
+def test_training_lowers_the_flow_matching_loss():
+    model = _model().train()
+    frames, actions = _episode(batch=2, frames=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    fixed = dict(t=torch.rand(2, 2, generator=g), noise=torch.randn(2, 2, 3, 16, 16, generator=g))
+    first = float(model.flow_matching_loss(frames, actions, **fixed).detach())
+    for _ in range(30):
+        optimizer.zero_grad()
+        model.flow_matching_loss(frames, actions, **fixed).backward()
+        optimizer.step()
+    assert float(model.flow_matching_loss(frames, actions, **fixed).detach()) < 0.5 * first
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model(seed=3)
+    model.save_pretrained(tmp_path / "flow")
+    loaded = FlowWorldModel.from_pretrained(tmp_path / "flow").eval()
+    assert loaded.config == model.config
+    frames, actions = _episode()
+    a = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    b = loaded.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.logprobs, b.logprobs)
+    (tmp_path / "flow" / "config.json").write_text('{"architecture": "posttrain.TokenWorldModel"}')
+    with pytest.raises(ValueError, match="is not 'posttrain.FlowWorldModel'"):
+        FlowWorldModel.from_pretrained(tmp_path / "flow")
