@@ -54,7 +54,7 @@ def test_the_sde_step_density_is_the_hand_worked_gaussian(monkeypatch):
 def test_score_paths_equals_the_rollout_logprobs(dtype):
     model = _model().to(dtype)
     frames, actions = _episode()
-    out = model.rollout(frames[:, :2], actions, horizon=3, temperature=1.0, seeds=[3, 4])
+    out = model.rollout_paths(frames[:, :2], actions, horizon=3, temperature=1.0, seeds=[3, 4])
     assert out.frames.shape == (2, 3, 16, 16, 3) and out.paths.shape == (2, 3, 4, 3, 16, 16)
     assert out.logprobs.shape == (2, 3, 2) and torch.isfinite(out.logprobs).all()
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_score_paths_equals_the_rollout_logprobs(dtype):
         tol = (n * z2).sqrt() * 64 * EPS32 * size / stds
         assert ((scored - out.logprobs).abs() <= tol).all(), ((scored - out.logprobs).abs() / tol).max()
     # And the scores are of *these* choices: another path scores differently.
-    other = model.rollout(frames[:, :2], actions, horizon=3, temperature=1.0, seeds=[5, 6])
+    other = model.rollout_paths(frames[:, :2], actions, horizon=3, temperature=1.0, seeds=[5, 6])
     with torch.no_grad():
         mismatched = model.score_paths(frames[:, :2], other.paths, actions, temperature=1.0)
     assert not torch.allclose(mismatched, scored, atol=1.0)
@@ -87,7 +87,7 @@ def test_score_paths_equals_the_rollout_logprobs(dtype):
 def test_score_paths_is_differentiable_with_respect_to_the_weights():
     model = _model()
     frames, actions = _episode()
-    out = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    out = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
     model.score_paths(frames[:, :2], out.paths, actions).sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().max() > 0 for g in grads)
@@ -96,15 +96,15 @@ def test_score_paths_is_differentiable_with_respect_to_the_weights():
 def test_greedy_is_the_deterministic_ode_and_sampling_follows_the_seeds():
     model = _model()
     frames, actions = _episode()
-    a = model.rollout(frames[:, :2], actions, horizon=2, temperature=0.0, seeds=[0, 1])
-    b = model.rollout(frames[:, :2], actions, horizon=2, temperature=0.0, seeds=[0, 1])
+    a = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=0.0, seeds=[0, 1])
+    b = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=0.0, seeds=[0, 1])
     assert torch.equal(a.frames, b.frames) and a.logprobs.shape == (2, 2, 0)
-    s1 = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
-    s2 = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
-    s3 = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[7, 8])
+    s1 = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    s2 = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    s3 = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[7, 8])
     assert torch.equal(s1.frames, s2.frames) and not torch.equal(s1.frames, s3.frames)
     # A rollout's first frame does not depend on the others in the batch (per-rollout generators).
-    alone = model.rollout(frames[:1, :2], actions[:1], horizon=2, temperature=1.0, seeds=[0])
+    alone = model.rollout_paths(frames[:1, :2], actions[:1], horizon=2, temperature=1.0, seeds=[0])
     assert torch.allclose(alone.frames[0], s1.frames[0], atol=1e-5)
     with pytest.raises(ValueError, match="no stochastic step"):
         model.score_paths(frames[:, :2], a.paths, actions, temperature=0.0)
@@ -152,9 +152,38 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = FlowWorldModel.from_pretrained(tmp_path / "flow").eval()
     assert loaded.config == model.config
     frames, actions = _episode()
-    a = model.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
-    b = loaded.rollout(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    a = model.rollout_paths(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    b = loaded.rollout_paths(frames[:, :2], actions, horizon=2, temperature=1.0, seeds=[0, 1])
     assert torch.equal(a.frames, b.frames) and torch.equal(a.logprobs, b.logprobs)
     (tmp_path / "flow" / "config.json").write_text('{"architecture": "posttrain.TokenWorldModel"}')
     with pytest.raises(ValueError, match="is not 'posttrain.FlowWorldModel'"):
         FlowWorldModel.from_pretrained(tmp_path / "flow")
+
+
+def test_posttrain_eval_takes_a_flow_model_folder_on_envs3d_and_footage(tmp_path, data_cache, capsys):
+    """`load_model` reads the folder and `posttrain eval` scores it with the same metrics as a token model."""
+    import json
+
+    import numpy as np
+    from conftest import write_footage
+
+    from posttrain.cli import main
+    from posttrain.models import load_model
+
+    folder = _model(image_size=32).save_pretrained(tmp_path / "flow32")
+    assert isinstance(load_model(str(folder)), FlowWorldModel)
+    out = tmp_path / "eval" / "envs3d.json"
+    assert main(["eval", "--model", str(folder), "--seeds", "0:2", "--size", "32", "--horizon", "3",
+                 "--cache-dir", str(data_cache), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["ssim_per_step"]) == 3 and 0 <= report["object_presence_mean"] <= 1
+    assert np.isfinite(report["consistency_3d_mean"])
+    rng = np.random.default_rng(0)
+    footage = write_footage(tmp_path / "footage", [rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+                                                   for _ in range(3)])
+    out = tmp_path / "eval" / "footage.json"
+    assert main(["eval", "--model", str(folder), "--data", str(footage), "--size", "32", "--horizon", "3",
+                 "--temperature", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    # A pixel-space model draws any frame exactly: its "tokenizer" ceiling is the truth itself.
+    assert report["tokenizer_ceiling"]["mse_mean"] == 0.0 and "object_presence_mean" not in report

@@ -4,9 +4,13 @@ scale and shift, i.e. AdaGN/FiLM, through the time embedding).
 
     model = FlowWorldModel(FlowConfig(image_size=64))
     loss = model.flow_matching_loss(frames, actions)              # (B, T, H, W, 3) uint8, (B, T - 1)
-    out = model.rollout(frames[:, :2], actions, horizon=8, temperature=1.0, seeds=[0, 1])
+    out = model.rollout_paths(frames[:, :2], actions, horizon=8, temperature=1.0, seeds=[0, 1])
     out.frames                                                    # (B, 8, H, W, 3) in [0, 1]
     model.score_paths(frames[:, :2], out.paths, actions, temperature=1.0)   # == out.logprobs
+
+For what reads the token models' protocol (`posttrain eval`, the report), a frame's "tokens" are its clean
+state flattened, `encode` / `decode` convert, and `rollout` returns those with the log-probs (B, H, S) of
+the stochastic steps; `load_model` reads a `save_pretrained` folder.
 
 The maths (x_t = (1 - t) x_0 + t eps, t = 1 is noise, the velocity is v = eps - x_0):
 * Deterministic sampling ("greedy", temperature 0) integrates the ODE dx/dt = v from t = 1 to 0 with Euler
@@ -22,8 +26,8 @@ The maths (x_t = (1 - t) x_0 + t eps, t = 1 is noise, the velocity is v = eps - 
   `logprobs` up to float rounding.
 
 The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep embedding), in pixel space.
-This module is the model's core: it is not yet wired into `posttrain eval`, the trainers, play or
-`load_model` (issue: "a second model family").
+`posttrain eval` and `load_model` take it; the trainers (GRPO, DPO, SFT), play and pre-training do not yet
+(they read token ids and `score`): issue "a second model family".
 """
 
 from __future__ import annotations
@@ -139,6 +143,33 @@ class FlowWorldModel(nn.Module):
         """(..., 3, H, W) -> (..., H, W, 3) frames in [0, 1]."""
         return ((x.movedim(-3, -1) + 1) / 2).clamp(0, 1)
 
+    # --- the token models' protocol, as far as evaluation needs it ----------------------------------
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W, 3) frames -> (B, T, 3 H W): each frame's clean state, flattened (its 'tokens')."""
+        return self.to_space(frames).flatten(-3)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3 H W) states -> (B, T, H, W, 3) frames in [0, 1]."""
+        size = self.config.image_size
+        return self.from_space(tokens.unflatten(-1, (3, size, size)))
+
+    @torch.no_grad()
+    def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, seeds: list[int] | None = None,
+                generator: torch.Generator | None = None, decode: bool = True):
+        """The protocol's rollout: context (B, C, 3 H W) from `encode` -> RolloutOutput(tokens (B, H, 3 H W)
+        final states, logprobs (B, H, S) of the stochastic steps, frames)."""
+        from .world_model import RolloutOutput
+
+        if top_k is not None or top_p is not None:
+            raise ValueError("a flow model samples by its SDE: top_k / top_p do not apply")
+        if generator is not None:
+            raise ValueError("a flow model takes per-rollout `seeds`, not a shared generator")
+        out = self.rollout_paths(self.decode(context), actions, horizon, temperature=temperature, seeds=seeds,
+                                 context_in_space=context.unflatten(-1, (3, self.image_size, self.image_size)))
+        return RolloutOutput(tokens=out.paths[:, :, -1].flatten(-3), logprobs=out.logprobs,
+                             frames=out.frames if decode else None)
+
     def times(self, device=None) -> torch.Tensor:
         """(K + 1,) float32 times 1, 1 - 1/K, ..., 0."""
         k = self.config.sample_steps
@@ -215,13 +246,14 @@ class FlowWorldModel(nn.Module):
         return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
 
     @torch.no_grad()
-    def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
-                seeds: list[int] | None = None) -> FlowRollout:
-        """Sample `horizon` frames after context frames (B, C, H, W, 3) (uint8 or [0, 1]); actions
-        (B, >= C + horizon - 1). Temperature 0: the deterministic ODE; > 0: the SDE on `sde_steps`."""
+    def rollout_paths(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
+                      seeds: list[int] | None = None, context_in_space: torch.Tensor | None = None) -> FlowRollout:
+        """Sample `horizon` frames after context frames (B, C, H, W, 3) (uint8 or [0, 1]; or exactly the states
+        `context_in_space` (B, C, 3, H, W)); actions (B, >= C + horizon - 1). Temperature 0: the deterministic
+        ODE; > 0: the SDE on `sde_steps`."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0")
-        x = self.to_space(context)
+        x = self.to_space(context) if context_in_space is None else context_in_space.to(self.dtype)
         b, c = x.shape[:2]
         generators = self._generators(seeds, b)
         times = self.times(x.device).to(x.dtype)

@@ -73,15 +73,21 @@ def load_model(name_or_path: str | Path = "default", map_location: str = "cpu"):
     from .world_model import ARCHITECTURE as TOKEN_ARCHITECTURE
     from .world_model import TokenWorldModel
 
+    from .flow import ARCHITECTURE as FLOW_ARCHITECTURE
+
     folder = resolve_model_path(name_or_path)
     architecture = model_architecture(folder)
     if architecture == HF_ARCHITECTURE:
         return HFWorldModel.from_pretrained(folder, map_location)
+    if architecture == FLOW_ARCHITECTURE:
+        from .flow import FlowWorldModel
+
+        return FlowWorldModel.from_pretrained(folder, map_location)
     if architecture not in (None, TOKEN_ARCHITECTURE):
         loader = _registered_loader(architecture)
         if loader is None:
             raise ValueError(f"{folder / 'config.json'}: unknown architecture {architecture!r}; built in: "
-                             f"{TOKEN_ARCHITECTURE!r}, {HF_ARCHITECTURE!r}. Register yours with "
+                             f"{TOKEN_ARCHITECTURE!r}, {HF_ARCHITECTURE!r}, {FLOW_ARCHITECTURE!r}. Register yours with "
                              f"posttrain.models.register_architecture or an entry point in the "
                              f"{ENTRY_POINT_GROUP!r} group")
         return loader(folder, map_location)
