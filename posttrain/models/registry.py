@@ -69,11 +69,10 @@ def _registered_loader(name: str) -> Callable[[Path, str], Any] | None:
 
 def load_model(name_or_path: str | Path = "default", map_location: str = "cpu"):
     """A world model from 'default' or a `save_pretrained` folder of a built-in or registered architecture."""
+    from .flow import ARCHITECTURE as FLOW_ARCHITECTURE
     from .hf_world_model import ARCHITECTURE as HF_ARCHITECTURE
     from .world_model import ARCHITECTURE as TOKEN_ARCHITECTURE
     from .world_model import TokenWorldModel
-
-    from .flow import ARCHITECTURE as FLOW_ARCHITECTURE
 
     folder = resolve_model_path(name_or_path)
     architecture = model_architecture(folder)
