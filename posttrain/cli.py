@@ -39,6 +39,8 @@ def _models_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty folder; choose a new one")
+    if args.arch == "flow":
+        return _flow_init(args, out)
     check_not_overlapping(out, {"tokenizer's model folder": resolve_model_path(args.tokenizer)})
     model = init_model(args.arch, args.layers, args.width, args.heads, args.tokenizer,
                        max_frames=args.max_frames, seed=args.seed)
@@ -48,6 +50,30 @@ def _models_init(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in model.backbone.parameters())
     print(f"wrote an untrained {args.arch} world model ({params / 1e6:.2f} M backbone parameters, "
           f"{model.tokens_per_frame} tokens/frame, up to {model.max_frames} frames) to {out}")
+    return 0
+
+
+def _flow_init(args: argparse.Namespace, out) -> int:
+    """`models init --arch flow`: a fresh FlowWorldModel, a U-Net of `--layers` residual blocks per level at widths
+    (W, 2W, 2W) for --width W, on --size frames."""
+    import torch
+
+    from posttrain.models.flow import FlowConfig, FlowWorldModel
+
+    if args.layers < 1 or args.width < 1:
+        raise ValueError(f"--layers {args.layers} and --width {args.width} must be positive")
+    groups = min(8, args.width)
+    if args.width % groups:
+        raise ValueError(f"--width {args.width} must be a multiple of 8 (the U-Net's GroupNorm groups)")
+    torch.manual_seed(args.seed)
+    model = FlowWorldModel(FlowConfig(image_size=args.size, block_out_channels=(args.width, 2 * args.width,
+                                                                                2 * args.width),
+                                      layers_per_block=args.layers, norm_num_groups=groups))
+    model.save_pretrained(out, metadata={"init": {"arch": "flow", "layers": args.layers, "width": args.width,
+                                                  "size": args.size, "seed": args.seed}})
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote an untrained flow world model ({params / 1e6:.2f} M parameters, {args.size}x{args.size} frames, "
+          f"{model.config.sample_steps} sampling steps) to {out}")
     return 0
 
 
@@ -105,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="world-model folders")
     models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
-    init = models_sub.add_parser("init", help="write a fresh (untrained) transformers world model folder")
-    init.add_argument("--arch", default="llama", help="backbone architecture (built in: llama)")
+    init = models_sub.add_parser("init", help="write a fresh (untrained) world model folder (transformers or flow)")
+    init.add_argument("--arch", default="llama",
+                      help="llama (a transformers causal LM over the tokenizer's codes) or flow (a flow-matching "
+                           "U-Net, FlowWorldModel)")
     init.add_argument("--layers", type=int, required=True, help="transformer blocks")
     init.add_argument("--width", type=int, required=True, help="hidden size")
     init.add_argument("--heads", type=int, default=None, help="attention heads (default width // 64, at least 1)")
@@ -115,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--max-frames", type=int, default=16,
                       help="frames (context + generated) the position range holds (default 16)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--size", type=int, default=64, help="--arch flow: frame size in pixels (default 64)")
     init.add_argument("--out", required=True, help="new or empty output folder")
     init.set_defaults(func=_models_init)
 

@@ -229,7 +229,8 @@ def run(config: SFTConfig):
         session.metrics.write({"stage": "heldout", "step": config.steps, "heldout_loss": post_loss})
         if not rollout_report and footage_report is None and config.train.eval_at_end:
             heldout_rollout_gif(session, config, *heldout)
-        print(f"held-out teacher-forced loss: base {base_loss:.4f} -> fine-tuned {post_loss:.4f} nats/token")
+        unit = "per element (flow matching)" if hasattr(session.world, "score_paths") else "nats/token"
+        print(f"held-out teacher-forced loss: base {base_loss:.4f} -> fine-tuned {post_loss:.4f} {unit}")
     if footage_report is not None:
         return training.finish(session, steps.history, recipe=to_dict(config), eval_config=config.eval,
                                eval_temperatures=config.eval_temperatures, report_data=footage_report)

@@ -187,3 +187,47 @@ def test_posttrain_eval_takes_a_flow_model_folder_on_envs3d_and_footage(tmp_path
     report = json.loads(out.read_text())
     # A pixel-space model draws any frame exactly: its "tokenizer" ceiling is the truth itself.
     assert report["tokenizer_ceiling"]["mse_mean"] == 0.0 and "object_presence_mean" not in report
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_trains_a_flow_model_with_the_flow_matching_loss(lora, tmp_path, data_cache, captured_trainer):
+    """The SFT recipe on a flow model folder, changing `model=` only: its loss is the flow-matching error per
+    element, full fine-tuning changes the U-Net and LoRA (PEFT, the model's own targets) only the adapter; the
+    report's rollouts run on it."""
+    import json
+
+    from conftest import base_state, split_changes, tiny_overrides
+
+    from posttrain.logging_utils import read_metrics
+    from posttrain.runner import run_recipe
+
+    folder = _model(image_size=32).save_pretrained(tmp_path / "flow32")
+    out = tmp_path / "sft"
+    run_recipe("recipes/sft_tabletop.yaml", tiny_overrides(folder, data_cache, out) + [
+        "clip_frames=4", "batch_size=4", "train.micro_batch_size=2", "eval.horizon=3", "eval_every=1", "steps=2",
+        f"lora.enabled={str(lora).lower()}", "train.lr=0.003"])
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 2 and all(0 < r["loss"] < 10 for r in records)
+    base = base_state(folder)
+    changed, unchanged, adapter = split_changes(captured_trainer["trainer"].policy, base)
+    if lora:
+        assert not changed and adapter and any("conv" in name or "to_" in name for name in adapter)
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    else:
+        assert changed and not adapter
+        assert isinstance(FlowWorldModel.from_pretrained(out / "model"), FlowWorldModel)
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    assert len(report["temperatures"]["0.0"]["post"]["ssim_per_step"]) == 3
+
+
+def test_models_init_writes_a_fresh_flow_model(tmp_path, capsys):
+    from posttrain.cli import main
+    from posttrain.models import load_model
+
+    assert main(["models", "init", "--arch", "flow", "--layers", "1", "--width", "8", "--size", "32",
+                 "--out", str(tmp_path / "flow")]) == 0
+    model = load_model(str(tmp_path / "flow"))
+    assert isinstance(model, FlowWorldModel) and model.config.block_out_channels == (8, 16, 16)
+    assert "untrained flow world model" in capsys.readouterr().out
+    assert main(["models", "init", "--arch", "flow", "--layers", "1", "--width", "12", "--out",
+                 str(tmp_path / "odd")]) == 2  # 12 is not a multiple of the U-Net's 8 groups

@@ -170,6 +170,23 @@ class FlowWorldModel(nn.Module):
         return RolloutOutput(tokens=out.paths[:, :, -1].flatten(-3), logprobs=out.logprobs,
                              frames=out.frames if decode else None)
 
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """What SFT calls as the model's `score`: (B, T - num_context, 3 H W), minus the squared velocity error
+        of every element of frames num_context.. of `tokens` (B, T, 3 H W, from `encode`), each frame noised
+        at its own t ~ U(0, 1) with noise from torch's global generator (which checkpoints restore).
+
+        A surrogate log-likelihood, not the exact log-density of a path (`score_paths` is that): the
+        denoising error bounds -log p up to constants and weights, and Diffusion-DPO uses it so. With it, SFT's
+        mean token cross-entropy is the flow-matching loss per element."""
+        if targets is not None:
+            raise ValueError("a flow model has no forced scoring (targets=) yet")
+        x = tokens.unflatten(-1, (3, self.image_size, self.image_size)).to(self.dtype)
+        b, length = x.shape[:2]
+        t = torch.rand(b, length - num_context, device=x.device, dtype=self.dtype)
+        noise = torch.randn(b, length - num_context, *x.shape[2:], device=x.device, dtype=self.dtype)
+        return -self._velocity_error(x, actions, num_context, t, noise).flatten(2)
+
     def times(self, device=None) -> torch.Tensor:
         """(K + 1,) float32 times 1, 1 - 1/K, ..., 0."""
         k = self.config.sample_steps
@@ -197,18 +214,23 @@ class FlowWorldModel(nn.Module):
         eps ~ N(0, I); `t` (B, T - num_context) and `noise` (B, T - num_context, 3, H, W) may be given."""
         x = self.to_space(frames)  # (B, T, 3, h, w)
         b, length = x.shape[:2]
-        targets = length - num_context
         if t is None:
-            t = torch.rand(b, targets, generator=generator, device=x.device)
+            t = torch.rand(b, length - num_context, generator=generator, device=x.device)
         if noise is None:
-            noise = torch.randn(b, targets, *x.shape[2:], generator=generator, device=x.device)
-        t, noise = t.to(x.dtype), noise.to(x.dtype)
+            noise = torch.randn(b, length - num_context, *x.shape[2:], generator=generator, device=x.device)
+        return self._velocity_error(x, actions, num_context, t.to(x.dtype), noise.to(x.dtype)).mean()
+
+    def _velocity_error(self, x: torch.Tensor, actions: torch.Tensor, num_context: int, t: torch.Tensor,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """(B, F, 3, h, w) squared error of the predicted velocity of frames num_context.. of states x (B, T, 3,
+        h, w), frame f noised at time t[:, f] with `noise`[:, f]; F = T - num_context."""
+        length, targets = x.shape[1], x.shape[1] - num_context
         x0 = x[:, num_context:]
         x_t = (1 - t)[..., None, None, None] * x0 + t[..., None, None, None] * noise
         context = torch.stack([self._context(x, num_context + i) for i in range(targets)], 1)  # (B, F, C, 3, h, w)
         action = actions[:, num_context - 1: length - 1]  # the action into each target frame
         v = self.velocity(x_t.flatten(0, 1), t.flatten(), context.flatten(0, 1), action.flatten())
-        return (v - (noise - x0).flatten(0, 1)).square().mean()
+        return (v.view_as(x0) - (noise - x0)).square()
 
     # --- sampling -----------------------------------------------------------------------------------
     def _noise_scale(self, times: torch.Tensor, k: int, temperature: float) -> float:
