@@ -95,7 +95,8 @@ def columns_for(data: EpisodeDataConfig) -> tuple[str, ...]:
 def tokenise_clips(world, data: EpisodeDataConfig, progress: bool = True, rows: int = 64):
     """Every clip of `data` tokenised with the frozen tokenizer: ((E, T, N) token ids, (E, T - 1) actions).
     Frames are read from the memory-mapped dataset `rows` clips at a time and dropped once encoded, so memory
-    holds the tokens (256 int64 per frame: 2 KB, against 12 KB of 64x64 RGB) and not the footage."""
+    holds the tokens and not the footage (the default model: 256 int64 per frame, 2 KB against 12 KB of 64x64
+    RGB; a pixel-space flow model's "tokens" are its float states, 4x the uint8 frames)."""
     from datasets import load_from_disk
 
     from posttrain.logging_utils import progress_bar
