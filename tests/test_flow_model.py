@@ -231,3 +231,52 @@ def test_models_init_writes_a_fresh_flow_model(tmp_path, capsys):
     assert "untrained flow world model" in capsys.readouterr().out
     assert main(["models", "init", "--arch", "flow", "--layers", "1", "--width", "12", "--out",
                  str(tmp_path / "odd")]) == 2  # 12 is not a multiple of the U-Net's 8 groups
+
+
+class _MyDenoiser(torch.nn.Module):
+    """A user's own denoiser, not a diffusers class: convolutions, an action embedding and a time projection."""
+
+    lora_target_modules = ["middle"]
+
+    def __init__(self, context_frames: int = 2, num_actions: int = 35, width: int = 8):
+        super().__init__()
+        self.inputs = torch.nn.Conv2d(3 * (1 + context_frames), width, 3, padding=1)
+        self.middle = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.outputs = torch.nn.Conv2d(width, 3, 3, padding=1)
+        self.action = torch.nn.Embedding(num_actions + 1, width)
+        self.time = torch.nn.Linear(1, width)
+
+    def forward(self, x, timesteps, class_labels):
+        h = self.inputs(x) + (self.action(class_labels) + self.time(timesteps[:, None] / 1000))[:, :, None, None]
+        return self.outputs(torch.nn.functional.silu(self.middle(torch.nn.functional.silu(h))))
+
+
+def test_your_own_denoiser_runs_eval_sft_and_a_lora_adapter_by_changing_model_only(tmp_path, data_cache):
+    import json
+
+    from conftest import tiny_overrides
+
+    from posttrain.cli import main
+    from posttrain.models import load_model, register_architecture
+    from posttrain.runner import run_recipe
+
+    register_architecture("tests.MyDenoiserFlow", lambda folder, location: FlowWorldModel.from_pretrained(
+        folder, location, denoiser=_MyDenoiser()))
+    torch.manual_seed(0)
+    config = FlowConfig(**{**TINY, "image_size": 32})
+    folder = FlowWorldModel(config, denoiser=_MyDenoiser(), architecture="tests.MyDenoiserFlow").save_pretrained(
+        tmp_path / "mine")
+    model = load_model(str(folder))
+    assert isinstance(model.denoiser, _MyDenoiser) and model.lora_target_modules == ["middle"]
+    with pytest.raises(ValueError, match="your own denoiser"):
+        FlowWorldModel.from_pretrained(folder)  # without the module, the folder cannot be rebuilt
+    out = tmp_path / "sft"
+    run_recipe("recipes/sft_tabletop.yaml", tiny_overrides(folder, data_cache, out) + [
+        "clip_frames=4", "batch_size=4", "train.micro_batch_size=4", "eval.horizon=3", "eval_every=0", "steps=2",
+        "train.lr=0.01"])
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["middle"]
+    assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--seeds", "500:502", "--size",
+                 "32", "--horizon", "3", "--cache-dir", str(data_cache), "--json", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert len(report["ssim_per_step"]) == 3 and len(report["base"]["ssim_per_step"]) == 3

@@ -25,7 +25,8 @@ The maths (x_t = (1 - t) x_0 + t eps, t = 1 is noise, the velocity is v = eps - 
   state under the current weights: what a policy-gradient trainer needs, and equal to the rollout's
   `logprobs` up to float rounding.
 
-The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep embedding), in pixel space.
+The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep embedding), in pixel space, or
+any module of yours with the same call (`FlowWorldModel(config, denoiser=...)`).
 `posttrain eval` and `load_model` take it; the trainers (GRPO, DPO, SFT), play and pre-training do not yet
 (they read token ids and `score`): issue "a second model family".
 """
@@ -102,27 +103,52 @@ class FlowRollout:
 
 
 class FlowWorldModel(nn.Module):
-    """Action-conditioned rectified-flow next-frame model on a diffusers UNet2DModel (pixel space)."""
+    """Action-conditioned rectified-flow next-frame model, in pixel space. The denoiser is a diffusers
+    UNet2DModel built from the config, or any module passed as `denoiser` (bring your own: see below)."""
 
-    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-    """The U-Net's attention projections and residual-block convolutions."""
     frozen_modules: tuple[str, ...] = ()
 
-    def __init__(self, config: FlowConfig | None = None):
+    def __init__(self, config: FlowConfig | None = None, denoiser: nn.Module | None = None,
+                 architecture: str = ARCHITECTURE):
+        """`denoiser`, optional: your own module, called as `denoiser(inputs, timesteps, class_labels=actions)`
+        with inputs (B, 3 (1 + context_frames), H, W) (the noisy frame, then the clean context frames, in
+        [-1, 1]), timesteps (B,) = 1000 t, actions (B,) ids in [0, num_actions]; it returns the velocity
+        (B, 3, H, W), as a tensor or an object with `.sample` (diffusers' output). Its `lora_target_modules`
+        attribute, if any, names what LoRA adapts. Such a model saves with `architecture`, the name you
+        register a loader under (`posttrain.models.register_architecture`) that rebuilds it with
+        `FlowWorldModel.from_pretrained(folder, map_location, denoiser=YourModule(...))`."""
         super().__init__()
+        self.config = config or FlowConfig()
+        self.architecture = architecture
+        if denoiser is None:
+            if architecture != ARCHITECTURE:
+                raise ValueError(f"architecture={architecture!r} is for a model with your own denoiser; pass it")
+            denoiser = self.unet(self.config)
+        self.denoiser = denoiser
+
+    @staticmethod
+    def unet(config: FlowConfig) -> nn.Module:
+        """The built-in denoiser: a diffusers UNet2DModel whose last level has self-attention; the action is
+        its class embedding (added to the timestep embedding, which scales and shifts every block)."""
         from diffusers import UNet2DModel
 
-        self.config = config or FlowConfig()
-        c = self.config
-        levels = len(c.block_out_channels)
-        self.denoiser = UNet2DModel(
-            sample_size=c.image_size, in_channels=3 * (1 + c.context_frames), out_channels=3,
-            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+        levels = len(config.block_out_channels)
+        return UNet2DModel(
+            sample_size=config.image_size, in_channels=3 * (1 + config.context_frames), out_channels=3,
+            block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
             down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
             up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-            norm_num_groups=c.norm_num_groups, num_class_embeds=c.num_actions + 1,
+            norm_num_groups=config.norm_num_groups, num_class_embeds=config.num_actions + 1,
             resnet_time_scale_shift="scale_shift", attention_head_dim=8,
         )
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """The built-in U-Net's attention projections and residual-block convolutions, or your denoiser's
+        `lora_target_modules`."""
+        if self.architecture == ARCHITECTURE:
+            return ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+        return list(getattr(self.denoiser, "lora_target_modules", []))
 
     @property
     def image_size(self) -> int:
@@ -197,7 +223,8 @@ class FlowWorldModel(nn.Module):
         """v(x_t, t | context, action): x_t (B, 3, h, w), t (B,) in [0, 1], context (B, C, 3, h, w) clean
         frames in [-1, 1], action (B,) ids."""
         inputs = torch.cat([x_t, context.flatten(1, 2)], 1)
-        return self.denoiser(inputs, t * 1000, class_labels=action).sample
+        out = self.denoiser(inputs, t * 1000, class_labels=action)
+        return out.sample if hasattr(out, "sample") else out
 
     def _context(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """The `context_frames` frames before frame `index` of x (B, T, 3, h, w); the first frame repeats
@@ -331,24 +358,27 @@ class FlowWorldModel(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = {"architecture": ARCHITECTURE, "flow": asdict(self.config), **({"metadata": metadata} if metadata
-                                                                                 else {})}
+        config = {"architecture": self.architecture, "flow": asdict(self.config),
+                  **({"metadata": metadata} if metadata else {})}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": ARCHITECTURE})
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"architecture": self.architecture})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> FlowWorldModel:
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu",
+                        denoiser: nn.Module | None = None) -> FlowWorldModel:
+        """Load a `save_pretrained` folder; `denoiser`: your module, for a folder saved with your own one."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
-        if config.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"{folder / CONFIG_FILE}: architecture {config.get('architecture')!r} is not "
-                             f"{ARCHITECTURE!r}")
+        architecture = config.get("architecture")
+        if denoiser is None and architecture != ARCHITECTURE:
+            raise ValueError(f"{folder / CONFIG_FILE}: architecture {architecture!r} is not {ARCHITECTURE!r}; a flow "
+                             f"model with your own denoiser loads with from_pretrained(folder, denoiser=...)")
         try:
-            model = cls(FlowConfig(**config["flow"]))
+            model = cls(FlowConfig(**config["flow"]), denoiser=denoiser, architecture=architecture)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{folder / CONFIG_FILE}: bad flow model config ({exc})") from None
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=map_location))
