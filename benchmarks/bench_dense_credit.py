@@ -27,11 +27,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_methods import SHIFTS, SPLITS, evaluate, train  # noqa: E402
 
 RECIPE = "recipes/grpo_drift.yaml"
+FRAME = ["credit=frame", "rewards=[{name: neg_mse, weight: 10.0}, {name: ssim, weight: 1.0}, "
+                         "{name: object_presence, weight: 1.0}]"]  # the main job before 2026-12-02 (2nd session)
+DENSE = ["credit=dense", "dense.patch_return=flow"]
 SETTINGS = {
-    "frame": [],
-    "dense_flow": ["credit=dense", "dense.patch_return=flow",
-                   "rewards=[{name: near_hit, weight: 1.0}, {name: ssim, weight: 1.0}]"],
+    "frame": FRAME,
+    "dense_flow": [*DENSE, "rewards=[{name: near_hit, weight: 1.0}, {name: ssim, weight: 1.0}]"],
+    **{name: [*DENSE, "rewards=[{name: near_hit, weight: 1.0}, {name: ssim, weight: 1.0}, "
+                      f"{{name: object_presence, weight: {weight}}}]"]
+       for name, weight in (("dense_obj", 1.0), ("dense_obj_half", 0.5), ("dense_obj2", 2.0))},
 }
+"""Each setting's overrides of recipes/grpo_drift.yaml. `dense_obj` is the main job's own recipe since the
+2026-12-02 (second session) bake-off; `frame` restores the one before it."""
 
 
 def table(data: dict) -> str:
