@@ -110,10 +110,10 @@ def summarise(report: dict, upto: int) -> dict:
             "ssim_last8": mean(report["ssim_per_step"][upto - 8: upto]) if upto >= 8 else None}
 
 
-def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str,
-             base_name: str | None = None) -> dict:
-    """`model_name` (+ `adapter`) rolled out HORIZON frames on `seeds`; the mean-image baseline is the
-    mean frame of `base_name` (default: model_name), so every entry of a bake-off shares one baseline."""
+def rollout_report(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str,
+                   base_name: str | None = None) -> dict:
+    """`posttrain eval`'s report of `model_name` (+ `adapter`) rolled out HORIZON frames from CONTEXT true ones on
+    `seeds`; the mean-image baseline is the mean frame of `base_name` (default: model_name)."""
     from posttrain.data import EpisodeDataConfig, load_episodes
     from posttrain.evaluate import (
         EPISODE_FIELDS,
@@ -128,7 +128,14 @@ def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temp
     episodes = load_episodes(config.data, EPISODE_FIELDS, progress=False)
     model = load_with_adapter(model_name, adapter)
     mean_frame, source = mean_frame_for(base_name or model_name, episodes)
-    report = evaluate_model(model, episodes, config, progress=False, mean_frame=mean_frame, mean_frame_source=source)
+    return evaluate_model(model, episodes, config, progress=False, mean_frame=mean_frame, mean_frame_source=source)
+
+
+def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str,
+             base_name: str | None = None) -> dict:
+    """`model_name` (+ `adapter`) rolled out HORIZON frames on `seeds`; the mean-image baseline is the
+    mean frame of `base_name` (default: model_name), so every entry of a bake-off shares one baseline."""
+    report = rollout_report(model_name, adapter, seeds, scene, temperature, cache, base_name)
     return {"12": summarise(report, SHORT), "32": summarise(report, HORIZON),
             "baselines": {name: {k: report["baselines"][name][f"{m}_mean"] for k, m in
                                  (("mse", "mse"), ("ssim", "ssim"), ("objects", "object_presence"))}

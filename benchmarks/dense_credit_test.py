@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_methods import CONTEXT, HORIZON, SHIFTS, SPLITS  # noqa: E402
+from bench_methods import CONTEXT, HORIZON, SHIFTS, SPLITS, rollout_report  # noqa: E402
 
 SCENES = {"default": ({}, SPLITS["test"]["seeds"]),
           **{name: (scene, SPLITS["test"]["shifted_seeds"]) for name, scene in SHIFTS.items()}}
@@ -32,21 +32,7 @@ TEMPERATURES = (0.0, 1.0)
 
 def evaluate(adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str) -> dict:
     """Per-step and mean MSE, SSIM, object presence of the default model (+ adapter), with the baselines."""
-    from posttrain.data import EpisodeDataConfig, load_episodes
-    from posttrain.evaluate import (
-        EPISODE_FIELDS,
-        EvalConfig,
-        evaluate_model,
-        load_with_adapter,
-        mean_frame_for,
-    )
-
-    config = EvalConfig(data=EpisodeDataConfig(seeds=seeds, frames=CONTEXT + HORIZON, scene=scene, cache_dir=cache),
-                        num_context=CONTEXT, horizon=HORIZON, temperature=temperature, batch_size=16)
-    episodes = load_episodes(config.data, EPISODE_FIELDS, progress=False)
-    model = load_with_adapter("default", adapter)
-    mean_frame, source = mean_frame_for("default", episodes)
-    report = evaluate_model(model, episodes, config, progress=False, mean_frame=mean_frame, mean_frame_source=source)
+    report = rollout_report("default", adapter, seeds, scene, temperature, cache)
     keep = ("mse_per_step", "ssim_per_step", "object_presence_per_step", "mse_mean", "ssim_mean",
             "object_presence_mean", "useful_horizon")
     return {**{k: report[k] for k in keep},
