@@ -1,7 +1,7 @@
 """`posttrain run RECIPE.yaml [key.sub=value ...]`: load a recipe into its typed config and run it.
 
 The recipe's `method` key picks the config dataclass and the loop:
-pretrain, sft, forcing, dpo, grpo, reward_model.
+pretrain, pretrain_flow, sft, forcing, dpo, grpo, reward_model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ METHODS = {
     "grpo": ("posttrain.grpo", "GRPOConfig"),
     "dpo": ("posttrain.dpo", "DPOConfig"),
     "sft": ("posttrain.sft", "SFTConfig"),
+    "pretrain_flow": ("posttrain.pretrain_flow", "FlowPretrainConfig"),
     "forcing": ("posttrain.forcing", "ForcingConfig"),
     "reward_model": ("posttrain.reward_model_training", "RewardModelRecipe"),
 }

@@ -52,6 +52,9 @@ class SFTConfig(training.RunConfig):
     """Run folder (metrics.jsonl, checkpoints/, adapter/ or model/, report/)."""
     data: EpisodeDataConfig = field(default_factory=lambda: EpisodeDataConfig(seeds="30000:30256", frames=16))
     """Training episodes: envs3d seeds, or a footage folder in `path` (frames + actions columns)."""
+    extra_data: list[EpisodeDataConfig] = field(default_factory=list)
+    """More training episodes (envs3d sections with other scene settings, or other footage folders), with the
+    same frames per episode as `data`; trained on together with it."""
     clip_frames: int = 8
     """Frames per training clip (<= data.frames)."""
     num_context: int = 1
@@ -80,8 +83,16 @@ class SFTConfig(training.RunConfig):
             raise ValueError(f"need 1 <= num_context ({self.num_context}) < clip_frames ({self.clip_frames})")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} is outside [0, 1)")
-        if self.clip_frames > self.data.frames and not self.data.path:
-            raise ValueError(f"clip_frames={self.clip_frames} exceeds data.frames={self.data.frames}")
+        for key, data in [("data", self.data), *((f"extra_data[{i}]", d) for i, d in enumerate(self.extra_data))]:
+            if self.clip_frames > data.frames and not data.path:
+                raise ValueError(f"clip_frames={self.clip_frames} exceeds {key}.frames={data.frames}")
+            if key != "data" and self.evaluates_on_eval_data():
+                from posttrain.data import check_held_out
+
+                check_held_out(data, self.eval.data)
+        if self.extra_data and self.heldout_fraction:
+            raise ValueError("heldout_fraction holds out the last clips of `data` alone; with extra_data, give the "
+                             "held-out clips in eval.data instead")
 
 
 def columns_for(data: EpisodeDataConfig) -> tuple[str, ...]:
@@ -177,16 +188,30 @@ def token_nll(num_tokens: float):
     return loss_fn
 
 
-def run(config: SFTConfig):
+def training_clips(world, config: SFTConfig, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`data` and every `extra_data` section tokenised and stacked: (E, T, N) tokens, (E, T - 1) actions."""
+    parts = [tokenise_clips(world, data, progress=progress) for data in [config.data, *config.extra_data]]
+    lengths = {part[0].shape[1] for part in parts}
+    if len(lengths) > 1:
+        sizes = [f"{data.path or data.seeds}: {part[0].shape[1]}" for data, part in
+                 zip([config.data, *config.extra_data], parts)]
+        raise ValueError(f"data and extra_data must have the same frames per episode; got {', '.join(sizes)}")
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def run(config: SFTConfig, initial_model: torch.nn.Module | None = None, method: str = "sft"):
     """Set up, tokenise the clips once, then for each step: sample clips, one teacher-forced update, log,
-    checkpoint; finally the held-out losses (base and fine-tuned) and the report."""
+    checkpoint; finally the held-out losses (base and fine-tuned) and the report. `initial_model`: train this
+    in-memory model rather than `config.model` (pre-training from scratch: `posttrain.pretrain_flow`)."""
     columns = columns_for(config.data)
-    session = training.setup("sft", out=config.out, model=config.model, seed=config.seed, settings=config.train,
+    session = training.setup(method, out=config.out, model=config.model, seed=config.seed, settings=config.train,
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
-                             overwrite=config.overwrite)
+                             overwrite=config.overwrite, initial_model=initial_model)
     acc = session.accelerator
     footage_report = footage_heldout(config, columns) if config.train.eval_at_end else None
-    tokens, actions = tokenise_clips(session.world, config.data, progress=acc.is_main_process)
+    tokens, actions = training_clips(session.world, config, progress=acc.is_main_process)
     if config.heldout_fraction:
         (tokens, actions), heldout = split_heldout(tokens, actions, config)
     else:

@@ -161,13 +161,16 @@ def check_image_sizes(recipe: dict, model_size: int | None, model: str) -> None:
 
 
 def setup(method: str, *, out: str | Path, model: str, seed: int, settings: TrainerSettings, lora: LoraSettings,
-          recipe: dict, resume: bool = False, overwrite: bool = False, frozen_reference: bool = False) -> Session:
+          recipe: dict, resume: bool = False, overwrite: bool = False, frozen_reference: bool = False,
+          initial_model: torch.nn.Module | None = None) -> Session:
     """Accelerator, run folder (refuse to clobber, lock, resume checks), base model + LoRA or full
     fine-tuning, AdamW with linear warm-up, all through accelerate.prepare; config.json written.
 
     recipe: the whole recipe as a dict (config.json, resume check, adapter metadata; its `path` / `*_path`
     values are inputs the run folder must not overlap); frozen_reference: load a frozen copy of the base as
-    the reference under full fine-tuning (under LoRA the reference is the adapter-disabled policy)."""
+    the reference under full fine-tuning (under LoRA the reference is the adapter-disabled policy);
+    initial_model: train this freshly built model instead of loading `model` (pre-training from scratch, e.g.
+    `posttrain.pretrain_flow`; `model` is then only its label, and its hash is that of its initial weights)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
@@ -190,7 +193,8 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
     lock = None
     if acc.is_main_process:
         # Before anything is written: refuse to clobber, then hold the folder for the run's life.
-        inputs = {"model folder": resolve_model_path(model), **input_paths(recipe)}
+        inputs = {**({} if initial_model is not None else {"model folder": resolve_model_path(model)}),
+                  **input_paths(recipe)}
         prepare_run_folder(out, resume=resume, overwrite=overwrite, inputs=inputs)
         lock = RunLock(out, method)
         if resume:
@@ -211,17 +215,22 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
             raise ValueError(f"--resume: {out} holds a checkpoint after {done} steps; steps={recipe['steps']} is "
                              f"fewer, and trained weights cannot be un-trained. Give steps >= {done}, or start a "
                              f"new run (out=...)")
-    base_hash = weights_hash(resolve_model_path(model))
-    policy = load_model(model)
+    if initial_model is not None:
+        import copy
+
+        base_hash, policy = state_hash(initial_model), initial_model
+        reference = copy.deepcopy(initial_model).eval()  # the base the held-out losses compare against
+    else:
+        base_hash, policy, reference = weights_hash(resolve_model_path(model)), load_model(model), None
     check_image_sizes(recipe, getattr(policy, "image_size", None), model)
     torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same run
     for parameter in policy.parameters():
         parameter.requires_grad_(False)
-    reference = None  # under LoRA the adapter-disabled policy is the reference
-    if lora.enabled:
-        policy = apply_lora(policy, lora)
+    if lora.enabled:  # under LoRA the adapter-disabled policy is the reference
+        policy, reference = apply_lora(policy, lora), None
     else:
-        reference = load_model(model).eval() if frozen_reference else None
+        if reference is None and frozen_reference:
+            reference = load_model(model).eval()
         freeze_for_full_finetune(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -239,6 +248,19 @@ def setup(method: str, *, out: str | Path, model: str, seed: int, settings: Trai
                    world=unwrap(policy), reference=reference, optimizer=optimizer, scheduler=scheduler,
                    lora=lora.enabled, base_name=model, base_hash=base_hash, deepspeed=plugin is not None,
                    metrics=MetricsWriter(out / "metrics.jsonl", enabled=acc.is_main_process), lock=lock)
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 over a model's state dict (names, dtypes, shapes and bytes, in order): an in-memory model's
+    identity, as `weights_hash` is a saved one's."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def unwrap(model):

@@ -25,8 +25,10 @@ The maths (x_t = (1 - t) x_0 + t eps, t = 1 is noise, the velocity is v = eps - 
   state under the current weights: what a policy-gradient trainer needs, and equal to the rollout's
   `logprobs` up to float rounding.
 
-The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep embedding), in pixel space, or
-any module of yours with the same call (`FlowWorldModel(config, denoiser=...)`).
+The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep embedding), or any module of
+yours with the same call (`FlowWorldModel(config, denoiser=...)`). It denoises in pixel space (`space: pixels`)
+or in a frozen frame tokenizer's FSQ latent (`space: latent`, `FlowWorldModel.latent(tokenizer)`): 4 x 16 x 16
+values for the default tokenizer instead of 3 x 64 x 64, decoded by the tokenizer's decoder.
 `posttrain eval` and `load_model` take it; the trainers (GRPO, DPO, SFT), play and pre-training do not yet
 (they read token ids and `score`): issue "a second model family".
 """
@@ -71,6 +73,15 @@ class FlowConfig:
     """Which of the steps are stochastic when temperature > 0 (Flow-GRPO-Fast: a few trained steps)."""
     noise_level: float = 0.7
     """Flow-GRPO's a: the SDE's diffusion scale at temperature 1."""
+    space: str = "pixels"
+    """Where frames are denoised: "pixels" (the frame in [-1, 1], 3 x image_size^2) or "latent" (the frozen
+    frame tokenizer's FSQ latent, len(levels) x grid^2, decoded by its decoder: 12x fewer elements for the
+    default tokenizer; see docs/models.md for the measured trade-off)."""
+    tokenizer: dict = field(default_factory=dict)
+    """space "latent": the TokenizerConfig of the frozen tokenizer (its weights are in the checkpoint)."""
+    snap: bool = True
+    """space "latent": round a sampled latent to the FSQ grid before decoding (the decoder was trained on grid
+    values only). The state, its path and its log-probs are the unrounded ones."""
 
     def __post_init__(self) -> None:
         self.block_out_channels, self.sde_steps = tuple(self.block_out_channels), tuple(self.sde_steps)
@@ -84,8 +95,37 @@ class FlowConfig:
             raise ValueError(f"noise_level={self.noise_level} must be > 0")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every width {self.block_out_channels}")
-        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError(f"image_size={self.image_size} must halve {len(self.block_out_channels) - 1} times")
+        if self.space not in ("pixels", "latent"):
+            raise ValueError(f"space={self.space!r}; choose pixels or latent")
+        if self.space == "latent" and not self.tokenizer:
+            return  # a recipe's section: FlowWorldModel.latent(tokenizer, config) fills it in, then checks again
+        if self.space == "latent":
+            from .tokenizer import TokenizerConfig
+
+            tokenizer = TokenizerConfig(**self.tokenizer)
+            if tokenizer.image_size != self.image_size:
+                raise ValueError(f"tokenizer.image_size={tokenizer.image_size} differs from image_size={self.image_size}")
+        if self.state_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(f"the {self.state_size}x{self.state_size} state must halve "
+                             f"{len(self.block_out_channels) - 1} times (one per U-Net level after the first)")
+
+    @property
+    def state_size(self) -> int:
+        """Side of the denoised state: image_size in pixels, the tokenizer's grid in latent space."""
+        if self.space == "latent":
+            from .tokenizer import TokenizerConfig
+
+            return TokenizerConfig(**self.tokenizer).grid
+        return self.image_size
+
+    @property
+    def state_channels(self) -> int:
+        """Channels of the denoised state: 3 (RGB) or the tokenizer's latent channels."""
+        return len(self.tokenizer["levels"]) if self.space == "latent" else 3
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        return self.state_channels, self.state_size, self.state_size
 
 
 @dataclass
@@ -95,7 +135,8 @@ class FlowRollout:
     frames: torch.Tensor
     """(B, H, h, w, 3) generated frames in [0, 1]."""
     paths: torch.Tensor
-    """(B, H, K + 1, 3, h, w) each frame's denoising states, from the noise (t = 1) to the frame (t = 0)."""
+    """(B, H, K + 1, c, h, w) each frame's denoising states (`FlowConfig.state_shape`), from the noise (t = 1) to
+    the frame (t = 0)."""
     logprobs: torch.Tensor
     """(B, H, S) log-density of each stochastic step's next state (S = len(sde_steps); 0 when greedy)."""
     times: torch.Tensor = field(default=None)
@@ -103,28 +144,60 @@ class FlowRollout:
 
 
 class FlowWorldModel(nn.Module):
-    """Action-conditioned rectified-flow next-frame model, in pixel space. The denoiser is a diffusers
-    UNet2DModel built from the config, or any module passed as `denoiser` (bring your own: see below)."""
-
-    frozen_modules: tuple[str, ...] = ()
+    """Action-conditioned rectified-flow next-frame model, in pixel space or a frozen tokenizer's latent space.
+    The denoiser is a diffusers UNet2DModel built from the config, or any module passed as `denoiser` (bring
+    your own: see below)."""
 
     def __init__(self, config: FlowConfig | None = None, denoiser: nn.Module | None = None,
                  architecture: str = ARCHITECTURE):
         """`denoiser`, optional: your own module, called as `denoiser(inputs, timesteps, class_labels=actions)`
-        with inputs (B, 3 (1 + context_frames), H, W) (the noisy frame, then the clean context frames, in
-        [-1, 1]), timesteps (B,) = 1000 t, actions (B,) ids in [0, num_actions]; it returns the velocity
-        (B, 3, H, W), as a tensor or an object with `.sample` (diffusers' output). Its `lora_target_modules`
+        with inputs (B, c (1 + context_frames), h, w) (the noisy state, then the clean context states; (c, h, w)
+        is `config.state_shape`: (3, H, W) frames in [-1, 1] in pixel space), timesteps (B,) = 1000 t, actions
+        (B,) ids in [0, num_actions]; it returns the velocity (B, c, h, w), as a tensor or an object with `.sample` (diffusers' output). Its `lora_target_modules`
         attribute, if any, names what LoRA adapts. Such a model saves with `architecture`, the name you
         register a loader under (`posttrain.models.register_architecture`) that rebuilds it with
         `FlowWorldModel.from_pretrained(folder, map_location, denoiser=YourModule(...))`."""
         super().__init__()
         self.config = config or FlowConfig()
+        if self.config.space == "latent" and not self.config.tokenizer:
+            raise ValueError("space='latent' needs the frozen tokenizer's config in `tokenizer`: build the model with "
+                             "FlowWorldModel.latent(tokenizer, config)")
         self.architecture = architecture
         if denoiser is None:
             if architecture != ARCHITECTURE:
                 raise ValueError(f"architecture={architecture!r} is for a model with your own denoiser; pass it")
-            denoiser = self.unet(self.config)
+            # channels_last: mkldnn's convolutions instead of the slow im2col path, ~1.4x faster on CPU.
+            denoiser = self.unet(self.config).to(memory_format=torch.channels_last)
         self.denoiser = denoiser
+        self.tokenizer = None
+        if self.config.space == "latent":
+            from .tokenizer import FrameTokenizer, TokenizerConfig
+
+            self.tokenizer = FrameTokenizer(TokenizerConfig(**self.config.tokenizer)).eval()
+            self.tokenizer.requires_grad_(False)
+
+    @classmethod
+    def latent(cls, tokenizer: nn.Module, config: FlowConfig | None = None, **kwargs) -> FlowWorldModel:
+        """A latent-space model around a copy of `tokenizer` (a FrameTokenizer, e.g. `load_model("default")
+        .tokenizer`): config's space and tokenizer fields are set from it."""
+        from dataclasses import replace
+
+        config = replace(config or FlowConfig(), space="latent", image_size=tokenizer.config.image_size,
+                         tokenizer=asdict(tokenizer.config))
+        model = cls(config, **kwargs)
+        model.tokenizer.load_state_dict(tokenizer.state_dict())
+        return model
+
+    @property
+    def frozen_modules(self) -> tuple[str, ...]:
+        """Full fine-tuning never trains the latent space's tokenizer (its decoder draws every frame)."""
+        return ("tokenizer",) if self.tokenizer is not None else ()
+
+    def train(self, mode: bool = True) -> FlowWorldModel:
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        return self
 
     @staticmethod
     def unet(config: FlowConfig) -> nn.Module:
@@ -133,8 +206,9 @@ class FlowWorldModel(nn.Module):
         from diffusers import UNet2DModel
 
         levels = len(config.block_out_channels)
+        channels = config.state_channels
         return UNet2DModel(
-            sample_size=config.image_size, in_channels=3 * (1 + config.context_frames), out_channels=3,
+            sample_size=config.state_size, in_channels=channels * (1 + config.context_frames), out_channels=channels,
             block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
             down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
             up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
@@ -147,7 +221,10 @@ class FlowWorldModel(nn.Module):
         """The built-in U-Net's attention projections and residual-block convolutions, or your denoiser's
         `lora_target_modules`."""
         if self.architecture == ARCHITECTURE:
-            return ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+            # Full names under the denoiser: a latent model's tokenizer has conv1/conv2 too, and stays frozen.
+            leaves = ("to_q", "to_k", "to_v", "conv1", "conv2")
+            return [f"denoiser.{name}" for name, _ in self.denoiser.named_modules()
+                    if name.rsplit(".", 1)[-1] in leaves or name.endswith("to_out.0")]
         return list(getattr(self.denoiser, "lora_target_modules", []))
 
     @property
@@ -159,31 +236,49 @@ class FlowWorldModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def to_space(self, frames: torch.Tensor) -> torch.Tensor:
-        """(..., H, W, 3) uint8 or [0, 1] float frames -> (..., 3, H, W) in [-1, 1], in the weights' dtype."""
-        x = frames.to(self.dtype) / 255 if frames.dtype == torch.uint8 else frames.to(self.dtype)
-        return (x * 2 - 1).movedim(-1, -3)
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        return self.config.state_shape
 
-    @staticmethod
-    def from_space(x: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) -> (..., H, W, 3) frames in [0, 1]."""
-        return ((x.movedim(-3, -1) + 1) / 2).clamp(0, 1)
+    def to_space(self, frames: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) uint8 or [0, 1] float frames -> (..., c, h, w) states in the weights' dtype: the frame in
+        [-1, 1], or its tokenizer latent (FSQ grid values in [-1, 1])."""
+        x = frames.to(self.dtype) / 255 if frames.dtype == torch.uint8 else frames.to(self.dtype)
+        if self.tokenizer is None:
+            return (x * 2 - 1).movedim(-1, -3)
+        lead = frames.shape[:-3]
+        with torch.no_grad():
+            z = self.tokenizer.encoder(self.tokenizer.to_input(x.float())).float().permute(0, 2, 3, 1)
+            latents, _ = self.tokenizer.fsq(z)
+        return latents.permute(0, 3, 1, 2).reshape(*lead, *self.state_shape).to(self.dtype)
+
+    def from_space(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., c, h, w) states -> (..., H, W, 3) frames in [0, 1]."""
+        if self.tokenizer is None:
+            return ((x.movedim(-3, -1) + 1) / 2).clamp(0, 1)
+        lead = x.shape[:-3]
+        z = x.reshape(-1, *x.shape[-3:]).float()
+        if self.config.snap:
+            half = self.tokenizer.fsq.levels.view(1, -1, 1, 1) // 2
+            z = (z.clamp(-1, 1) * half).round() / half
+        with torch.no_grad():
+            frames = ((self.tokenizer.decoder(z).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        return frames.reshape(*lead, *frames.shape[-3:])
 
     # --- the token models' protocol, as far as evaluation needs it ----------------------------------
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, W, 3) frames -> (B, T, 3 H W): each frame's clean state, flattened (its 'tokens')."""
+        """(B, T, H, W, 3) frames -> (B, T, c h w): each frame's clean state, flattened (its 'tokens')."""
         return self.to_space(frames).flatten(-3)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3 H W) states -> (B, T, H, W, 3) frames in [0, 1]."""
-        size = self.config.image_size
-        return self.from_space(tokens.unflatten(-1, (3, size, size)))
+        """(B, T, c h w) states -> (B, T, H, W, 3) frames in [0, 1]."""
+        return self.from_space(tokens.unflatten(-1, self.state_shape))
 
     @torch.no_grad()
     def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seeds: list[int] | None = None,
                 generator: torch.Generator | None = None, decode: bool = True):
-        """The protocol's rollout: context (B, C, 3 H W) from `encode` -> RolloutOutput(tokens (B, H, 3 H W)
+        """The protocol's rollout: context (B, C, c h w) from `encode` -> RolloutOutput(tokens (B, H, c h w)
         final states, logprobs (B, H, S) of the stochastic steps, frames)."""
         from .world_model import RolloutOutput
 
@@ -192,14 +287,14 @@ class FlowWorldModel(nn.Module):
         if generator is not None:
             raise ValueError("a flow model takes per-rollout `seeds`, not a shared generator")
         out = self.rollout_paths(self.decode(context), actions, horizon, temperature=temperature, seeds=seeds,
-                                 context_in_space=context.unflatten(-1, (3, self.image_size, self.image_size)))
+                                 context_in_space=context.unflatten(-1, self.state_shape))
         return RolloutOutput(tokens=out.paths[:, :, -1].flatten(-3), logprobs=out.logprobs,
                              frames=out.frames if decode else None)
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
-        """What SFT calls as the model's `score`: (B, T - num_context, 3 H W), minus the squared velocity error
-        of every element of frames num_context.. of `tokens` (B, T, 3 H W, from `encode`), each frame noised
+        """What SFT calls as the model's `score`: (B, T - num_context, c h w), minus the squared velocity error
+        of every element of frames num_context.. of `tokens` (B, T, c h w, from `encode`), each frame noised
         at its own t ~ U(0, 1) with noise from torch's global generator (which checkpoints restore).
 
         A surrogate log-likelihood, not the exact log-density of a path (`score_paths` is that): the
@@ -207,7 +302,7 @@ class FlowWorldModel(nn.Module):
         mean token cross-entropy is the flow-matching loss per element."""
         if targets is not None:
             raise ValueError("a flow model has no forced scoring (targets=) yet")
-        x = tokens.unflatten(-1, (3, self.image_size, self.image_size)).to(self.dtype)
+        x = tokens.unflatten(-1, self.state_shape).to(self.dtype)
         b, length = x.shape[:2]
         t = torch.rand(b, length - num_context, device=x.device, dtype=self.dtype)
         noise = torch.randn(b, length - num_context, *x.shape[2:], device=x.device, dtype=self.dtype)
@@ -220,14 +315,14 @@ class FlowWorldModel(nn.Module):
 
     # --- the denoiser -------------------------------------------------------------------------------
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """v(x_t, t | context, action): x_t (B, 3, h, w), t (B,) in [0, 1], context (B, C, 3, h, w) clean
-        frames in [-1, 1], action (B,) ids."""
-        inputs = torch.cat([x_t, context.flatten(1, 2)], 1)
+        """v(x_t, t | context, action): x_t (B, c, h, w), t (B,) in [0, 1], context (B, C, c, h, w) clean
+        states, action (B,) ids."""
+        inputs = torch.cat([x_t, context.flatten(1, 2)], 1).contiguous(memory_format=torch.channels_last)
         out = self.denoiser(inputs, t * 1000, class_labels=action)
         return out.sample if hasattr(out, "sample") else out
 
     def _context(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """The `context_frames` frames before frame `index` of x (B, T, 3, h, w); the first frame repeats
+        """The `context_frames` frames before frame `index` of x (B, T, c, h, w); the first frame repeats
         where there are fewer."""
         c = self.config.context_frames
         picks = [max(index - c + j, 0) for j in range(c)]
@@ -238,8 +333,8 @@ class FlowWorldModel(nn.Module):
                            noise: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error between the predicted and the true velocity (eps - x_0) of every frame
         num_context.. of `frames` (B, T, H, W, 3), each noised at its own time t ~ U(0, 1) with its own
-        eps ~ N(0, I); `t` (B, T - num_context) and `noise` (B, T - num_context, 3, H, W) may be given."""
-        x = self.to_space(frames)  # (B, T, 3, h, w)
+        eps ~ N(0, I); `t` (B, T - num_context) and `noise` (B, T - num_context, c, h, w) may be given."""
+        x = self.to_space(frames)  # (B, T, c, h, w)
         b, length = x.shape[:2]
         if t is None:
             t = torch.rand(b, length - num_context, generator=generator, device=x.device)
@@ -249,12 +344,12 @@ class FlowWorldModel(nn.Module):
 
     def _velocity_error(self, x: torch.Tensor, actions: torch.Tensor, num_context: int, t: torch.Tensor,
                         noise: torch.Tensor) -> torch.Tensor:
-        """(B, F, 3, h, w) squared error of the predicted velocity of frames num_context.. of states x (B, T, 3,
+        """(B, F, c, h, w) squared error of the predicted velocity of frames num_context.. of states x (B, T, c,
         h, w), frame f noised at time t[:, f] with `noise`[:, f]; F = T - num_context."""
         length, targets = x.shape[1], x.shape[1] - num_context
         x0 = x[:, num_context:]
         x_t = (1 - t)[..., None, None, None] * x0 + t[..., None, None, None] * noise
-        context = torch.stack([self._context(x, num_context + i) for i in range(targets)], 1)  # (B, F, C, 3, h, w)
+        context = torch.stack([self._context(x, num_context + i) for i in range(targets)], 1)  # (B, F, C, c, h, w)
         action = actions[:, num_context - 1: length - 1]  # the action into each target frame
         v = self.velocity(x_t.flatten(0, 1), t.flatten(), context.flatten(0, 1), action.flatten())
         return (v.view_as(x0) - (noise - x0)).square()
@@ -298,7 +393,7 @@ class FlowWorldModel(nn.Module):
     def rollout_paths(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
                       seeds: list[int] | None = None, context_in_space: torch.Tensor | None = None) -> FlowRollout:
         """Sample `horizon` frames after context frames (B, C, H, W, 3) (uint8 or [0, 1]; or exactly the states
-        `context_in_space` (B, C, 3, H, W)); actions (B, >= C + horizon - 1). Temperature 0: the deterministic
+        `context_in_space` (B, C, c, h, w)); actions (B, >= C + horizon - 1). Temperature 0: the deterministic
         ODE; > 0: the SDE on `sde_steps`."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0")
@@ -329,17 +424,17 @@ class FlowWorldModel(nn.Module):
 
     def score_paths(self, context: torch.Tensor, paths: torch.Tensor, actions: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
-        """(B, H, S) log-densities of the stochastic steps of `paths` (B, H, K + 1, 3, h, w) under the current
+        """(B, H, S) log-densities of the stochastic steps of `paths` (B, H, K + 1, c, h, w) under the current
         weights, given the context frames (B, C, H, W, 3); differentiable. All H x S steps go through the
         denoiser in one batch (each frame's conditioning is the path's final states before it)."""
         if temperature <= 0:
             raise ValueError("a deterministic (temperature 0) path has no stochastic step to score")
-        x = torch.cat([self.to_space(context), paths[:, :, -1]], 1)  # (B, C + H, 3, h, w)
+        x = torch.cat([self.to_space(context), paths[:, :, -1]], 1)  # (B, C + H, c, h, w)
         b, c, horizon = x.shape[0], context.shape[1], paths.shape[1]
         times, steps = self.times(x.device).to(x.dtype), sorted(self.config.sde_steps)
-        windows = torch.stack([self._context(x, c + h) for h in range(horizon)], 1)  # (B, H, C', 3, h, w)
+        windows = torch.stack([self._context(x, c + h) for h in range(horizon)], 1)  # (B, H, C', c, h, w)
         action = actions[:, c - 1: c + horizon - 1]  # (B, H)
-        states = paths[:, :, steps]  # (B, H, S, 3, h, w)
+        states = paths[:, :, steps]  # (B, H, S, c, h, w)
         s_count = len(steps)
         t = times[steps].repeat(b * horizon)
         v = self.velocity(states.flatten(0, 2), t, windows.repeat_interleave(s_count, 1).flatten(0, 1),
