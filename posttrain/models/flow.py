@@ -143,6 +143,16 @@ class FlowRollout:
     """(K + 1,) the schedule's times, 1 .. 0."""
 
 
+@dataclass
+class FlowRolloutState:
+    """A rollout in progress (`start_rollout` / `rollout_step`)."""
+
+    states: torch.Tensor
+    """(B, <= context_frames, c, h, w) the latest clean states: what the next frame is conditioned on."""
+    generators: list[torch.Generator] | None
+    """One per rollout (from `seeds`), or None: torch's global generator."""
+
+
 class FlowWorldModel(nn.Module):
     """Action-conditioned rectified-flow next-frame model, in pixel space or a frozen tokenizer's latent space.
     The denoiser is a diffusers UNet2DModel built from the config, or any module passed as `denoiser` (bring
@@ -248,7 +258,7 @@ class FlowWorldModel(nn.Module):
             return (x * 2 - 1).movedim(-1, -3)
         lead = frames.shape[:-3]
         with torch.no_grad():
-            z = self.tokenizer.encoder(self.tokenizer.to_input(x.float())).float().permute(0, 2, 3, 1)
+            z = self.tokenizer.encoder(self.tokenizer.to_input(x)).float().permute(0, 2, 3, 1)
             latents, _ = self.tokenizer.fsq(z)
         return latents.permute(0, 3, 1, 2).reshape(*lead, *self.state_shape).to(self.dtype)
 
@@ -262,7 +272,7 @@ class FlowWorldModel(nn.Module):
             half = self.tokenizer.fsq.levels.view(1, -1, 1, 1) // 2
             z = (z.clamp(-1, 1) * half).round() / half
         with torch.no_grad():
-            frames = ((self.tokenizer.decoder(z).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+            frames = ((self.tokenizer.decoder(z.to(self.dtype)).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         return frames.reshape(*lead, *frames.shape[-3:])
 
     # --- the token models' protocol, as far as evaluation needs it ----------------------------------
@@ -394,33 +404,74 @@ class FlowWorldModel(nn.Module):
                       seeds: list[int] | None = None, context_in_space: torch.Tensor | None = None) -> FlowRollout:
         """Sample `horizon` frames after context frames (B, C, H, W, 3) (uint8 or [0, 1]; or exactly the states
         `context_in_space` (B, C, c, h, w)); actions (B, >= C + horizon - 1). Temperature 0: the deterministic
-        ODE; > 0: the SDE on `sde_steps`."""
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
+        ODE; > 0: the SDE on `sde_steps`. Written as `start_rollout` + `horizon` x `_sample_frame`, so play's
+        frame-by-frame rollout is exactly this one."""
         x = self.to_space(context) if context_in_space is None else context_in_space.to(self.dtype)
-        b, c = x.shape[:2]
-        generators = self._generators(seeds, b)
-        times = self.times(x.device).to(x.dtype)
+        c = x.shape[1]
+        state = self._start(x, seeds)
         paths, logprobs = [], []
         for h in range(horizon):
-            state = self._randn(x[:, 0], generators)
-            window, action = self._context(x, c + h), actions[:, c + h - 1]
-            path, steps = [state], []
-            for k in range(self.config.sample_steps):
-                v = self.velocity(state, times[k].expand(b), window, action)
-                mean, std = self._step(state, v, times, k, temperature)
-                if std is None:
-                    state = mean
-                else:
-                    state = mean + std * self._randn(mean, generators)
-                    steps.append(self.gaussian_logprob(state, mean, std))
-                path.append(state)
-            paths.append(torch.stack(path, 1))
-            logprobs.append(torch.stack(steps, 1) if steps else torch.zeros(b, 0, dtype=torch.float64))
-            x = torch.cat([x, state[:, None]], 1)
-        frames = self.from_space(x[:, c:])
-        return FlowRollout(frames=frames, paths=torch.stack(paths, 1), logprobs=torch.stack(logprobs, 1),
-                           times=times)
+            path, logprob = self._sample_frame(state, actions[:, c + h - 1], temperature)
+            paths.append(path)
+            logprobs.append(logprob)
+        paths = torch.stack(paths, 1)
+        return FlowRollout(frames=self.from_space(paths[:, :, -1]), paths=paths, logprobs=torch.stack(logprobs, 1),
+                           times=self.times(x.device).to(x.dtype))
+
+    def start_rollout(self, context: torch.Tensor, context_actions: torch.Tensor, *, seeds: list[int] | None = None,
+                      generator: torch.Generator | None = None) -> FlowRolloutState:
+        """Begin a rollout that `rollout_step` advances one frame at a time (`posttrain play`): context (B, C,
+        c h w) states from `encode`; context_actions (B, C - 1) (unused: the denoiser conditions on the action
+        into the frame it draws). `start_rollout` + k `rollout_step`s give `rollout(context, actions, k)`'s states
+        and log-probs for the same seeds."""
+        if generator is not None:
+            raise ValueError("a flow model takes per-rollout `seeds`, not a shared generator")
+        if tuple(context_actions.shape) != (context.shape[0], context.shape[1] - 1):
+            raise ValueError(f"context_actions must be (B, C - 1) = ({context.shape[0]}, {context.shape[1] - 1}), "
+                             f"got {tuple(context_actions.shape)}")
+        return self._start(context.unflatten(-1, self.state_shape).to(self.dtype), seeds)
+
+    @torch.no_grad()
+    def rollout_step(self, state: FlowRolloutState, action: torch.Tensor, *, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next frame after `action` (B,): (its state flattened (B, c h w), log-probs (B, S) of its stochastic
+        steps), as `rollout` gives per frame. Updates `state`."""
+        if top_k is not None or top_p is not None:
+            raise ValueError("a flow model samples by its SDE: top_k / top_p do not apply")
+        if tuple(action.shape) != (state.states.shape[0],):
+            raise ValueError(f"action must be ({state.states.shape[0]},), got {tuple(action.shape)}")
+        path, logprob = self._sample_frame(state, action, temperature)
+        return path[:, -1].flatten(1), logprob
+
+    def _start(self, x: torch.Tensor, seeds: list[int] | None) -> FlowRolloutState:
+        if x.shape[1] < 1:
+            raise ValueError("a rollout needs at least one context frame")
+        return FlowRolloutState(states=x, generators=self._generators(seeds, x.shape[0]))
+
+    def _sample_frame(self, state: FlowRolloutState, action: torch.Tensor, temperature: float):
+        """Denoise the frame after state.states given `action` (B,): (its path (B, K + 1, c, h, w), log-densities
+        (B, S) of its stochastic steps, float64). Appends the frame to state.states (kept to the last
+        context_frames states: all the denoiser reads)."""
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        x, generators = state.states, state.generators
+        b = x.shape[0]
+        times = self.times(x.device).to(x.dtype)
+        current = self._randn(x[:, 0], generators)
+        window = self._context(x, x.shape[1])
+        path, steps = [current], []
+        for k in range(self.config.sample_steps):
+            v = self.velocity(current, times[k].expand(b), window, action)
+            mean, std = self._step(current, v, times, k, temperature)
+            if std is None:
+                current = mean
+            else:
+                current = mean + std * self._randn(mean, generators)
+                steps.append(self.gaussian_logprob(current, mean, std))
+            path.append(current)
+        state.states = torch.cat([x, current[:, None]], 1)[:, -self.config.context_frames:]
+        logprob = torch.stack(steps, 1) if steps else torch.zeros(b, 0, dtype=torch.float64, device=x.device)
+        return torch.stack(path, 1), logprob
 
     def score_paths(self, context: torch.Tensor, paths: torch.Tensor, actions: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
