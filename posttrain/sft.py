@@ -142,15 +142,28 @@ def sample_clips(tokens: torch.Tensor, actions: torch.Tensor, batch_size: int, c
     return tokens[index[:, None], offsets], actions[index[:, None], offsets[:, :-1]]
 
 
+def objective_kwargs(world, noise_seeds: torch.Tensor | None = None) -> dict:
+    """What SFT passes to the model's forward besides the tokens: a model that trains on something other than
+    its score's log-probs names it in `sft_objective` (a flow model: the flow-matching loss), and then takes
+    per-row `noise_seeds` for the objective's noise (a function of (seed, step, clip): micro-batching and
+    processes do not change the noise any clip gets)."""
+    objective = getattr(world, "sft_objective", None)
+    if not objective:
+        return {}
+    return {"objective": objective, **({"noise_seeds": noise_seeds} if noise_seeds is not None else {})}
+
+
 @torch.no_grad()
 def teacher_forced_loss(model, tokens: torch.Tensor, actions: torch.Tensor, num_context: int,
                         batch: int = 16) -> float:
-    """Mean per-token cross-entropy (nats) of frames num_context.. of `tokens` (E, T, N) under `model`."""
+    """Mean per-token cross-entropy (nats) of frames num_context.. of `tokens` (E, T, N) under `model` (a flow
+    model: the flow-matching loss per element)."""
+    kwargs = objective_kwargs(training.unwrap(model))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(tokens), batch):
-        logp = model(tokens[i: i + batch], actions[i: i + batch], num_context)  # (b, T - C, N)
+        logp = model(tokens[i: i + batch], actions[i: i + batch], num_context, **kwargs)  # (b, T - C, N)
         total += float(-logp.double().sum())
         count += logp.numel()
     model.train(was_training)
@@ -230,11 +243,15 @@ def run(config: SFTConfig, initial_model: torch.nn.Module | None = None, method:
             # clip: a resumed run draws the clips an unbroken run would, and N processes train on what 1 would.
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009)
             clips, clip_actions = sample_clips(tokens, actions, config.batch_size, config.clip_frames, generator)
+            noise_seeds = (config.seed * 1_000_003 + step * 1_009) * 4_096 + torch.arange(config.batch_size)
+            noise_seeds = noise_seeds[acc.process_index:: acc.num_processes]
             clips = clips[acc.process_index:: acc.num_processes]  # (b, clip, N)
             clip_actions = clip_actions[acc.process_index:: acc.num_processes]  # (b, clip - 1)
-            targets = (config.clip_frames - config.num_context) * clips.shape[-1] * len(clips)
+            per_frame = getattr(session.world, "sft_values_per_frame", clips.shape[-1])  # loss terms per frame
+            targets = (config.clip_frames - config.num_context) * per_frame * len(clips)
             num_tokens = training.reduce_sum(acc, targets)
-            stats = training.update(session, clips, clip_actions, token_nll(num_tokens), num_context=config.num_context)
+            stats = training.update(session, clips, clip_actions, token_nll(num_tokens), num_context=config.num_context,
+                                    forward_kwargs=objective_kwargs(session.world, noise_seeds))
             metrics = {"loss": training.reduce_sum(acc, stats["nll"]) / num_tokens}
             if "grad_norm" in stats:
                 metrics["grad_norm"] = stats["grad_norm"]

@@ -293,13 +293,16 @@ def micro_batch_rows(session: Session, rows: int, align: int = 1) -> int:
 
 
 def update(session: Session, tokens: torch.Tensor, actions: torch.Tensor, loss_fn, *, num_context: int,
-           temperature: float = 1.0, align: int = 1, targets: torch.Tensor | None = None) -> dict:
+           temperature: float = 1.0, align: int = 1, targets: torch.Tensor | None = None,
+           forward_kwargs: dict | None = None) -> dict:
     """One optimizer step accumulated over micro-batches. `loss_fn(new_logp, index) -> (loss, stats)`
     must return micro-batch losses normalised by the GLOBAL batch, so their sum is the batch loss.
     new_logp: (b, T - num_context, N) log-probs of the micro-batch rows `index` at `temperature`.
     `align`: micro-batches hold a multiple of this many rows (DPO: 2, so a chosen/rejected pair
     is never split across micro-batches). `targets` (B, T - num_context, N): frames scored in place of
-    the inputs' own (`WorldModel.score(..., targets=)`; simulator-forcing). Returns the summed stats,
+    the inputs' own (`WorldModel.score(..., targets=)`; simulator-forcing). `forward_kwargs`: more keyword
+    arguments for the model's forward (SFT on a flow model: `objective`, and per-row `noise_seeds`); tensor
+    values are per row and are split into micro-batches with the rows. Returns the summed stats,
     grad_norm and skipped_nonfinite (1 when a non-finite loss or gradient made the step a no-op)."""
     acc, model = session.accelerator, session.model
     model.train()
@@ -311,7 +314,9 @@ def update(session: Session, tokens: torch.Tensor, actions: torch.Tensor, loss_f
         sync = i == len(starts) - 1
         context = acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
         with context:
-            extra = {} if targets is None else {"targets": targets[index]}
+            extra = {k: v[index] if torch.is_tensor(v) else v for k, v in (forward_kwargs or {}).items()}
+            if targets is not None:
+                extra["targets"] = targets[index]
             new_logp = model(tokens[index], actions[index], num_context, temperature, **extra)
             loss, stats = loss_fn(new_logp, index)
             # DDP averages gradients over processes; scale so the sum matches one process.

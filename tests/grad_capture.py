@@ -27,11 +27,12 @@ def _trainable(session: Session) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in session.policy.named_parameters() if p.requires_grad]
 
 
-def full_batch_grads(session: Session, tokens, actions, loss_fn, num_context: int, temperature: float) -> dict:
+def full_batch_grads(session: Session, tokens, actions, loss_fn, num_context: int, temperature: float,
+                     forward_kwargs: dict | None = None) -> dict:
     """Gradients of one forward/backward of `loss_fn` over every row (no micro-batches, no DDP)."""
     named = _trainable(session)
     session.policy.train()
-    new_logp = session.policy(tokens, actions, num_context, temperature)
+    new_logp = session.policy(tokens, actions, num_context, temperature, **(forward_kwargs or {}))
     loss, _ = loss_fn(new_logp, torch.arange(len(tokens)))
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {name: torch.zeros_like(p) if g is None else g.detach().clone() for (name, p), g in zip(named, grads)}
@@ -42,10 +43,12 @@ def install(records: list, full_batch: bool = False, patch=None) -> None:
     a plain setattr when None) to append one record per call to `records`."""
     original = training.update
 
-    def update(session, tokens, actions, loss_fn, *, num_context: int, temperature: float = 1.0, align: int = 1):
+    def update(session, tokens, actions, loss_fn, *, num_context: int, temperature: float = 1.0, align: int = 1,
+               forward_kwargs: dict | None = None):
         record = {}
         if full_batch:
-            record["full_batch"] = full_batch_grads(session, tokens, actions, loss_fn, num_context, temperature)
+            record["full_batch"] = full_batch_grads(session, tokens, actions, loss_fn, num_context, temperature,
+                                                    forward_kwargs)
         named = _trainable(session)
 
         def snapshot():
@@ -69,7 +72,7 @@ def install(records: list, full_batch: bool = False, patch=None) -> None:
         acc.clip_grad_norm_, optimizer.step = clip_first, step_first
         try:
             return original(session, tokens, actions, loss_fn, num_context=num_context, temperature=temperature,
-                            align=align)
+                            align=align, forward_kwargs=forward_kwargs)
         finally:
             for obj, name, value in saved:  # back to what the instances had (normally the class methods)
                 if value is None:

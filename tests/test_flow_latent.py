@@ -127,3 +127,43 @@ def test_pretrain_flow_recipe_trains_saves_and_resumes_exactly_after_sigkill(tin
     start = FlowWorldModel.latent(load_model(str(tiny_model_dir)).tokenizer, model.config)
     assert all(torch.equal(model.tokenizer.state_dict()[k], v) for k, v in start.tokenizer.state_dict().items())
     assert not all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in start.denoiser.state_dict().items())
+
+
+@pytest.mark.parametrize("space", ["pixels", "latent"])
+def test_the_protocol_score_is_the_rollouts_per_element_logprobs(tiny_token_model, space):
+    """What GRPO and DPO call: forward(context + rollout tokens) == rollout log-probs, per element, and those sum
+    to the paths' log-densities."""
+    model = (_latent(tiny_token_model) if space == "latent"
+             else FlowWorldModel(FlowConfig(image_size=32, **SMALL)).eval()).double()
+    frames, actions = _frames(frames=2)
+    context = model.encode(frames)
+    assert context.shape == (2, 2, model.tokens_per_frame)
+    out = model.rollout(context, actions, horizon=3, temperature=1.0, seeds=[7, 8])
+    assert out.tokens.shape == (2, 3, model.tokens_per_frame)
+    assert out.logprobs.shape == (2, 3, model.logprobs_per_frame) and out.logprobs.dtype == torch.float64
+    scored = model(torch.cat([context, out.tokens], 1), actions, 2, 1.0)
+    assert scored.shape == out.logprobs.shape
+    scale = float(out.logprobs.abs().max())
+    assert torch.allclose(scored, out.logprobs, atol=64 * scale * float(torch.finfo(torch.float64).eps))
+    paths = model.rollout_paths(frames, actions, 3, temperature=1.0, seeds=[7, 8])
+    assert torch.allclose(paths.logprobs, out.logprobs.view(2, 3, len(SMALL["sde_steps"]), -1).sum(-1))
+    assert torch.equal(model.decode(out.tokens), paths.frames)
+
+
+def test_sft_trains_a_flow_model_on_the_flow_matching_loss(tiny_token_model):
+    from posttrain.sft import objective_kwargs, teacher_forced_loss
+
+    model = _latent(tiny_token_model)
+    assert objective_kwargs(model) == {"objective": "flow_matching"}
+    assert objective_kwargs(tiny_token_model) == {}
+    frames, actions = _frames(frames=4)
+    tokens = model.encode(frames)
+    torch.manual_seed(3)
+    loss = teacher_forced_loss(model, tokens, actions[:, :3], num_context=1)
+    torch.manual_seed(3)
+    states = model.to_space(frames)
+    t = torch.rand(2, 3)
+    noise = torch.randn(2, 3, *model.state_shape)
+    with torch.no_grad():
+        expected = model._velocity_error(states, actions[:, :3], 1, t, noise).double().mean()
+    assert loss == pytest.approx(float(expected), rel=1e-5)

@@ -130,15 +130,17 @@ class FlowConfig:
 
 @dataclass
 class FlowRollout:
-    """What `FlowWorldModel.rollout` returns. B rollouts, H frames, K = sample_steps."""
+    """What `FlowWorldModel.rollout_paths` returns. B rollouts, H frames, K = sample_steps."""
 
-    frames: torch.Tensor
-    """(B, H, h, w, 3) generated frames in [0, 1]."""
+    frames: torch.Tensor | None
+    """(B, H, H_px, W_px, 3) generated frames in [0, 1] (None when not decoded)."""
     paths: torch.Tensor
     """(B, H, K + 1, c, h, w) each frame's denoising states (`FlowConfig.state_shape`), from the noise (t = 1) to
     the frame (t = 0)."""
     logprobs: torch.Tensor
     """(B, H, S) log-density of each stochastic step's next state (S = len(sde_steps); 0 when greedy)."""
+    element_logprobs: torch.Tensor = field(default=None)
+    """(B, H, S, c h w) the same per element (they sum to `logprobs`)."""
     times: torch.Tensor = field(default=None)
     """(K + 1,) the schedule's times, 1 .. 0."""
 
@@ -275,48 +277,99 @@ class FlowWorldModel(nn.Module):
             frames = ((self.tokenizer.decoder(z.to(self.dtype)).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         return frames.reshape(*lead, *frames.shape[-3:])
 
-    # --- the token models' protocol, as far as evaluation needs it ----------------------------------
+    # --- the world-model protocol (what trainers, eval and play read) -------------------------------
+    # A frame's "tokens" are its payload: the denoising path of the frame, (K + 1) states from the noise to the
+    # frame, flattened. A sampled frame's payload is the path its SDE took (its stochastic choices); a true
+    # frame's is its clean state at every step. `decode` reads the last state; `forward` scores the paths.
+    @property
+    def payload_shape(self) -> tuple[int, int, int, int]:
+        """(K + 1, c, h, w): a frame's payload before flattening."""
+        return (self.config.sample_steps + 1, *self.state_shape)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Payload values per frame, (K + 1) c h w."""
+        return math.prod(self.payload_shape)
+
+    @property
+    def logprobs_per_frame(self) -> int:
+        """Log-densities per frame that `rollout` returns and `forward` scores: one per element of each
+        stochastic step's state, S c h w (the step's Gaussian is diagonal, so they sum to its log-density)."""
+        return len(self.config.sde_steps) * math.prod(self.state_shape)
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, W, 3) frames -> (B, T, c h w): each frame's clean state, flattened (its 'tokens')."""
-        return self.to_space(frames).flatten(-3)
+        """(B, T, H, W, 3) frames -> (B, T, (K + 1) c h w) payloads: each frame's clean state at every step."""
+        states = self.to_space(frames)
+        return states.unsqueeze(-4).expand(*states.shape[:-3], *self.payload_shape).flatten(-4)
+
+    def final_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., (K + 1) c h w) payloads -> (..., c, h, w) the frames' clean states (the paths' last states)."""
+        return tokens.unflatten(-1, self.payload_shape)[..., -1, :, :, :]
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, c h w) states -> (B, T, H, W, 3) frames in [0, 1]."""
-        return self.from_space(tokens.unflatten(-1, self.state_shape))
+        """(B, T, (K + 1) c h w) payloads -> (B, T, H, W, 3) frames in [0, 1]."""
+        return self.from_space(self.final_states(tokens))
 
     @torch.no_grad()
     def rollout(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seeds: list[int] | None = None,
                 generator: torch.Generator | None = None, decode: bool = True):
-        """The protocol's rollout: context (B, C, c h w) from `encode` -> RolloutOutput(tokens (B, H, c h w)
-        final states, logprobs (B, H, S) of the stochastic steps, frames)."""
+        """The protocol's rollout: context (B, C, P) payloads from `encode` -> RolloutOutput(tokens (B, H, P) the
+        sampled paths, logprobs (B, H, S c h w) float64 per-element log-densities of the stochastic steps, frames).
+        `forward(cat(context, tokens), ...)` gives the same log-probs under the same weights."""
         from .world_model import RolloutOutput
 
         if top_k is not None or top_p is not None:
             raise ValueError("a flow model samples by its SDE: top_k / top_p do not apply")
         if generator is not None:
             raise ValueError("a flow model takes per-rollout `seeds`, not a shared generator")
-        out = self.rollout_paths(self.decode(context), actions, horizon, temperature=temperature, seeds=seeds,
-                                 context_in_space=context.unflatten(-1, self.state_shape))
-        return RolloutOutput(tokens=out.paths[:, :, -1].flatten(-3), logprobs=out.logprobs,
+        states = self.final_states(context)
+        out = self.rollout_paths(None, actions, horizon, temperature=temperature, seeds=seeds,
+                                 context_in_space=states, decode=decode)
+        return RolloutOutput(tokens=out.paths.flatten(2), logprobs=out.element_logprobs.flatten(2),
                              frames=out.frames if decode else None)
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """What SFT calls as the model's `score`: (B, T - num_context, c h w), minus the squared velocity error
-        of every element of frames num_context.. of `tokens` (B, T, c h w, from `encode`), each frame noised
-        at its own t ~ U(0, 1) with noise from torch's global generator (which checkpoints restore).
+                targets: torch.Tensor | None = None, objective: str = "score",
+                noise_seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The protocol's `score`, and SFT's objective.
 
-        A surrogate log-likelihood, not the exact log-density of a path (`score_paths` is that): the
-        denoising error bounds -log p up to constants and weights, and Diffusion-DPO uses it so. With it, SFT's
-        mean token cross-entropy is the flow-matching loss per element."""
+        objective "score" (what GRPO and DPO call): (B, T - num_context, S c h w) per-element log-densities of
+        the stochastic steps of the paths in frames num_context.. of `tokens` (B, T, P), each frame conditioned on
+        the clean (last) states of the frames before it; equal to `rollout`'s log-probs; differentiable.
+
+        objective "flow_matching" (SFT's `sft_objective`): (B, T - num_context, c h w), minus the squared velocity
+        error of every element of those frames' clean states, each frame noised at its own t ~ U(0, 1) with noise
+        from torch's global generator (which checkpoints restore), or, with `noise_seeds` (B,), from one generator
+        per row seeded by it (SFT's: then micro-batches and processes draw what one full batch would). A surrogate log-likelihood: the denoising
+        error bounds -log p up to constants and weights (Diffusion-DPO uses it so); with it, SFT's mean token
+        cross-entropy is the flow-matching loss per element."""
         if targets is not None:
             raise ValueError("a flow model has no forced scoring (targets=) yet")
-        x = tokens.unflatten(-1, self.state_shape).to(self.dtype)
-        b, length = x.shape[:2]
-        t = torch.rand(b, length - num_context, device=x.device, dtype=self.dtype)
-        noise = torch.randn(b, length - num_context, *x.shape[2:], device=x.device, dtype=self.dtype)
-        return -self._velocity_error(x, actions, num_context, t, noise).flatten(2)
+        states = self.final_states(tokens).to(self.dtype)
+        if objective == "score":
+            paths = tokens[:, num_context:].unflatten(-1, self.payload_shape).to(self.dtype)
+            return self._score_elements(states, paths, actions, num_context, temperature).flatten(2)
+        if objective != "flow_matching":
+            raise ValueError(f"objective={objective!r}; choose score or flow_matching")
+        b, length = states.shape[:2]
+        targets_shape = (length - num_context, *states.shape[2:])
+        if noise_seeds is None:
+            t = torch.rand(b, length - num_context, device=states.device, dtype=self.dtype)
+            noise = torch.randn(b, *targets_shape, device=states.device, dtype=self.dtype)
+        else:
+            generators = [torch.Generator().manual_seed(int(seed)) for seed in noise_seeds]
+            t = torch.stack([torch.rand(length - num_context, generator=g) for g in generators]).to(states)
+            noise = torch.stack([torch.randn(targets_shape, generator=g) for g in generators]).to(states)
+        return -self._velocity_error(states, actions, num_context, t, noise).flatten(2)
+
+    sft_objective = "flow_matching"
+    """What SFT trains (passed to `forward` as `objective`): the flow-matching loss, not the paths' density."""
+
+    @property
+    def sft_values_per_frame(self) -> int:
+        """Loss terms per target frame under `sft_objective`: the state's c h w elements."""
+        return math.prod(self.state_shape)
 
     def times(self, device=None) -> torch.Tensor:
         """(K + 1,) float32 times 1, 1 - 1/K, ..., 0."""
@@ -379,10 +432,15 @@ class FlowWorldModel(nn.Module):
         return x - d * v, None
 
     @staticmethod
-    def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
-        """(B,) log N(x; mean, std^2 I) summed over every element but the first axis (float64 sums)."""
+    def gaussian_logprob_elements(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+        """(B, E) float64 log N(x_e; mean_e, std^2) of every element of (B, ...) x."""
         z = ((x - mean).double() / std).flatten(1)
-        return -(0.5 * z.square() + math.log(std) + 0.5 * _LOG_2PI).sum(1)
+        return -(0.5 * z.square() + math.log(std) + 0.5 * _LOG_2PI)
+
+    @classmethod
+    def gaussian_logprob(cls, x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+        """(B,) log N(x; mean, std^2 I) summed over every element but the first axis (float64 sums)."""
+        return cls.gaussian_logprob_elements(x, mean, std).sum(1)
 
     def _generators(self, seeds, batch):
         if seeds is None:
@@ -401,7 +459,8 @@ class FlowWorldModel(nn.Module):
 
     @torch.no_grad()
     def rollout_paths(self, context: torch.Tensor, actions: torch.Tensor, horizon: int, *, temperature: float = 1.0,
-                      seeds: list[int] | None = None, context_in_space: torch.Tensor | None = None) -> FlowRollout:
+                      seeds: list[int] | None = None, context_in_space: torch.Tensor | None = None,
+                      decode: bool = True) -> FlowRollout:
         """Sample `horizon` frames after context frames (B, C, H, W, 3) (uint8 or [0, 1]; or exactly the states
         `context_in_space` (B, C, c, h, w)); actions (B, >= C + horizon - 1). Temperature 0: the deterministic
         ODE; > 0: the SDE on `sde_steps`. Written as `start_rollout` + `horizon` x `_sample_frame`, so play's
@@ -414,14 +473,14 @@ class FlowWorldModel(nn.Module):
             path, logprob = self._sample_frame(state, actions[:, c + h - 1], temperature)
             paths.append(path)
             logprobs.append(logprob)
-        paths = torch.stack(paths, 1)
-        return FlowRollout(frames=self.from_space(paths[:, :, -1]), paths=paths, logprobs=torch.stack(logprobs, 1),
-                           times=self.times(x.device).to(x.dtype))
+        paths, elements = torch.stack(paths, 1), torch.stack(logprobs, 1)
+        return FlowRollout(frames=self.from_space(paths[:, :, -1]) if decode else None, paths=paths,
+                           logprobs=elements.sum(-1), element_logprobs=elements, times=self.times(x.device).to(x.dtype))
 
     def start_rollout(self, context: torch.Tensor, context_actions: torch.Tensor, *, seeds: list[int] | None = None,
                       generator: torch.Generator | None = None) -> FlowRolloutState:
         """Begin a rollout that `rollout_step` advances one frame at a time (`posttrain play`): context (B, C,
-        c h w) states from `encode`; context_actions (B, C - 1) (unused: the denoiser conditions on the action
+        P) payloads from `encode`; context_actions (B, C - 1) (unused: the denoiser conditions on the action
         into the frame it draws). `start_rollout` + k `rollout_step`s give `rollout(context, actions, k)`'s states
         and log-probs for the same seeds."""
         if generator is not None:
@@ -429,19 +488,19 @@ class FlowWorldModel(nn.Module):
         if tuple(context_actions.shape) != (context.shape[0], context.shape[1] - 1):
             raise ValueError(f"context_actions must be (B, C - 1) = ({context.shape[0]}, {context.shape[1] - 1}), "
                              f"got {tuple(context_actions.shape)}")
-        return self._start(context.unflatten(-1, self.state_shape).to(self.dtype), seeds)
+        return self._start(self.final_states(context).to(self.dtype), seeds)
 
     @torch.no_grad()
     def rollout_step(self, state: FlowRolloutState, action: torch.Tensor, *, temperature: float = 1.0,
                      top_k: int | None = None, top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next frame after `action` (B,): (its state flattened (B, c h w), log-probs (B, S) of its stochastic
-        steps), as `rollout` gives per frame. Updates `state`."""
+        """The next frame after `action` (B,): (its path as a payload (B, P), per-element log-probs (B, S c h w) of
+        its stochastic steps), as `rollout` gives per frame. Updates `state`."""
         if top_k is not None or top_p is not None:
             raise ValueError("a flow model samples by its SDE: top_k / top_p do not apply")
         if tuple(action.shape) != (state.states.shape[0],):
             raise ValueError(f"action must be ({state.states.shape[0]},), got {tuple(action.shape)}")
         path, logprob = self._sample_frame(state, action, temperature)
-        return path[:, -1].flatten(1), logprob
+        return path.flatten(1), logprob.flatten(1)
 
     def _start(self, x: torch.Tensor, seeds: list[int] | None) -> FlowRolloutState:
         if x.shape[1] < 1:
@@ -449,8 +508,8 @@ class FlowWorldModel(nn.Module):
         return FlowRolloutState(states=x, generators=self._generators(seeds, x.shape[0]))
 
     def _sample_frame(self, state: FlowRolloutState, action: torch.Tensor, temperature: float):
-        """Denoise the frame after state.states given `action` (B,): (its path (B, K + 1, c, h, w), log-densities
-        (B, S) of its stochastic steps, float64). Appends the frame to state.states (kept to the last
+        """Denoise the frame after state.states given `action` (B,): (its path (B, K + 1, c, h, w), per-element
+        log-densities (B, S, c h w) of its stochastic steps, float64). Appends the frame to state.states (kept to the last
         context_frames states: all the denoiser reads)."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0")
@@ -467,35 +526,42 @@ class FlowWorldModel(nn.Module):
                 current = mean
             else:
                 current = mean + std * self._randn(mean, generators)
-                steps.append(self.gaussian_logprob(current, mean, std))
+                steps.append(self.gaussian_logprob_elements(current, mean, std))
             path.append(current)
         state.states = torch.cat([x, current[:, None]], 1)[:, -self.config.context_frames:]
-        logprob = torch.stack(steps, 1) if steps else torch.zeros(b, 0, dtype=torch.float64, device=x.device)
+        logprob = (torch.stack(steps, 1) if steps else
+                   torch.zeros(b, 0, math.prod(self.state_shape), dtype=torch.float64, device=x.device))
         return torch.stack(path, 1), logprob
 
     def score_paths(self, context: torch.Tensor, paths: torch.Tensor, actions: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
         """(B, H, S) log-densities of the stochastic steps of `paths` (B, H, K + 1, c, h, w) under the current
-        weights, given the context frames (B, C, H, W, 3); differentiable. All H x S steps go through the
-        denoiser in one batch (each frame's conditioning is the path's final states before it)."""
+        weights, given the context frames (B, C, H, W, 3); differentiable; equal to `rollout_paths`' logprobs."""
+        states = torch.cat([self.to_space(context), paths[:, :, -1]], 1)
+        return self._score_elements(states, paths, actions, context.shape[1], temperature).sum(-1)
+
+    def _score_elements(self, states: torch.Tensor, paths: torch.Tensor, actions: torch.Tensor, start: int,
+                        temperature: float) -> torch.Tensor:
+        """(B, H, S, c h w) per-element log-densities of the stochastic steps of `paths` (B, H, K + 1, c, h, w),
+        the frames start.. of `states` (B, start + H, c, h, w). All H x S steps go through the denoiser in one
+        batch (each frame's conditioning is the clean states before it)."""
         if temperature <= 0:
             raise ValueError("a deterministic (temperature 0) path has no stochastic step to score")
-        x = torch.cat([self.to_space(context), paths[:, :, -1]], 1)  # (B, C + H, c, h, w)
-        b, c, horizon = x.shape[0], context.shape[1], paths.shape[1]
-        times, steps = self.times(x.device).to(x.dtype), sorted(self.config.sde_steps)
-        windows = torch.stack([self._context(x, c + h) for h in range(horizon)], 1)  # (B, H, C', c, h, w)
-        action = actions[:, c - 1: c + horizon - 1]  # (B, H)
-        states = paths[:, :, steps]  # (B, H, S, c, h, w)
+        b, horizon = states.shape[0], paths.shape[1]
+        times, steps = self.times(states.device).to(states.dtype), sorted(self.config.sde_steps)
+        windows = torch.stack([self._context(states, start + h) for h in range(horizon)], 1)  # (B, H, C', c, h, w)
+        action = actions[:, start - 1: start + horizon - 1]  # (B, H)
+        noisy = paths[:, :, steps]  # (B, H, S, c, h, w)
         s_count = len(steps)
         t = times[steps].repeat(b * horizon)
-        v = self.velocity(states.flatten(0, 2), t, windows.repeat_interleave(s_count, 1).flatten(0, 1),
+        v = self.velocity(noisy.flatten(0, 2), t, windows.repeat_interleave(s_count, 1).flatten(0, 1),
                           action.repeat_interleave(s_count, 1).flatten())
+        v = v.view(b, horizon, s_count, *v.shape[1:])
         out = []
         for i, k in enumerate(steps):
-            v_k = v.view(b, horizon, s_count, *v.shape[1:])[:, :, i].flatten(0, 1)
-            mean, std = self._step(states[:, :, i].flatten(0, 1), v_k, times, k, temperature)
-            out.append(self.gaussian_logprob(paths[:, :, k + 1].flatten(0, 1), mean, std).view(b, horizon))
-        return torch.stack(out, -1)
+            mean, std = self._step(noisy[:, :, i].flatten(0, 1), v[:, :, i].flatten(0, 1), times, k, temperature)
+            out.append(self.gaussian_logprob_elements(paths[:, :, k + 1].flatten(0, 1), mean, std).view(b, horizon, -1))
+        return torch.stack(out, 2)
 
     # --- save / load --------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> Path:

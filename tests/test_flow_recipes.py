@@ -1,0 +1,93 @@
+"""The post-training recipes on a flow model, changing `model=` only (issue: a second model family): GRPO (frame
+and rollout credit) and DPO run on the SDE paths' exact log-probs; the first policy ratio is 1 (the update's score
+is the sampler's log-probs); recipes that need what a flow model lacks refuse it by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_grpo_overrides, tiny_overrides
+
+from posttrain.logging_utils import read_metrics
+from posttrain.models.flow import FlowConfig, FlowWorldModel
+from posttrain.runner import run_recipe
+
+TINY = dict(image_size=32, block_out_channels=(8, 16), norm_num_groups=4, sample_steps=3, sde_steps=(0,),
+            context_frames=2)
+
+
+@pytest.fixture(scope="module")
+def flow_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return FlowWorldModel(FlowConfig(**TINY)).save_pretrained(tmp_path_factory.mktemp("flow32") / "model")
+
+
+def test_the_first_ratio_is_one_in_float32():
+    """GRPO's old log-probs are the sampler's; the update recomputes them with `forward`: per element, within a
+    few float32 ulps of their size (so exp(new - old) is 1 to float32 precision)."""
+    torch.manual_seed(1)
+    model = FlowWorldModel(FlowConfig(**TINY)).eval()
+    frames = torch.randint(0, 256, (3, 2, 32, 32, 3), dtype=torch.uint8)
+    actions = torch.randint(0, 5, (3, 5))
+    context = model.encode(frames)
+    out = model.rollout(context, actions, horizon=3, temperature=1.0, seeds=[0, 1, 2])
+    with torch.no_grad():
+        new = model(torch.cat([context, out.tokens], 1), actions, 2, 1.0)
+    ratio = torch.exp(new.double() - out.logprobs)
+    scale = float(out.logprobs.abs().max())
+    assert (ratio - 1).abs().max() <= 64 * max(scale, 1.0) * float(torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("credit", ["frame", "rollout"])
+def test_grpo_runs_on_a_flow_model(flow_dir, data_cache, tmp_path, credit):
+    out = tmp_path / f"grpo-{credit}"
+    run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(flow_dir, data_cache, out, steps=2, extra=[
+        f"credit={credit}", "train.threads=1", "eval.horizon=3"]))
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "clip_fraction" in r]
+    assert len(records) == 2
+    # One update per step on the weights that sampled: every ratio is 1, none clipped.
+    assert all(r["clip_fraction"] == 0.0 for r in records)
+    assert all(r["grad_norm"] > 0 and r["skipped_nonfinite"] == 0 for r in records)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "report" / "metrics.json").is_file()
+
+
+def test_dpo_runs_on_a_flow_model(flow_dir, data_cache, tmp_path):
+    out = tmp_path / "dpo"
+    run_recipe("recipes/dpo_tabletop.yaml", tiny_overrides(flow_dir, data_cache, out) + [
+        "horizon=4", "steps=2", "prompts_per_step=2", "train.micro_batch_size=2", "train.video_every=0",
+        "eval.horizon=4", "train.threads=1"])
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_dense_credit_refuses_a_flow_model_by_name(flow_dir, data_cache, tmp_path):
+    with pytest.raises(ValueError, match="FlowWorldModel does not say"):
+        run_recipe("recipes/grpo_drift.yaml", tiny_grpo_overrides(flow_dir, data_cache, tmp_path / "dense", steps=1,
+                                                                        extra=["prefix_frames=0"]))
+
+
+def test_flow_sft_micro_batches_sum_to_the_full_batch_gradient(flow_dir, data_cache, tmp_path, monkeypatch):
+    """The flow-matching noise is drawn per clip from (seed, step, clip), not from a shared stream: 4 clips in
+    micro-batches of 1 hand the optimizer the gradient of one backward over all 4."""
+    import grad_capture
+    from tolerances import assert_close_reordered
+
+    records: list = []
+    grad_capture.install(records, full_batch=True, patch=monkeypatch.setattr)
+    run_recipe("recipes/sft_tabletop.yaml", tiny_overrides(flow_dir, data_cache, tmp_path / "sft-micro") + [
+        "clip_frames=4", "batch_size=4", "steps=1", "train.micro_batch_size=1", "train.eval_at_end=false",
+        "eval_every=0", "lora.enabled=false", "train.threads=1"])
+    (record,) = records
+    grads, steps = record["full_batch"], record["step_grads"]
+    assert any(v.abs().max() > 0 for v in grads.values())
+    for key, value in grads.items():
+        if key.endswith("to_k.bias"):
+            # Softmax is invariant to a shift along the keys, so this gradient is zero but for rounding: its
+            # terms are the size of the key weights' gradient, which is the scale to compare it at.
+            scale = float(grads[key[: -len("bias")] + "weight"].abs().max())
+            tolerance = 64 * float(torch.finfo(torch.float32).eps) * scale
+            assert (steps[key] - value).abs().max() <= tolerance and value.abs().max() <= tolerance, key
+            continue
+        assert_close_reordered(steps[key], value, msg=key)
