@@ -459,6 +459,42 @@ def test_bad_adapters_and_scenes_are_one_line_errors(tiny_model_dir, tmp_path, c
     assert "neither 'default' nor an existing folder" in err
 
 
+def test_a_flow_model_plays_and_its_panels_are_its_rollout(tmp_path, restore_threads):
+    """`posttrain play --model FLOW`: the panels step the flow model one frame per key (start_rollout /
+    rollout_step), and what they show is `model.rollout` from the same true context, actions and seeds."""
+    from posttrain.envs3d import TabletopEnv
+    from posttrain.models import load_model
+    from posttrain.models.flow import FlowConfig, FlowWorldModel
+    from posttrain.play import to_uint8
+
+    torch.manual_seed(0)
+    folder = FlowWorldModel(FlowConfig(image_size=32, block_out_channels=(8, 16), norm_num_groups=4,
+                                       context_frames=2)).save_pretrained(tmp_path / "flow")
+    play = PlayProcess(tmp_path / "play", "--model", str(folder), "--seed", str(SEED))
+    script = ["forward", "yaw_left", "noop", "back"]
+    try:
+        with connect(play.ws_url) as ws:
+            first, _ = receive_shot(ws)
+            shots = [request(ws, type="action", action=action_id(name), seq=i) for i, name in enumerate(script)]
+    finally:
+        play.interrupt()
+    env = TabletopEnv(SceneConfig(image_size=32))
+    try:
+        obs, _ = env.reset(seed=SEED)
+        context_frames = [obs["rgb"], env.step(0)[0]["rgb"]]
+    finally:
+        env.close()
+    model = load_model(folder)
+    with torch_threads(1):
+        context = model.encode(torch.from_numpy(np.stack(context_frames))[None])
+        actions = torch.tensor([[0, *[header["model_action"] for header, _ in shots]]])
+        for panel in (1, 2):
+            out = model.rollout(context, actions, len(script), temperature=0.0, seeds=[first["sample_seeds"][panel - 1]])
+            expected = to_uint8(out.frames)[0]
+            for t, (_, got) in enumerate(shots):
+                assert np.array_equal(got[panel], expected[t]), f"panel {panel} differs at step {t + 1}"
+
+
 def test_a_model_without_incremental_rollout_is_a_one_line_error(tmp_path, capsys, restore_threads):
     from posttrain.cli import main
 
