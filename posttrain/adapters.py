@@ -68,7 +68,9 @@ def save_adapter(peft_model, folder: str | Path, base_name: str, base_hash: str,
 def base_reference(base_name: str) -> str:
     """A base model folder as an absolute path (a relative one would break `adapter export --merge` run from
     another directory); built-in names such as "default" as they are."""
-    if base_name == "default" or not Path(base_name).is_dir():
+    from posttrain.models.registry import BUILTIN_MODELS
+
+    if base_name in BUILTIN_MODELS or not Path(base_name).is_dir():
         return base_name
     return str(Path(base_name).resolve())
 

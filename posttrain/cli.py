@@ -87,7 +87,8 @@ def add_eval_parser(sub) -> None:
     parser = sub.add_parser("eval", help="roll a model out on held-out envs3d episodes or footage clips and score it",
                             description="Roll a model out from true context frames and score the predicted frames "
                                         "against the true ones, beside the persistence and mean-image baselines.")
-    parser.add_argument("--model", default="default", help="'default' or a save_pretrained folder")
+    parser.add_argument("--model", default="default",
+                        help="'default' (the token model), 'flow' (the flow-matching model) or a save_pretrained folder")
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply")
     parser.add_argument("--force-adapter", action="store_true",
                         help="apply an adapter that lacks posttrain_adapter.json (its base model cannot be checked)")

@@ -8,9 +8,10 @@ scale and shift, i.e. AdaGN/FiLM, through the time embedding).
     out.frames                                                    # (B, 8, H, W, 3) in [0, 1]
     model.score_paths(frames[:, :2], out.paths, actions, temperature=1.0)   # == out.logprobs
 
-For what reads the token models' protocol (`posttrain eval`, the report), a frame's "tokens" are its clean
-state flattened, `encode` / `decode` convert, and `rollout` returns those with the log-probs (B, H, S) of
-the stochastic steps; `load_model` reads a `save_pretrained` folder.
+For what reads the world-model protocol (trainers, `posttrain eval`, the report, play), a frame's "tokens" are
+its payload: its denoising path, flattened (`encode` gives a true frame's clean state at every step, `decode`
+reads the last state); `rollout` returns sampled paths with per-element log-probs (B, H, S c h w), and the
+forward scores exactly those (docs/architecture.md, "One protocol, two model families").
 
 The maths (x_t = (1 - t) x_0 + t eps, t = 1 is noise, the velocity is v = eps - x_0):
 * Deterministic sampling ("greedy", temperature 0) integrates the ODE dx/dt = v from t = 1 to 0 with Euler
@@ -29,8 +30,8 @@ The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep
 yours with the same call (`FlowWorldModel(config, denoiser=...)`). It denoises in pixel space (`space: pixels`)
 or in a frozen frame tokenizer's FSQ latent (`space: latent`, `FlowWorldModel.latent(tokenizer)`): 4 x 16 x 16
 values for the default tokenizer instead of 3 x 64 x 64, decoded by the tokenizer's decoder.
-`posttrain eval` and `load_model` take it; the trainers (GRPO, DPO, SFT), play and pre-training do not yet
-(they read token ids and `score`): issue "a second model family".
+GRPO (frame and rollout credit), DPO, SFT (the flow-matching loss), play, eval and pre-training
+(`posttrain.pretrain_flow`) take it; GRPO's dense credit does not yet.
 """
 
 from __future__ import annotations

@@ -19,17 +19,25 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 """The embedded base model, shipped with the package (see its README.md for how it was made)."""
 
 
+FLOW_MODEL_DIR = Path(__file__).resolve().parent.parent / "flow_model"
+"""The embedded flow-matching base model (`--model flow`; see its README.md)."""
+
+BUILTIN_MODELS = {"default": (DEFAULT_MODEL_DIR, "recipes/pretrain_tabletop.yaml"),
+                  "flow": (FLOW_MODEL_DIR, "recipes/pretrain_flow_tabletop.yaml")}
+"""Names `--model` takes besides folders: (the shipped folder, the recipe that rebuilds it)."""
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    if str(name_or_path) == "default":
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
-                "rebuild it with `posttrain run recipes/pretrain_tabletop.yaml`"
-            )
-        return DEFAULT_MODEL_DIR
+    if str(name_or_path) in BUILTIN_MODELS:
+        folder, recipe = BUILTIN_MODELS[str(name_or_path)]
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"the embedded {name_or_path!r} model is missing from {folder}; rebuild it with "
+                                    f"`posttrain run {recipe}`")
+        return folder
     path = Path(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(f"model {str(name_or_path)!r} is neither 'default' nor an existing folder")
+        raise FileNotFoundError(f"model {str(name_or_path)!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
+                                f"nor an existing folder")
     return path
 
 

@@ -282,7 +282,8 @@ def _number(request: dict, key: str, name: str) -> float:
 # --- command line ---------------------------------------------------------------------------------
 def add_play_parser(sub) -> None:
     parser = sub.add_parser("play", help="steer the simulator, the base and the post-trained model live in a browser")
-    parser.add_argument("--model", default="default", help="'default' (the embedded base) or a model folder")
+    parser.add_argument("--model", default="default", help="'default' (the embedded token model), 'flow' (the embedded flow model) "
+                                                          "or a model folder")
     parser.add_argument("--adapter", default=None,
                         help="a LoRA adapter folder for the post-trained panel (default: the base again)")
     parser.add_argument("--force-adapter", action="store_true",
