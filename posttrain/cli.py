@@ -39,7 +39,7 @@ def _models_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty folder; choose a new one")
-    if args.arch == "flow":
+    if args.arch in ("flow", "unet2d"):
         return _flow_init(args, out)
     check_not_overlapping(out, {"tokenizer's model folder": resolve_model_path(args.tokenizer)})
     model = init_model(args.arch, args.layers, args.width, args.heads, args.tokenizer,
@@ -54,8 +54,9 @@ def _models_init(args: argparse.Namespace) -> int:
 
 
 def _flow_init(args: argparse.Namespace, out) -> int:
-    """`models init --arch flow`: a fresh FlowWorldModel, a U-Net of `--layers` residual blocks per level at widths
-    (W, 2W, 2W) for --width W, on --size frames."""
+    """`models init --arch flow` (or `unet2d`): a fresh FlowWorldModel, a diffusers UNet2DModel of `--layers`
+    residual blocks per level at widths (W, 2W, 2W) for --width W, on --size frames in pixel space, or with
+    `--space latent` in the latent of --tokenizer's frame tokenizer (frozen, copied in)."""
     import torch
 
     from posttrain.models.flow import FlowConfig, FlowWorldModel
@@ -66,14 +67,28 @@ def _flow_init(args: argparse.Namespace, out) -> int:
     if args.width % groups:
         raise ValueError(f"--width {args.width} must be a multiple of 8 (the U-Net's GroupNorm groups)")
     torch.manual_seed(args.seed)
-    model = FlowWorldModel(FlowConfig(image_size=args.size, block_out_channels=(args.width, 2 * args.width,
-                                                                                2 * args.width),
-                                      layers_per_block=args.layers, norm_num_groups=groups))
-    model.save_pretrained(out, metadata={"init": {"arch": "flow", "layers": args.layers, "width": args.width,
-                                                  "size": args.size, "seed": args.seed}})
-    params = sum(p.numel() for p in model.parameters())
-    print(f"wrote an untrained flow world model ({params / 1e6:.2f} M parameters, {args.size}x{args.size} frames, "
-          f"{model.config.sample_steps} sampling steps) to {out}")
+    config = FlowConfig(image_size=args.size, block_out_channels=(args.width, 2 * args.width, 2 * args.width),
+                        layers_per_block=args.layers, norm_num_groups=groups)
+    if args.space == "latent":
+        from posttrain.models import TokenWorldModel, load_model
+        from posttrain.models.registry import resolve_model_path
+        from posttrain.runfolder import check_not_overlapping
+
+        check_not_overlapping(out, {"tokenizer's model folder": resolve_model_path(args.tokenizer)})
+        source = load_model(args.tokenizer)
+        if not isinstance(source, TokenWorldModel):
+            raise ValueError(f"--tokenizer {args.tokenizer}: --space latent takes a built-in token model's FSQ "
+                             f"tokenizer, not {type(source).__name__}'s")
+        model = FlowWorldModel.latent(source.tokenizer, config)
+    else:
+        model = FlowWorldModel(config)
+    model.save_pretrained(out, metadata={"init": {"arch": args.arch, "layers": args.layers, "width": args.width,
+                                                  "size": model.image_size, "space": args.space,
+                                                  "seed": args.seed}})
+    params = sum(p.numel() for p in model.denoiser.parameters())
+    print(f"wrote an untrained flow world model ({params / 1e6:.2f} M denoiser parameters, "
+          f"{model.image_size}x{model.image_size} frames denoised as {'x'.join(map(str, model.state_shape))} "
+          f"{args.space} states, {model.config.sample_steps} sampling steps) to {out}")
     return 0
 
 
@@ -134,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
     init = models_sub.add_parser("init", help="write a fresh (untrained) world model folder (transformers or flow)")
     init.add_argument("--arch", default="llama",
-                      help="llama (a transformers causal LM over the tokenizer's codes) or flow (a flow-matching "
-                           "U-Net, FlowWorldModel)")
+                      help="llama (a transformers causal LM over the tokenizer's codes) or flow / unet2d (a "
+                           "flow-matching diffusers UNet2DModel, FlowWorldModel)")
     init.add_argument("--layers", type=int, required=True, help="transformer blocks")
     init.add_argument("--width", type=int, required=True, help="hidden size")
     init.add_argument("--heads", type=int, default=None, help="attention heads (default width // 64, at least 1)")
@@ -145,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frames (context + generated) the position range holds (default 16)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     init.add_argument("--size", type=int, default=64, help="--arch flow: frame size in pixels (default 64)")
+    init.add_argument("--space", choices=("pixels", "latent"), default="pixels",
+                      help="--arch flow: denoise pixels, or the latent of --tokenizer's frame tokenizer")
     init.add_argument("--out", required=True, help="new or empty output folder")
     init.set_defaults(func=_models_init)
 

@@ -233,6 +233,23 @@ def test_models_init_writes_a_fresh_flow_model(tmp_path, capsys):
                  str(tmp_path / "odd")]) == 2  # 12 is not a multiple of the U-Net's 8 groups
 
 
+def test_models_init_writes_a_latent_unet2d_flow_model(tmp_path, tiny_model_dir, capsys):
+    from posttrain.cli import main
+    from posttrain.models import load_model
+
+    assert main(["models", "init", "--arch", "unet2d", "--space", "latent", "--tokenizer", str(tiny_model_dir),
+                 "--layers", "1", "--width", "8", "--out", str(tmp_path / "latent")]) == 0
+    model = load_model(str(tmp_path / "latent"))
+    token_model = load_model(str(tiny_model_dir))
+    assert isinstance(model, FlowWorldModel) and model.config.space == "latent"
+    assert model.state_shape == (2, 4, 4) and model.image_size == 32
+    assert all(torch.equal(model.tokenizer.state_dict()[k], v) for k, v in token_model.tokenizer.state_dict().items())
+    assert "2x4x4 latent states" in capsys.readouterr().out
+    # A flow model has no FSQ tokenizer to lend.
+    assert main(["models", "init", "--arch", "flow", "--space", "latent", "--tokenizer", str(tmp_path / "latent"),
+                 "--layers", "1", "--width", "8", "--out", str(tmp_path / "bad")]) == 2
+
+
 class _MyDenoiser(torch.nn.Module):
     """A user's own denoiser, not a diffusers class: convolutions, an action embedding and a time projection."""
 
