@@ -91,3 +91,50 @@ def test_flow_sft_micro_batches_sum_to_the_full_batch_gradient(flow_dir, data_ca
             assert (steps[key] - value).abs().max() <= tolerance and value.abs().max() <= tolerance, key
             continue
         assert_close_reordered(steps[key], value, msg=key)
+
+
+def test_grpo_on_a_flow_model_resumes_exactly_after_sigkill(flow_dir, data_cache, tmp_path):
+    from conftest import sigkill_resume_and_compare
+
+    def overrides(out):
+        return tiny_grpo_overrides(flow_dir, data_cache, out, steps=3, extra=[
+            "train.threads=1", "train.eval_at_end=false"])
+
+    unbroken, resumed = sigkill_resume_and_compare("recipes/grpo_tabletop.yaml", overrides, tmp_path)
+    assert unbroken.keys() == resumed.keys() and unbroken
+    for name, value in unbroken.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_a_flow_lora_adapter_saves_reloads_exports_and_merges(flow_dir, data_cache, tmp_path):
+    from peft import PeftModel
+    from tolerances import assert_close_reordered
+
+    from posttrain.cli import main
+    from posttrain.models import load_model
+
+    out = tmp_path / "grpo"
+    run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(flow_dir, data_cache, out, steps=2, extra=[
+        "train.threads=1", "train.eval_at_end=false", "train.lr=0.01"]))
+    base = load_model(flow_dir).eval()
+    torch.manual_seed(5)
+    frames = torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8)
+    actions = torch.randint(0, 5, (2, 4))
+    context = base.encode(frames)
+    sampled = base.rollout(context, actions, horizon=2, temperature=1.0, seeds=[0, 1])
+    tokens = torch.cat([context, sampled.tokens], 1)
+
+    def score(model):
+        with torch.no_grad():
+            return model(tokens, actions, 2, 1.0)
+
+    export = tmp_path / "export"
+    assert main(["adapter", "export", str(out), "--out", str(export)]) == 0
+    reloaded = PeftModel.from_pretrained(load_model(flow_dir), str(export)).eval()
+    adapted = score(reloaded)
+    assert not torch.allclose(adapted, score(base), atol=1e-4), "the adapter changed the flow model"
+    merged_dir = tmp_path / "merged"
+    assert main(["adapter", "export", str(out), "--out", str(merged_dir), "--merge"]) == 0
+    merged = load_model(merged_dir).eval()
+    assert isinstance(merged, FlowWorldModel)
+    assert_close_reordered(score(merged), adapted)
