@@ -67,7 +67,7 @@ def build_model(config: FlowPretrainConfig) -> FlowWorldModel:
         from posttrain.models import TokenWorldModel, load_model
 
         source = load_model(config.tokenizer_from)
-        if not isinstance(getattr(source, "tokenizer", None), torch.nn.Module) or not isinstance(source, TokenWorldModel):
+        if not isinstance(source, TokenWorldModel):
             raise ValueError(f"tokenizer_from={config.tokenizer_from}: a latent flow model takes the FSQ tokenizer of "
                              f"a built-in token world model, not {type(source).__name__}")
         return FlowWorldModel.latent(source.tokenizer, config.flow)
