@@ -33,7 +33,10 @@ within-frame effect too (an approximation; the frame term still carries it).
 
 Which pixels a token governs is the model's to say: `token_grid` (rows, cols) means the frame's N = rows x
 cols tokens tile it row-major in equal cells, token i owning cell (i // cols, i % cols). A model without
-`token_grid` is refused for dense credit.
+`token_grid` is refused for dense credit. A model whose frames have more log-probs than cells (a flow model:
+one per element of each SDE step's latent, laid out (S, c, rows, cols)) says so with `logprobs_per_frame`, a
+multiple k of rows x cols; every one of a cell's k log-probs then gets the cell's advantage
+(`expand_to_logprobs`), as SpatialFlow-GRPO weights each element's log-ratio by its pixel's advantage.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import torch
 
 from posttrain.rewards.geometry import reproject
 
-__all__ = ["DenseCredit", "token_grid", "pool_to_tokens", "cell_flow", "patch_returns", "dense_advantages"]
+__all__ = ["DenseCredit", "token_grid", "expand_to_logprobs", "pool_to_tokens", "cell_flow", "patch_returns",
+           "dense_advantages"]
 
 PATCH_RETURNS = ("none", "same_cell", "flow")
 
@@ -80,10 +84,26 @@ def token_grid(model, image_size: tuple[int, int]) -> tuple[int, int]:
                          f"(tokens tile the frame row-major in equal cells; docs/models.md), or use credit: frame")
     rows, cols = (int(v) for v in grid)
     h, w = image_size
-    if rows * cols != model.tokens_per_frame or h % rows or w % cols:
+    per_frame = int(getattr(model, "logprobs_per_frame", model.tokens_per_frame))
+    if per_frame % (rows * cols) or h % rows or w % cols:
         raise ValueError(f"{type(model).__name__}.token_grid={grid} does not tile {h}x{w} frames into its "
-                         f"{model.tokens_per_frame} tokens per frame")
+                         f"{per_frame} log-probs per frame")
     return rows, cols
+
+
+def expand_to_logprobs(advantages: torch.Tensor, grid: tuple[int, int], per_frame: int) -> torch.Tensor:
+    """(B, H * N) per-cell advantages -> (B, H * per_frame): each of a frame's per_frame // N log-probs (laid out
+    (k, rows, cols)) takes its cell's advantage. The identity when per_frame == N (a token model).
+
+    >>> expand_to_logprobs(torch.tensor([[1., 2., 3., 4.]]), (1, 2), 4).tolist()   # 2 frames, 2 cells, k = 2
+    [[1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]]
+    """
+    cells = grid[0] * grid[1]
+    if per_frame == cells:
+        return advantages
+    b = advantages.shape[0]
+    per_cell = advantages.view(b, -1, 1, cells).expand(-1, -1, per_frame // cells, -1)
+    return per_cell.reshape(b, -1)
 
 
 def pool_to_tokens(pixel_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -174,7 +174,7 @@ def dense_token_advantages(config: GRPOConfig, grid, frame_totals, maps, valid, 
                                 episodes["intrinsics"][episode_index], grid)  # (B, H - 1, N)
     returns = credit.patch_returns(patch, config.dense.patch_return, flow)
     reduce = None if acc is None else functools.partial(training.reduce_sum, acc)
-    return credit.dense_advantages(frame_adv, returns, valid, config.dense, reduce_sum=reduce)
+    return credit.dense_advantages(frame_adv, returns, valid, config.dense, reduce_sum=reduce)  # (B, H * N)
 
 
 def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, epsilon_high,
@@ -292,6 +292,8 @@ def run(config: GRPOConfig):
                 valid = frame_valid.view(len(local), group)
                 advantages = dense_token_advantages(config, grid, frame_totals, maps, valid, episodes,
                                                     episode_index, start, acc)  # (B, H * N)
+                # A flow model has k log-probs per cell (each SDE step's latent channels): each takes its cell's.
+                advantages = credit.expand_to_logprobs(advantages, grid, out.logprobs.shape[-1])
                 scores = RewardOutput(total=frame_totals.mean(1), failures=failures, valid=frame_valid,
                                       components={k: v.mean(1) for k, v in frame_components.items()})
             elif config.credit == "frame":

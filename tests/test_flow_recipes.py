@@ -62,10 +62,25 @@ def test_dpo_runs_on_a_flow_model(flow_dir, data_cache, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_dense_credit_refuses_a_flow_model_by_name(flow_dir, data_cache, tmp_path):
-    with pytest.raises(ValueError, match="FlowWorldModel does not say"):
-        run_recipe("recipes/grpo_drift.yaml", tiny_grpo_overrides(flow_dir, data_cache, tmp_path / "dense", steps=1,
-                                                                        extra=["prefix_frames=0"]))
+def test_dense_credit_gives_each_latent_element_its_cells_advantage(flow_dir, data_cache, tmp_path):
+    """credit: dense on a flow model: a frame's S c h w log-probs are laid out (S, c, h, w), so element
+    (s, ch, i, j) takes cell (i, j)'s advantage; the main job's recipe runs on it."""
+    from posttrain import credit
+
+    model = FlowWorldModel.from_pretrained(flow_dir)
+    rows, cols = credit.token_grid(model, (32, 32))
+    assert (rows, cols) == model.token_grid == (32, 32)
+    cells = torch.arange(2 * rows * cols, dtype=torch.float64).view(1, -1)  # 2 frames, a distinct value per cell
+    expanded = credit.expand_to_logprobs(cells, (rows, cols), model.logprobs_per_frame)
+    layout = expanded.view(2, len(TINY["sde_steps"]), 3, rows, cols)  # (frame, S, c, h, w)
+    for s in range(layout.shape[1]):
+        for ch in range(3):
+            assert torch.equal(layout[:, s, ch].flatten(1), cells.view(2, -1))
+    out = tmp_path / "dense"
+    run_recipe("recipes/grpo_drift.yaml", tiny_grpo_overrides(flow_dir, data_cache, out, steps=1, extra=[
+        "prefix_frames=0", "train.threads=1", "train.eval_at_end=false"]))
+    (record,) = [r for r in read_metrics(out / "metrics.jsonl") if "clip_fraction" in r]
+    assert record["clip_fraction"] == 0.0 and record["advantage_abs_mean"] > 0 and record["grad_norm"] > 0
 
 
 def test_flow_sft_micro_batches_sum_to_the_full_batch_gradient(flow_dir, data_cache, tmp_path, monkeypatch):

@@ -30,8 +30,8 @@ The denoiser is `diffusers.UNet2DModel` (its conv blocks, attention and timestep
 yours with the same call (`FlowWorldModel(config, denoiser=...)`). It denoises in pixel space (`space: pixels`)
 or in a frozen frame tokenizer's FSQ latent (`space: latent`, `FlowWorldModel.latent(tokenizer)`): 4 x 16 x 16
 values for the default tokenizer instead of 3 x 64 x 64, decoded by the tokenizer's decoder.
-GRPO (frame and rollout credit), DPO, SFT (the flow-matching loss), play, eval and pre-training
-(`posttrain.pretrain_flow`) take it; GRPO's dense credit does not yet.
+GRPO (rollout, frame and dense credit), DPO, SFT (the flow-matching loss), play, eval and pre-training
+(`posttrain.pretrain_flow`) take it.
 """
 
 from __future__ import annotations
@@ -297,6 +297,13 @@ class FlowWorldModel(nn.Module):
         """Log-densities per frame that `rollout` returns and `forward` scores: one per element of each
         stochastic step's state, S c h w (the step's Gaussian is diagonal, so they sum to its log-density)."""
         return len(self.config.sde_steps) * math.prod(self.state_shape)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """GRPO's dense credit: the state's h x w cells tile the frame row-major (4x4-pixel cells in the default
+        tokenizer's latent, single pixels in pixel space); a frame's log-probs are laid out (S, c, h, w), so
+        each cell owns S c of them (`posttrain.credit.expand_to_logprobs`)."""
+        return self.config.state_size, self.config.state_size
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, H, W, 3) frames -> (B, T, (K + 1) c h w) payloads: each frame's clean state at every step."""
