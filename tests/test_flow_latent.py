@@ -47,9 +47,15 @@ def test_latent_states_are_the_tokenizers_latents_and_decode_to_its_reconstructi
     decoded = model.decode(model.encode(frames))
     assert decoded.shape == frames.shape
     assert torch.allclose(decoded, reconstruction, atol=8 * float(torch.finfo(torch.float32).eps))
-    # Off-grid states are snapped before decoding (snap: true), or decoded as they are (snap: false).
+    # Off-grid states are snapped before decoding (snap: true), or decoded as they are (snap: false); states
+    # beyond the grid snap to its end codes (an even level's top code is (L/2 - 1) / (L/2), not 1).
     off = states + 0.01
     assert torch.allclose(model.from_space(off), reconstruction, atol=1e-6)
+    top = torch.full_like(states[:1, :1], 5.0)
+    codes = (levels - 1 - levels // 2) / (levels // 2)
+    with torch.no_grad():
+        expected = ((tokenizer.decoder(codes.expand_as(top[0])).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    assert torch.allclose(model.from_space(top)[0], expected, atol=1e-6)
     unsnapped = FlowWorldModel.latent(tokenizer, FlowConfig(**SMALL, snap=False))
     assert not torch.allclose(unsnapped.from_space(off), reconstruction, atol=1e-6)
 

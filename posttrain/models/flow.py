@@ -271,9 +271,10 @@ class FlowWorldModel(nn.Module):
             return ((x.movedim(-3, -1) + 1) / 2).clamp(0, 1)
         lead = x.shape[:-3]
         z = x.reshape(-1, *x.shape[-3:]).float()
-        if self.config.snap:
-            half = self.tokenizer.fsq.levels.view(1, -1, 1, 1) // 2
-            z = (z.clamp(-1, 1) * half).round() / half
+        if self.config.snap:  # to the nearest FSQ code: integers -(L // 2) .. L - 1 - L // 2, over L // 2
+            levels = self.tokenizer.fsq.levels.view(1, -1, 1, 1)
+            half = levels // 2
+            z = torch.minimum(torch.maximum((z * half).round(), -half), levels - 1 - half) / half
         with torch.no_grad():
             frames = ((self.tokenizer.decoder(z.to(self.dtype)).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         return frames.reshape(*lead, *frames.shape[-3:])
