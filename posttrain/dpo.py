@@ -23,6 +23,14 @@ Loss (`loss_type`), with h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))
   `label_smoothing` eps gives conservative DPO: -(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h).
 - ipo (IPO, Eq. 17): (h - 1/(2 beta))^2 with log-probs AVERAGED over tokens, as TRL does.
 
+On a flow model (`FlowWorldModel`) `flow_score` picks what log pi is: `paths`, the exact log-density of the
+SDE paths the rollouts took (the protocol's score); or `denoising`, Diffusion-DPO's surrogate (Wallace et al.
+2023, arXiv 2311.12908; Flow-DPO for rectified flows): minus the flow-matching error of every response frame,
+noised at a time and noise drawn from the pair's id, shared by chosen and rejected and by the policy and the
+reference. Then h = -(err_pi(c) - err_ref(c)) + (err_pi(r) - err_ref(r)) and the sigmoid loss is exactly
+Diffusion-DPO's -log sigmoid(-beta T [...]) with beta T -> beta. Offline and JSONL pairs keep one (t, eps) each
+for the whole run (the reference values are cached per pair), where Diffusion-DPO redraws them every step.
+
 Reference log-probs are computed once per pair and cached in `reference_cache/rank<k>.safetensors`
 in the run folder, keyed by pair id (source, episode seed and a hash of both token sequences and
 the actions), so a resumed run never recomputes them (TRL's `precompute_ref_log_probs` idea).
@@ -107,9 +115,14 @@ class DPOConfig(training.RunConfig):
     """Stop the run when more than this share of a batch's samples fail reward evaluation."""
     reward_workers: int = 1
     """Processes scoring rewards (1 is fastest on 2 cores)."""
+    flow_score: str = "paths"
+    """Flow models only: paths (the SDE paths' exact log-probs) | denoising (Diffusion-DPO's flow-matching
+    surrogate; see the module docstring)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.flow_score not in ("paths", "denoising"):
+            raise ValueError(f"flow_score={self.flow_score!r}; choose paths or denoising")
         from posttrain.config import require
 
         require(self, positive=("num_context", "horizon", "group_size", "prompts_per_step", "steps",
@@ -347,16 +360,39 @@ class ReferenceCache:
                                                           metadata={"base_weights_sha256": self.base_hash}))
 
 
+def pair_noise_seeds(ids: list[str]) -> torch.Tensor:
+    """(P,) int64 seeds for the denoising score's (t, eps), one per pair id (48 bits of its sha256)."""
+    return torch.tensor([int(hashlib.sha256(i.encode()).hexdigest()[:12], 16) for i in ids], dtype=torch.long)
+
+
+def score_kwargs(config: DPOConfig, world, ids: list[str], rows_per_pair: int) -> dict:
+    """What the model's forward takes besides the tokens for this recipe's score: nothing (its log-probs), or
+    for `flow_score: denoising` the flow-matching objective with each pair's noise seed on its rows."""
+    if config.flow_score == "paths":
+        return {}
+    if not getattr(world, "sft_objective", None):
+        raise ValueError(f"flow_score=denoising is Diffusion-DPO's surrogate for a flow model; "
+                         f"{type(world).__name__} has none: use flow_score=paths")
+    seeds = pair_noise_seeds(ids)
+    if rows_per_pair == 2:  # interleaved [c0, r0, c1, r1, ...]
+        seeds = seeds.repeat_interleave(2)
+    return {"objective": world.sft_objective, "noise_seeds": seeds}
+
+
 def cached_reference_logprobs(session: training.Session, cache: ReferenceCache, pairs: Pairs,
-                              actions: torch.Tensor, num_context: int):
+                              actions: torch.Tensor, num_context: int, config: DPOConfig | None = None):
     """(P, 2) reference sequence log-probs of (chosen, rejected), from the cache or computed (at
     temperature 1) and cached; plus (hits, misses). actions: (E, T - 1) of every training episode."""
     def compute(positions):
         chosen, rejected = pairs.chosen[positions], pairs.rejected[positions]
         pair_actions = actions[pairs.episode_index[positions]]
+        kwargs = {} if config is None else score_kwargs(config, session.world, [pairs.ids[i] for i in positions], 1)
+        if "noise_seeds" in kwargs:  # rows [c0..cM, r0..rM]: each pair's seed on both of its rows
+            kwargs["noise_seeds"] = kwargs["noise_seeds"].repeat(2)
         both = rollouts.reference_logprobs(session.policy, session.reference, torch.cat([chosen, rejected]),
                                            torch.cat([pair_actions, pair_actions]), num_context, 1.0,
-                                           chunk=session.settings.micro_batch_size).double().sum(-1)  # (2M,)
+                                           chunk=session.settings.micro_batch_size,
+                                           forward_kwargs=kwargs).double().sum(-1)  # (2M,)
         return torch.stack(both.chunk(2), 1)
     return cache.lookup(pairs.ids, compute)
 
@@ -392,6 +428,7 @@ def run(config: DPOConfig):
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
                              overwrite=config.overwrite, frozen_reference=True)
     acc, settings = session.accelerator, config.train
+    score_kwargs(config, session.world, [], 1)  # refuses flow_score=denoising on a model without that objective
     episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
     episode_tokens = rollouts.encode_episodes(session.world, episodes["frames"])  # (E, T, N)
     scorer = rollouts.RolloutScorer(config.rewards, episodes, episode_tokens, session.world, config.num_context,
@@ -401,7 +438,8 @@ def run(config: DPOConfig):
     if config.pairs.source != "online":
         started = time.perf_counter()
         fixed, info = fixed_pairs(session, config, episodes, episode_tokens, scorer)
-        values, hits, misses = cached_reference_logprobs(session, cache, fixed, episodes["actions"], config.num_context)
+        values, hits, misses = cached_reference_logprobs(session, cache, fixed, episodes["actions"], config.num_context,
+                                                         config)
         session.metrics.write({"stage": "pairs", "source": config.pairs.source, "pairs": len(fixed.ids),
                                "reference_cache_hits": hits, "reference_cache_misses": misses,
                                "seconds": time.perf_counter() - started, **info})
@@ -426,7 +464,7 @@ def run(config: DPOConfig):
                 timings["sample"] = time.perf_counter() - started
                 started = time.perf_counter()
                 ref, hits, misses = cached_reference_logprobs(session, cache, pairs, episodes["actions"],
-                                                              config.num_context)
+                                                              config.num_context, config)
                 timings["reference"] = time.perf_counter() - started
             else:
                 chosen_index = rollouts.prompt_schedule(len(fixed.ids), config.prompts_per_step, step, config.seed)
@@ -457,8 +495,12 @@ def run(config: DPOConfig):
             # Rows interleaved [c0, r0, c1, r1, ...]; update(align=2) never splits a pair across micro-batches.
             tokens = torch.stack([pairs.chosen, pairs.rejected], 1).flatten(0, 1)  # (2P, T, N)
             actions = episodes["actions"][pairs.episode_index].repeat_interleave(2, 0)  # (2P, T - 1)
-            loss_fn = pair_loss(config, ref, weight, num_pairs, num_tokens=config.horizon * tokens.shape[-1])
-            stats = training.update(session, tokens, actions, loss_fn, num_context=config.num_context, align=2)
+            forward_kwargs = score_kwargs(config, session.world, pairs.ids, 2)
+            per_frame = (getattr(session.world, "sft_values_per_frame", tokens.shape[-1]) if forward_kwargs
+                         else getattr(session.world, "logprobs_per_frame", tokens.shape[-1]))
+            loss_fn = pair_loss(config, ref, weight, num_pairs, num_tokens=config.horizon * per_frame)
+            stats = training.update(session, tokens, actions, loss_fn, num_context=config.num_context, align=2,
+                                    forward_kwargs=forward_kwargs)
             timings["update"] = time.perf_counter() - started
 
             # 3. Log (reduced over processes), video, checkpoint.

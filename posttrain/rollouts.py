@@ -85,10 +85,15 @@ def generate(model, context: torch.Tensor, actions: torch.Tensor, horizon: int, 
 
 @torch.no_grad()
 def score_in_chunks(model, tokens: torch.Tensor, actions: torch.Tensor, num_context: int,
-                    temperature: float = 1.0, *, chunk: int) -> torch.Tensor:
+                    temperature: float = 1.0, *, chunk: int, forward_kwargs: dict | None = None) -> torch.Tensor:
     """Log-probs (B, (T - num_context) * N) of `tokens` (B, T, N) under `model`, `chunk` rows at a time.
-    Calls the model (its forward is `score`), so a DDP/DeepSpeed wrapper or a PEFT model works too."""
-    return torch.cat([model(tokens[i: i + chunk], actions[i: i + chunk], num_context, temperature).float()
+    Calls the model (its forward is `score`), so a DDP/DeepSpeed wrapper or a PEFT model works too.
+    `forward_kwargs`: more forward arguments (tensor values are per row, chunked with the rows)."""
+    def kwargs(rows: slice) -> dict:
+        return {k: v[rows] if torch.is_tensor(v) else v for k, v in (forward_kwargs or {}).items()}
+
+    return torch.cat([model(tokens[i: i + chunk], actions[i: i + chunk], num_context, temperature,
+                            **kwargs(slice(i, i + chunk))).float()
                       for i in range(0, len(tokens), chunk)]).flatten(1)
 
 
@@ -106,10 +111,11 @@ def reference_policy(policy, reference=None):
 
 
 def reference_logprobs(policy, reference, tokens: torch.Tensor, actions: torch.Tensor, num_context: int,
-                       temperature: float = 1.0, *, chunk: int) -> torch.Tensor:
+                       temperature: float = 1.0, *, chunk: int, forward_kwargs: dict | None = None) -> torch.Tensor:
     """Log-probs (B, (T - num_context) * N) of `tokens` under the reference policy (see `reference_policy`)."""
     with reference_policy(policy, reference) as model:
-        return score_in_chunks(model, tokens, actions, num_context, temperature, chunk=chunk)
+        return score_in_chunks(model, tokens, actions, num_context, temperature, chunk=chunk,
+                               forward_kwargs=forward_kwargs)
 
 
 # --- scoring with rewards ---------------------------------------------------------------------------

@@ -153,3 +153,56 @@ def test_a_flow_lora_adapter_saves_reloads_exports_and_merges(flow_dir, data_cac
     merged = load_model(merged_dir).eval()
     assert isinstance(merged, FlowWorldModel)
     assert_close_reordered(score(merged), adapted)
+
+
+def test_diffusion_dpo_loss_is_the_hand_worked_value(tmp_path):
+    """flow_score: denoising. The pair's DPO loss, from the recipe's pieces (score_kwargs, the forward, dpo_loss),
+    equals Diffusion-DPO's -log sigmoid(-beta [(e_pi(c) - e_ref(c)) - (e_pi(r) - e_ref(r))]) with each e the
+    summed squared velocity error at the (t, eps) drawn from the pair's seed, computed here from `velocity`."""
+    import math
+
+    from posttrain.data import EpisodeDataConfig
+    from posttrain.dpo import DPOConfig, dpo_loss, pair_noise_seeds, score_kwargs
+
+    torch.manual_seed(0)
+    policy = FlowWorldModel(FlowConfig(**TINY)).eval()
+    reference = FlowWorldModel(FlowConfig(**TINY)).eval()  # other weights
+    frames = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)  # chosen, rejected: 2 context + 2 frames
+    actions = torch.randint(0, 5, (1, 3)).expand(2, 3)
+    tokens = policy.encode(frames)
+    config = DPOConfig(flow_score="denoising", beta=0.01, horizon=2, data=EpisodeDataConfig(frames=4))
+    kwargs = score_kwargs(config, policy, ["pair-a"], 2)
+    (seed,) = pair_noise_seeds(["pair-a"]).tolist()
+    assert kwargs["objective"] == "flow_matching" and kwargs["noise_seeds"].tolist() == [seed, seed]
+    with torch.no_grad():
+        pi = policy(tokens, actions, 2, 1.0, **kwargs).double().sum((1, 2))  # (chosen, rejected)
+        ref = reference(tokens, actions, 2, 1.0, **kwargs).double().sum((1, 2))
+    loss, _, _ = dpo_loss(pi[:1], pi[1:], ref[:1], ref[1:], config.beta)
+
+    def error(model, row):
+        g = torch.Generator().manual_seed(seed)
+        t, eps = torch.rand(2, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+        x = model.to_space(frames[row])  # (4, 3, 32, 32) clean states
+        total = 0.0
+        for f in range(2):
+            x0 = x[2 + f]
+            x_t = (1 - t[f]) * x0 + t[f] * eps[f]
+            with torch.no_grad():
+                v = model.velocity(x_t[None], t[f:f + 1], x[f: f + 2][None], actions[row, 1 + f: 2 + f])
+            total += float((v[0] - (eps[f] - x0)).double().square().sum())
+        return total
+
+    h = -(error(policy, 0) - error(reference, 0)) + (error(policy, 1) - error(reference, 1))
+    expected = -math.log(1 / (1 + math.exp(-config.beta * h)))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_dpo_with_the_diffusion_dpo_score_runs_and_refuses_a_token_model(flow_dir, tiny_model_dir, data_cache, tmp_path):
+    common = ["horizon=4", "steps=2", "prompts_per_step=2", "train.micro_batch_size=2", "train.video_every=0",
+              "eval.horizon=4", "train.threads=1", "flow_score=denoising", "train.eval_at_end=false"]
+    out = tmp_path / "dpo"
+    run_recipe("recipes/dpo_tabletop.yaml", tiny_overrides(flow_dir, data_cache, out) + common)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    with pytest.raises(ValueError, match="flow_score=denoising"):
+        run_recipe("recipes/dpo_tabletop.yaml", tiny_overrides(tiny_model_dir, data_cache, tmp_path / "token") + common)
