@@ -75,7 +75,12 @@ class GRPOConfig(training.RunConfig):
     top_p: float | None = None
     """Optional top-p truncation while sampling."""
     loss_type: str = "grpo"
-    """grpo | dr_grpo | dapo | gspo."""
+    """grpo | dr_grpo | dapo | gspo | nft (DiffusionNFT, flow models only: see `nft_loss`)."""
+    nft_beta: float = 1.0
+    """loss_type nft: DiffusionNFT's beta, how far the implicit positive and negative policies sit from the
+    sampling policy."""
+    nft_adv_clip: float = 5.0
+    """loss_type nft: advantages are clipped to [-c, c] and mapped to optimality probabilities 0.5 + A / (2 c)."""
     scale_rewards: str = "group"
     """Advantage scaling: group (divide by the group's std, GRPO) | none (mean only, Dr. GRPO)."""
     epsilon_low: float = 0.2
@@ -113,8 +118,15 @@ class GRPOConfig(training.RunConfig):
                 non_negative=("temperature", "epsilon_low", "epsilon_high", "kl_coef", "prefix_frames",
                               "prefix_temperature"),
                 unit=("max_failure_fraction",), open_unit=("top_p",))
-        if self.loss_type not in ("grpo", "dr_grpo", "dapo", "gspo"):
-            raise ValueError(f"loss_type={self.loss_type!r}; choose grpo, dr_grpo, dapo or gspo")
+        if self.loss_type not in ("grpo", "dr_grpo", "dapo", "gspo", "nft"):
+            raise ValueError(f"loss_type={self.loss_type!r}; choose grpo, dr_grpo, dapo, gspo or nft")
+        if self.loss_type == "nft":
+            if self.credit == "dense":
+                raise ValueError("loss_type=nft weights whole frames or rollouts: use credit=rollout or frame")
+            if self.kl_coef:
+                raise ValueError("loss_type=nft has no KL term here: set kl_coef=0")
+            if not (self.nft_beta > 0 and self.nft_adv_clip > 0):
+                raise ValueError(f"nft_beta={self.nft_beta} and nft_adv_clip={self.nft_adv_clip} must be > 0")
         if self.scale_rewards not in ("group", "none"):
             raise ValueError(f"scale_rewards={self.scale_rewards!r}; choose group or none")
         if self.data.frames != self.num_context + self.prefix_frames + self.horizon:
@@ -220,10 +232,42 @@ def policy_loss(new_logp, old_logp, advantages, valid, loss_type, epsilon_low, e
     return loss, stats
 
 
+def nft_loss(new_residual, old_residual, advantages, valid, beta: float, adv_clip: float, num_sequences=None):
+    """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117) on (B, L) velocity residuals v - (eps - x_0) of the
+    rollouts' own clean frames, noised by the forward process: the current policy's (`new_residual`) and the
+    sampling policy's (`old_residual`, fixed) at the same (t, eps). With r = 0.5 + clip(A, -c, c) / (2 c) the
+    optimality probability from the (B,) or (B, F) advantages, the implicit positive and negative velocities
+    v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v give the per-element loss
+    c [r |v+ - u|^2 + (1 - r) |v- - u|^2] / beta, averaged per sequence, summed over valid ones / num_sequences.
+    No likelihoods; positives pull the model toward their frames, negatives push it away."""
+    num_sequences = num_sequences if num_sequences is not None else max(int(valid.sum()), 1)
+    weight = valid.to(new_residual.dtype)
+    r = 0.5 + advantages.to(new_residual.dtype).clamp(-adv_clip, adv_clip) / (2 * adv_clip)
+    if r.dim() == 1:
+        r = r[:, None]
+    else:  # (B, F) per frame -> (B, L) per element
+        r = r.repeat_interleave(new_residual.shape[1] // r.shape[1], dim=1)
+    old = old_residual.to(new_residual.dtype)
+    positive = beta * new_residual + (1 - beta) * old
+    negative = (1 + beta) * old - beta * new_residual
+    per_element = adv_clip * (r * positive.square() + (1 - r) * negative.square()) / beta
+    loss = (per_element.mean(-1) * weight).sum() / num_sequences
+    stats = {"clip_fraction": 0.0, "kl": 0.0, "valid": weight.sum().item(),
+             "nft_positive_share": ((r.mean(-1) > 0.5).float() * weight).sum().item()}
+    return loss, stats
+
+
+NFT_SEED_OFFSET = 0x5DEECE66D
+"""Chained onto each rollout's seed for DiffusionNFT's (t, eps) draws, so they are not the rollout's own noise."""
+
+
 def micro_batch_loss(config: GRPOConfig, old_logp, advantages, valid, ref_logp, num_sequences: int):
     """The `loss_fn(new_logp, index)` training.update calls per micro-batch: `policy_loss` on rows `index`
     of the step's (B, L) old/reference log-probs, (B,) or (B, H) advantages and (B,) validity."""
     def loss_fn(new_logp, index):
+        if config.loss_type == "nft":  # here new_logp and old_logp are velocity residuals (see nft_loss)
+            return nft_loss(new_logp.flatten(1), old_logp[index], advantages[index], valid[index], config.nft_beta,
+                            config.nft_adv_clip, num_sequences)
         return policy_loss(new_logp.flatten(1), old_logp[index], advantages[index], valid[index], config.loss_type,
                            config.epsilon_low, config.epsilon_high, None if ref_logp is None else ref_logp[index],
                            config.kl_coef, num_sequences)
@@ -241,6 +285,9 @@ def run(config: GRPOConfig):
                              lora=config.lora, recipe=to_dict(config), resume=config.resume,
                              overwrite=config.overwrite, frozen_reference=bool(config.kl_coef))
     acc, policy, settings = session.accelerator, session.policy, config.train
+    if config.loss_type == "nft" and not getattr(session.world, "sft_objective", None):
+        raise ValueError(f"loss_type=nft (DiffusionNFT) trains a flow model's flow-matching objective; "
+                         f"{type(session.world).__name__} has none: use grpo, dr_grpo, dapo or gspo")
     # Dense credit: the model must say which pixels its tokens govern (before any episode or rollout).
     grid = credit.token_grid(session.world, (config.data.image_size,) * 2) if config.credit == "dense" else None
     episodes = load_episodes(config.data, rollouts.EPISODE_FIELDS, progress=acc.is_main_process)
@@ -315,7 +362,16 @@ def run(config: GRPOConfig):
             started = time.perf_counter()
             tokens = torch.cat([context, out.tokens], 1)  # (B, start + H, N)
             old_logp = out.logprobs.flatten(1)  # (B, H*N): exact in fp32 (score() == rollout log-probs)
-            if settings.mixed_precision != "no":  # the update's own precision: first ratio == 1
+            forward_kwargs = None
+            if config.loss_type == "nft":
+                # DiffusionNFT needs no log-probs: the sampling policy's velocity residuals on the rollouts' clean
+                # frames, at (t, eps) seeded per rollout, are its fixed "old" side.
+                noise_seeds = torch.tensor([rollouts.rollout_seed(s, NFT_SEED_OFFSET) for s in seeds])
+                forward_kwargs = {"objective": "velocity_residual", "noise_seeds": noise_seeds}
+                with torch.no_grad():
+                    old_logp = rollouts.score_in_chunks(session.model, tokens, actions, start, config.temperature,
+                                                        chunk=settings.micro_batch_size, forward_kwargs=forward_kwargs)
+            elif settings.mixed_precision != "no":  # the update's own precision: first ratio == 1
                 old_logp = training.policy_logprobs(session, tokens, actions, num_context=start,
                                                     temperature=config.temperature)
             ref_logp = rollouts.reference_logprobs(policy, session.reference, tokens, actions, start,
@@ -327,7 +383,7 @@ def run(config: GRPOConfig):
             totals, skipped = {"clip_fraction": 0.0, "kl": 0.0}, 0
             for _ in range(config.num_updates):
                 stats = training.update(session, tokens, actions, loss_fn, num_context=start,
-                                        temperature=config.temperature)
+                                        temperature=config.temperature, forward_kwargs=forward_kwargs)
                 for key in totals:
                     totals[key] += stats[key] / config.num_updates
                 skipped = max(skipped, stats["skipped_nonfinite"])

@@ -206,3 +206,37 @@ def test_dpo_with_the_diffusion_dpo_score_runs_and_refuses_a_token_model(flow_di
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     with pytest.raises(ValueError, match="flow_score=denoising"):
         run_recipe("recipes/dpo_tabletop.yaml", tiny_overrides(tiny_model_dir, data_cache, tmp_path / "token") + common)
+
+
+def test_nft_loss_is_the_hand_worked_value():
+    """DiffusionNFT with beta = 0.5, c = 2: one rollout of 2 elements, residuals new = (1, -2), old = (0.5, 1),
+    advantage 1 -> r = 0.5 + 1/4 = 0.75.
+    v+ - u = 0.5 new + 0.5 old = (0.75, -0.5); v- - u = 1.5 old - 0.5 new = (0.25, 2.5);
+    per element 2 (0.75 (v+)^2 + 0.25 (v-)^2) / 0.5 = 4 (0.75 (0.5625, 0.25) + 0.25 (0.0625, 6.25))
+    = 4 (0.4375, 1.75) = (1.75, 7.0); mean 4.375."""
+    from posttrain.grpo import nft_loss
+
+    new = torch.tensor([[1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[0.5, 1.0]], dtype=torch.float64)
+    loss, stats = nft_loss(new, old, torch.tensor([1.0]), torch.tensor([True]), beta=0.5, adv_clip=2.0)
+    assert float(loss.detach()) == pytest.approx(4.375, rel=1e-12) and stats["nft_positive_share"] == 1
+    # d/d new: 4 (0.75 * 2 (v+) 0.5 + 0.25 * 2 (v-) (-0.5)) / 2 elements = (0.75 v+ - 0.25 v-) ... per element:
+    loss.backward()
+    positive, negative = torch.tensor([0.75, -0.5]), torch.tensor([0.25, 2.5])
+    expected = 4 * (0.75 * 2 * positive * 0.5 + 0.25 * 2 * negative * -0.5) / 2
+    assert torch.allclose(new.grad[0], expected.double())
+    # An advantage at the clip or beyond is a sure positive (r = 1): the loss is then plain flow matching
+    # on the positive velocity; at r = 0.5 positives and negatives weigh the same.
+    sure, _ = nft_loss(new.detach(), old, torch.tensor([9.0]), torch.tensor([True]), beta=1.0, adv_clip=2.0)
+    assert float(sure) == pytest.approx(2 * (1 + 4) / 2, rel=1e-12)
+
+
+def test_grpo_nft_runs_on_a_flow_model_and_refuses_a_token_model(flow_dir, tiny_model_dir, data_cache, tmp_path):
+    out = tmp_path / "nft"
+    run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(flow_dir, data_cache, out, steps=2, extra=[
+        "loss_type=nft", "credit=frame", "train.threads=1", "train.eval_at_end=false"]))
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "grad_norm" in r]
+    assert len(records) == 2 and all(r["grad_norm"] > 0 and r["skipped_nonfinite"] == 0 for r in records)
+    with pytest.raises(ValueError, match="loss_type=nft"):
+        run_recipe("recipes/grpo_tabletop.yaml", tiny_grpo_overrides(tiny_model_dir, data_cache, tmp_path / "tok",
+                                                                     steps=1, extra=["loss_type=nft"]))

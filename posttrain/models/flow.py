@@ -352,15 +352,18 @@ class FlowWorldModel(nn.Module):
         from torch's global generator (which checkpoints restore), or, with `noise_seeds` (B,), from one generator
         per row seeded by it (SFT's: then micro-batches and processes draw what one full batch would). A surrogate log-likelihood: the denoising
         error bounds -log p up to constants and weights (Diffusion-DPO uses it so); with it, SFT's mean token
-        cross-entropy is the flow-matching loss per element."""
+        cross-entropy is the flow-matching loss per element.
+
+        objective "velocity_residual" (GRPO's DiffusionNFT loss): the signed v_pred - (eps - x_0) of the same
+        elements, at the same draws."""
         if targets is not None:
             raise ValueError("a flow model has no forced scoring (targets=) yet")
         states = self.final_states(tokens).to(self.dtype)
         if objective == "score":
             paths = tokens[:, num_context:].unflatten(-1, self.payload_shape).to(self.dtype)
             return self._score_elements(states, paths, actions, num_context, temperature).flatten(2)
-        if objective != "flow_matching":
-            raise ValueError(f"objective={objective!r}; choose score or flow_matching")
+        if objective not in ("flow_matching", "velocity_residual"):
+            raise ValueError(f"objective={objective!r}; choose score, flow_matching or velocity_residual")
         b, length = states.shape[:2]
         targets_shape = (length - num_context, *states.shape[2:])
         if noise_seeds is None:
@@ -370,7 +373,8 @@ class FlowWorldModel(nn.Module):
             generators = [torch.Generator().manual_seed(int(seed)) for seed in noise_seeds]
             t = torch.stack([torch.rand(length - num_context, generator=g) for g in generators]).to(states)
             noise = torch.stack([torch.randn(targets_shape, generator=g) for g in generators]).to(states)
-        return -self._velocity_error(states, actions, num_context, t, noise).flatten(2)
+        residual = self._velocity_residual(states, actions, num_context, t, noise).flatten(2)
+        return residual if objective == "velocity_residual" else -residual.square()
 
     sft_objective = "flow_matching"
     """What SFT trains (passed to `forward` as `objective`): the flow-matching loss, not the paths' density."""
@@ -418,13 +422,18 @@ class FlowWorldModel(nn.Module):
                         noise: torch.Tensor) -> torch.Tensor:
         """(B, F, c, h, w) squared error of the predicted velocity of frames num_context.. of states x (B, T, c,
         h, w), frame f noised at time t[:, f] with `noise`[:, f]; F = T - num_context."""
+        return self._velocity_residual(x, actions, num_context, t, noise).square()
+
+    def _velocity_residual(self, x: torch.Tensor, actions: torch.Tensor, num_context: int, t: torch.Tensor,
+                           noise: torch.Tensor) -> torch.Tensor:
+        """(B, F, c, h, w) predicted minus true velocity (eps - x_0), as `_velocity_error` without the square."""
         length, targets = x.shape[1], x.shape[1] - num_context
         x0 = x[:, num_context:]
         x_t = (1 - t)[..., None, None, None] * x0 + t[..., None, None, None] * noise
         context = torch.stack([self._context(x, num_context + i) for i in range(targets)], 1)  # (B, F, C, c, h, w)
         action = actions[:, num_context - 1: length - 1]  # the action into each target frame
         v = self.velocity(x_t.flatten(0, 1), t.flatten(), context.flatten(0, 1), action.flatten())
-        return (v.view_as(x0) - (noise - x0)).square()
+        return v.view_as(x0) - (noise - x0)
 
     # --- sampling -----------------------------------------------------------------------------------
     def _noise_scale(self, times: torch.Tensor, k: int, temperature: float) -> float:
