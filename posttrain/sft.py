@@ -256,9 +256,10 @@ def run(config: SFTConfig, initial_model: torch.nn.Module | None = None, method:
             if "grad_norm" in stats:
                 metrics["grad_norm"] = stats["grad_norm"]
             metrics["skipped_nonfinite"] = stats["skipped_nonfinite"]
-            if config.eval_every and (step + 1) % config.eval_every == 0:
+            evaluated = bool(config.eval_every) and (step + 1) % config.eval_every == 0
+            if evaluated:
                 metrics["heldout_loss"] = teacher_forced_loss(session.policy, *heldout, config.num_context)
-            steps.done(step, metrics)
+            steps.done(step, metrics, force_log=evaluated)  # a held-out loss is never dropped by log_every
 
     post_loss = teacher_forced_loss(session.policy, *heldout, config.num_context)
     if acc.is_main_process:

@@ -573,8 +573,10 @@ class Steps:
         every = self.session.settings.video_every
         return bool(every) and self.session.accelerator.is_main_process and step % every == 0
 
-    def done(self, step: int, metrics: dict) -> None:
-        """Record step `step`'s metrics (already reduced over processes); may write a checkpoint."""
+    def done(self, step: int, metrics: dict, force_log: bool = False) -> None:
+        """Record step `step`'s metrics (already reduced over processes); may write a checkpoint. `force_log`:
+        write this step's record even between log_every steps (it holds something measured only now, e.g.
+        SFT's held-out loss every eval_every steps)."""
         session, settings, acc = self.session, self.session.settings, self.session.accelerator
         metrics.update({"step": step, "lr": session.scheduler.get_last_lr()[0], "processes": acc.num_processes})
         if metrics.get("skipped_nonfinite"):
@@ -595,7 +597,7 @@ class Steps:
             metrics["stopped_by_time_budget"] = True
             print(f"step {step}: train.max_minutes={settings.max_minutes} reached; checkpointing and finishing")
         self.history.append({k: v for k, v in metrics.items() if k in ("step", "reward_mean", "loss")})
-        if step % settings.log_every == 0 or last:
+        if step % settings.log_every == 0 or last or force_log:
             session.metrics.write(metrics)
             if acc.log_with:
                 acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)

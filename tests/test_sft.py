@@ -158,3 +158,17 @@ def test_clips_are_tokenised_from_the_memory_mapped_dataset_in_order(tmp_path):
         tokens, got_actions = tokenise_clips(_ExactWorld(), data, progress=False, rows=rows)
         assert torch.equal(tokens, expected), rows
         assert torch.equal(got_actions, torch.from_numpy(np.stack(actions)).long()), rows
+
+
+def test_heldout_losses_are_logged_between_log_every_steps(tiny_model, data_cache, tmp_path):
+    """eval_every=3 with log_every=2 over 7 steps: the held-out loss of step 5 is written although step 5 is
+    neither a logged step (0, 2, 4, 6) nor the last (it was computed and then dropped before)."""
+    from posttrain.logging_utils import read_metrics
+
+    out = tmp_path / "sft-eval"
+    run_recipe(RECIPE, tiny_overrides(tiny_model, data_cache, out) + [
+        "clip_frames=4", "batch_size=2", "steps=7", "eval_every=3", "train.log_every=2", "train.eval_at_end=false",
+        "train.checkpoint_every=0"])
+    held = {r["step"]: r["heldout_loss"] for r in read_metrics(out / "metrics.jsonl")
+            if "heldout_loss" in r and r.get("stage") != "heldout"}
+    assert sorted(held) == [2, 5] and all(0 < v < 10 for v in held.values())
