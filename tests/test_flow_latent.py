@@ -173,3 +173,18 @@ def test_sft_trains_a_flow_model_on_the_flow_matching_loss(tiny_token_model):
     with torch.no_grad():
         expected = model._velocity_error(states, actions[:, :3], 1, t, noise).double().mean()
     assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_embedded_flow_model_loads_and_shares_the_default_tokenizer():
+    """`--model flow`: a latent FlowWorldModel whose frozen tokenizer is exactly the default token model's, so the
+    two families decode through the same tokenizer; the checkpoint stays within the 20 MB budget."""
+    from posttrain.models import load_model
+    from posttrain.models.registry import resolve_model_path
+
+    folder = resolve_model_path("flow")
+    assert (folder / "model.safetensors").stat().st_size <= 20 * 2 ** 20
+    flow, token = load_model("flow"), load_model("default")
+    assert isinstance(flow, FlowWorldModel) and flow.config.space == "latent" and flow.image_size == token.image_size
+    for name, value in token.tokenizer.state_dict().items():
+        assert torch.equal(flow.tokenizer.state_dict()[name], value), name
+    assert (folder / "mean_frame.png").is_file() and (folder / "README.md").is_file()
