@@ -169,7 +169,7 @@ def test_bad_checkpoint_folders_give_clear_errors(tmp_path):
     (tmp_path / "ok" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         TokenWorldModel.from_pretrained(tmp_path / "ok")
-    with pytest.raises(FileNotFoundError, match="neither 'default' nor an existing folder"):
+    with pytest.raises(FileNotFoundError, match=r"neither a built-in name \(default, flow\) nor an existing folder"):
         load_model(tmp_path / "missing")
 
 

@@ -456,7 +456,7 @@ def test_bad_adapters_and_scenes_are_one_line_errors(tiny_model_dir, tmp_path, c
     err = _one_line_error(capsys, ["play", "--model", model, "--seed", "-1", "--port", "0"])
     assert "--seed -1" in err
     err = _one_line_error(capsys, ["play", "--model", str(tmp_path / "missing"), "--port", "0"])
-    assert "neither 'default' nor an existing folder" in err
+    assert "neither a built-in name (default, flow) nor an existing folder" in err
 
 
 def test_a_flow_model_plays_and_its_panels_are_its_rollout(tmp_path, restore_threads):
