@@ -20,12 +20,14 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_play's step_rates
 RECIPE = ROOT / "recipes" / "pretrain_flow_tabletop.yaml"
 
 
@@ -93,26 +95,15 @@ def denoiser_costs(model, train_rows: int, bf16_rows: int, repeats: int) -> dict
 
 
 def play_step(model, frames: int) -> dict:
+    """bench_play's bare-model measurement, with the context encoded from random frames (either family)."""
+    from bench_play import step_rates
+
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     size = model.image_size
     context = model.encode(torch.randint(0, 256, (1, 2, size, size, 3), generator=generator, dtype=torch.uint8))
     actions = torch.randint(1, 11, (frames + 8,), generator=generator)
-    results = {}
-    for mode in ("rollout_step", "rollout_step+decode"):
-        state = model.start_rollout(context, torch.zeros(1, 1, dtype=torch.long), seeds=[0])
-        with torch.inference_mode():
-            for k in range(4):
-                model.rollout_step(state, actions[k:k + 1], temperature=0.0)
-            wall, cpu = time.perf_counter(), time.process_time()
-            for k in range(frames):
-                tokens, _ = model.rollout_step(state, actions[4 + k:5 + k], temperature=0.0)
-                if mode.endswith("decode"):
-                    model.decode(tokens[:, None])
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        results[mode] = {"frames_per_second": round(frames / wall, 1), "ms_per_frame": round(1000 * wall / frames, 2),
-                         "cpu_ms_per_frame": round(1000 * cpu / frames, 2)}
-    return {"threads": 1, "batch": 1, "frames": frames, **results}
+    return {"threads": 1, "batch": 1, "frames": frames, **step_rates(model, context, actions, frames)}
 
 
 def main() -> None:

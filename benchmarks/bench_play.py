@@ -68,6 +68,14 @@ def bare_model(model_name: str, frames: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(0, model.vocab_size, (1, 2, model.tokens_per_frame), generator=generator)
     actions = torch.randint(1, 11, (frames + 8,), generator=generator)
+    return {"threads": 1, "batch": 1, "frames": frames, **step_rates(model, context, actions, frames)}
+
+
+def step_rates(model, context, actions, frames: int) -> dict:
+    """One stream's `rollout_step` and `rollout_step` + `decode` rates, greedy, from `context` (1, C, N) with
+    `actions` (frames + 4,): frames/s, ms and CPU ms per frame, in this process's current threads."""
+    import torch
+
     results = {}
     for mode in ("rollout_step", "rollout_step+decode"):
         state = model.start_rollout(context, torch.zeros(1, 1, dtype=torch.long), seeds=[0])
@@ -82,7 +90,7 @@ def bare_model(model_name: str, frames: int) -> dict:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         results[mode] = {"frames_per_second": round(frames / wall, 1), "ms_per_frame": round(1000 * wall / frames, 2),
                          "cpu_ms_per_frame": round(1000 * cpu / frames, 2)}
-    return {"threads": 1, "batch": 1, "frames": frames, **results}
+    return results
 
 
 def two_panels(model_name: str, frames: int, default_threads: int) -> dict:

@@ -94,6 +94,21 @@ def server(tiny_model_dir, tmp_path_factory):
         play.interrupt()
 
 
+def assert_panels_are_greedy_rollouts(model, context_frames: list, shots: list, sample_seeds: list) -> None:
+    """Both model panels of `shots` (greedy, from the two true `context_frames`) are `model.rollout` with the
+    actions the models were given and each panel's sample seed."""
+    from posttrain.play import to_uint8
+
+    with torch_threads(1):
+        context = model.encode(torch.from_numpy(np.stack(context_frames))[None])
+        actions = torch.tensor([[0, *[header["model_action"] for header, _ in shots]]])
+        for panel in (1, 2):
+            out = model.rollout(context, actions, len(shots), temperature=0.0, seeds=[sample_seeds[panel - 1]])
+            expected = to_uint8(out.frames)[0]
+            for t, (_, got) in enumerate(shots):
+                assert np.array_equal(got[panel], expected[t]), f"panel {panel} differs at step {t + 1}"
+
+
 # --- the page ---------------------------------------------------------------------------------------
 def test_server_serves_the_page_and_nothing_else(server):
     with urllib.request.urlopen(server.url, timeout=TIMEOUT) as response:
@@ -241,15 +256,8 @@ def test_scripted_session_equals_envs3d_and_model_rollout(server, tiny_model_dir
 
     # The models: rollout from the two true context frames with the actions the models were given.
     model = load_model(tiny_model_dir)
+    assert_panels_are_greedy_rollouts(model, context_frames, shots, first["sample_seeds"])
     with torch_threads(1):
-        context = model.encode(torch.from_numpy(np.stack(context_frames))[None])
-        actions = torch.tensor([[0, *[header["model_action"] for header, _ in shots]]])
-        for panel in (1, 2):
-            out = model.rollout(context, actions, len(SCRIPT), temperature=0.0, seeds=[first["sample_seeds"][panel - 1]])
-            expected = to_uint8(out.frames)[0]
-            for t, (_, got) in enumerate(shots):
-                assert np.array_equal(got[panel], expected[t]), f"panel {panel} differs at step {t + 1}"
-
         # After the re-sync: context = the last two true frames, temperature 1, each panel its own seed.
         last = np.stack(truth[len(SCRIPT) - 2:len(SCRIPT)])
         context = model.encode(torch.from_numpy(last)[None])
@@ -465,7 +473,6 @@ def test_a_flow_model_plays_and_its_panels_are_its_rollout(tmp_path, restore_thr
     from posttrain.envs3d import TabletopEnv
     from posttrain.models import load_model
     from posttrain.models.flow import FlowConfig, FlowWorldModel
-    from posttrain.play import to_uint8
 
     torch.manual_seed(0)
     folder = FlowWorldModel(FlowConfig(image_size=32, block_out_channels=(8, 16), norm_num_groups=4,
@@ -484,15 +491,7 @@ def test_a_flow_model_plays_and_its_panels_are_its_rollout(tmp_path, restore_thr
         context_frames = [obs["rgb"], env.step(0)[0]["rgb"]]
     finally:
         env.close()
-    model = load_model(folder)
-    with torch_threads(1):
-        context = model.encode(torch.from_numpy(np.stack(context_frames))[None])
-        actions = torch.tensor([[0, *[header["model_action"] for header, _ in shots]]])
-        for panel in (1, 2):
-            out = model.rollout(context, actions, len(script), temperature=0.0, seeds=[first["sample_seeds"][panel - 1]])
-            expected = to_uint8(out.frames)[0]
-            for t, (_, got) in enumerate(shots):
-                assert np.array_equal(got[panel], expected[t]), f"panel {panel} differs at step {t + 1}"
+    assert_panels_are_greedy_rollouts(load_model(folder), context_frames, shots, first["sample_seeds"])
 
 
 def test_a_model_without_incremental_rollout_is_a_one_line_error(tmp_path, capsys, restore_threads):
