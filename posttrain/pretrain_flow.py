@@ -93,8 +93,6 @@ def mean_frame(sections: list[EpisodeDataConfig], rows: int = 256) -> torch.Tens
 
 
 def run(config: FlowPretrainConfig) -> Path:
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
     out = sft.run(config, initial_model=build_model(config), method="pretrain_flow")
     from PIL import Image
 
