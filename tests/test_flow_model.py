@@ -297,3 +297,20 @@ def test_your_own_denoiser_runs_eval_sft_and_a_lora_adapter_by_changing_model_on
                  "32", "--horizon", "3", "--cache-dir", str(data_cache), "--json", str(tmp_path / "e.json")]) == 0
     report = json.loads((tmp_path / "e.json").read_text())
     assert len(report["ssim_per_step"]) == 3 and len(report["base"]["ssim_per_step"]) == 3
+
+
+def test_python_dash_m_from_the_checkout_root_builds_a_flow_model(tmp_path):
+    """`python -m posttrain` (and so `accelerate launch -m posttrain`) from the clone's root: the working
+    directory's `kernels/` folder must not shadow Hugging Face's `kernels`, which diffusers imports (it did:
+    "cannot import name 'CUDAProperties' from 'kernels'")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "kernels" / "__init__.py").is_file()  # the folder that would shadow it
+    command = [sys.executable, "-m", "posttrain", "models", "init", "--arch", "flow", "--layers", "1", "--width", "8",
+               "--size", "32", "--out", str(tmp_path / "flow")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "flow" / "config.json").is_file() and (tmp_path / "flow" / "model.safetensors").is_file()
