@@ -1,7 +1,7 @@
 """`posttrain run RECIPE.yaml [key.sub=value ...]`: load a recipe into its typed config and run it.
 
 The recipe's `method` key picks the config dataclass and the loop:
-pretrain, pretrain_flow, sft, forcing, dpo, grpo, reward_model.
+pretrain, pretrain_flow, sft, forcing, dpo, grpo, reward_model, adapt_tokenizer.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ METHODS = {
     "pretrain_flow": ("posttrain.pretrain_flow", "FlowPretrainConfig"),
     "forcing": ("posttrain.forcing", "ForcingConfig"),
     "reward_model": ("posttrain.reward_model_training", "RewardModelRecipe"),
+    "adapt_tokenizer": ("posttrain.adapt_tokenizer", "AdaptTokenizerConfig"),
 }
 
 

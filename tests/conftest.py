@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
-import pytest
-import torch
+# `python -m pytest` (what `make test` runs) puts the working directory first on sys.path. From the clone's root
+# its top-level `kernels/` folder (installed as `posttrain.kernels`) would then shadow Hugging Face's `kernels`,
+# which diffusers and transformers import: whichever test module first built a flow model failed with "cannot
+# import name 'CUDAProperties' from 'kernels'". The project is installed, so the root is not needed on the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("POSTTRAIN_NO_PROGRESS", "1")
 

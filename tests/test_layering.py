@@ -43,7 +43,8 @@ PROTOCOL_SURFACE = {"posttrain.models", "posttrain.models.load_model", "posttrai
                     "posttrain.models.RolloutOutput", "posttrain.models.WorldModel", "posttrain.models.registry",
                     "posttrain.models.registry.resolve_model_path", "posttrain.models.registry.BUILTIN_MODELS"}
 """What a module outside models/ may import from it: loading by name, the protocol, the rollout type."""
-BUILDS_MODELS = ("posttrain.pretrain", "posttrain.pretrain_flow", "posttrain.cli")
+BUILDS_MODELS = ("posttrain.pretrain", "posttrain.pretrain_flow", "posttrain.adapt_tokenizer", "posttrain.cli")
+"""Modules that build a model or retrain one of its parts (adapt_tokenizer: the frame decoder), so they know its classes."""
 
 
 def _module_name(path: Path) -> str:

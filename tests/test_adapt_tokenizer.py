@@ -1,0 +1,124 @@
+"""`method: adapt_tokenizer`: the decoder learns the footage, every token id stays, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import sigkill_resume_and_compare, write_footage
+
+RECIPE = "recipes/adapt_tokenizer_footage.yaml"
+
+
+def _clips(count: int, frames: int = 6, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """Footage-like clips: a coloured gradient with a bright square drifting across it, one per clip."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)
+    clips = []
+    for _ in range(count):
+        colour = rng.uniform(0.2, 1.0, 3)
+        background = (ramp[None, :, None] * colour + ramp[:, None, None] * (1 - colour)) / 2
+        x, y = rng.integers(0, size - 8, 2)
+        clip = np.repeat(background[None], frames, 0)
+        for t in range(frames):
+            left = min(size - 8, x + t)
+            clip[t, y: y + 8, left: left + 8] = rng.uniform(0.5, 1.0, 3)
+        clips.append((clip * 255).round().astype(np.uint8))
+    return clips
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory):
+    return write_footage(tmp_path_factory.mktemp("adapt") / "footage", _clips(6))
+
+
+def _overrides(model, footage, out, *extra):
+    return [f"model={model}", f"data.path={footage}", f"out={out}", "heldout_fraction=0.34", "batch_size=8",
+            "lr=0.003", "warmup=2", "threads=1", *extra]
+
+
+def test_the_decoder_learns_the_footage_and_every_token_id_stays(tiny_model_dir, footage, tmp_path):
+    from datasets import load_from_disk
+
+    from posttrain.adapt_tokenizer import reconstruction_scores
+    from posttrain.models import load_model
+    from posttrain.runner import run_recipe
+
+    out = tmp_path / "run"
+    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=40", "eval_every=20", "checkpoint_every=0"))
+    base, adapted = load_model(str(tiny_model_dir)), load_model(str(out / "model"))
+    base_state, adapted_state = base.state_dict(), adapted.state_dict()
+    assert base_state.keys() == adapted_state.keys()
+    changed = {k for k in base_state if not torch.equal(base_state[k], adapted_state[k])}
+    assert changed and all(k.startswith("tokenizer.decoder.") for k in changed), sorted(changed)[:5]
+    decoder = [k for k in adapted_state if k.startswith("tokenizer.decoder.")]
+    assert decoder[-1] in changed and len(changed) > len(decoder) // 2  # (an untrained tiny encoder's latents can
+    # all round to one FSQ code, which leaves the first convolution's weight without a gradient)
+
+    frames = load_from_disk(str(footage)).with_format("torch", columns=["frames"], dtype=torch.uint8)[:]["frames"]
+    frames = frames.reshape(-1, *frames.shape[2:])
+    assert torch.equal(adapted.tokenizer.encode(frames), base.tokenizer.encode(frames))  # the dynamics' inputs
+    held_out = frames[4 * 6:]  # heldout_fraction 0.34 of 6 clips: the last 2, never trained on
+    before, after = reconstruction_scores(base.tokenizer, held_out), reconstruction_scores(adapted.tokenizer, held_out)
+    report = json.loads((out / "report" / "tokenizer.json").read_text())
+    assert report["heldout_clips"] == "4..5" and report["heldout_frames_scored"] == len(held_out)
+    assert report["held_out_before"] == before and report["held_out_after"] == after  # measured on the saved model
+    assert after["mse"] < 0.5 * before["mse"], (before, after)  # an untrained decoder: a large, certain drop
+    assert (out / "report" / "reconstructions.png").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "held_out" in r] == [0, 20, 40]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_resume_after_sigkill_equals_an_unbroken_run(tiny_model_dir, footage, tmp_path):
+    unbroken, resumed = sigkill_resume_and_compare(
+        RECIPE, lambda out: _overrides(tiny_model_dir, footage, out, "steps=4", "eval_every=0", "checkpoint_every=2"),
+        tmp_path, kill_after=2)
+    assert unbroken.keys() == resumed.keys()
+    assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+def test_steps_draw_frames_from_seed_and_step_only():
+    from posttrain.adapt_tokenizer import draw_frames
+
+    rows = [0, 1, 2, 3]
+    first = draw_frames(0, 5, rows, 6, 16)
+    assert first == draw_frames(0, 5, rows, 6, 16)
+    assert first != draw_frames(0, 6, rows, 6, 16) and first != draw_frames(1, 5, rows, 6, 16)
+    assert all(row in rows and 0 <= frame < 6 for row, frame in first)
+
+
+def _one_line_error(capsys, argv) -> str:
+    from posttrain.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("posttrain: error: "), err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage, tmp_path, capsys):
+    from posttrain.cli import main
+
+    pixels = tmp_path / "pixels-flow"
+    assert main(["models", "init", "--arch", "flow", "--layers", "1", "--width", "8", "--size", "32",
+                 "--out", str(pixels)]) == 0
+    capsys.readouterr()
+    big = write_footage(tmp_path / "big", _clips(3, size=64))
+    cases = {
+        "no frame tokenizer": (_overrides(pixels, footage, tmp_path / "a"), "has no frame tokenizer"),
+        "frame size": (_overrides(tiny_model_dir, big, tmp_path / "b"), "--size 32"),
+        "nothing held out": (_overrides(tiny_model_dir, footage, tmp_path / "c", "heldout_fraction=0"),
+                             "heldout_fraction=0"),
+        "too few clips": (_overrides(tiny_model_dir, write_footage(tmp_path / "one", _clips(1)), tmp_path / "d"),
+                          "too few"),
+        "output inside the footage": (_overrides(tiny_model_dir, footage, footage / "run"), str(footage)),
+    }
+    capsys.readouterr()  # the datasets writer's own progress lines
+    for name, (overrides, expected) in cases.items():
+        err = _one_line_error(capsys, ["run", RECIPE, *overrides])
+        assert expected in err, (name, err)
+    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert not (footage / "run").exists()
