@@ -110,13 +110,20 @@ def main() -> None:
                                                                                         scenes.items()},
                                         "results": results}, indent=1))
 
-    def scored(adapter):
-        return {scene: {str(t): evaluate("default", adapter, seeds_, settings_, t, args.cache_dir)
+    def scored(run=None):
+        """The base (no run), or a run's LoRA adapter on it, or a full fine-tune's model (lora.enabled=false);
+        the mean-image baseline is always the base's."""
+        model, adapter = "default", None
+        if run is not None and (run / "adapter").is_dir():
+            adapter = str(run / "adapter")
+        elif run is not None:
+            model = str(run / "model")
+        return {scene: {str(t): evaluate(model, adapter, seeds_, settings_, t, args.cache_dir, base_name="default")
                         for t in (0.0, 1.0)} for scene, (settings_, seeds_) in scenes.items()}
 
     if "base" not in results:
         started = time.time()
-        results["base"] = {"eval": scored(None), "eval_seconds": round(time.time() - started, 1)}
+        results["base"] = {"eval": scored(), "eval_seconds": round(time.time() - started, 1)}
         save()
     for name, overrides in settings.items():
         for seed in seeds:
@@ -131,7 +138,7 @@ def main() -> None:
                 save()
                 continue
             started = time.time()
-            info["eval"] = scored(str(run / "adapter"))
+            info["eval"] = scored(run)
             info["eval_seconds"] = round(time.time() - started, 1)
             results[key] = info
             save()
