@@ -128,7 +128,8 @@ def main() -> None:
         "rollouts": {t: curves(r, t) for t, r in evals.items()},
     }
     if args.adapt_tokenizer:
-        results["adapt_tokenizer"] = json.loads((tokenizer / "report" / "tokenizer.json").read_text())
+        report = json.loads((tokenizer / "report" / "tokenizer.json").read_text())
+        results["adapt_tokenizer"] = {**report, "data": str(report["data"]).replace(f"{ROOT}/", "")}
     targets = {"token_ce_below_base": held["heldout_loss_post"] < held["heldout_loss_base"]}
     for t, r in evals.items():
         ssim, base = r["ssim_per_step"], r["base"]["ssim_per_step"]
