@@ -122,3 +122,19 @@ def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage,
         assert expected in err, (name, err)
     assert not any((tmp_path / name).exists() for name in "abcd")
     assert not (footage / "run").exists()
+
+
+def test_a_latent_flow_model_gets_its_decoder_adapted_too(tiny_model_dir, footage, tmp_path, capsys):
+    """A flow model in a tokenizer's latent space decodes through that tokenizer: the same run adapts it, and the
+    denoiser is untouched."""
+    from posttrain.cli import main
+    from posttrain.models import load_model
+
+    flow = tmp_path / "latent-flow"
+    assert main(["models", "init", "--arch", "unet2d", "--space", "latent", "--tokenizer", str(tiny_model_dir),
+                 "--layers", "1", "--width", "8", "--out", str(flow)]) == 0
+    out = tmp_path / "run"
+    assert main(["run", RECIPE, *_overrides(flow, footage, out, "steps=3", "eval_every=0", "checkpoint_every=0")]) == 0
+    base, adapted = load_model(str(flow)).state_dict(), load_model(str(out / "model")).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], adapted[k])}
+    assert changed and all(k.startswith("tokenizer.decoder.") for k in changed), sorted(changed)[:5]
