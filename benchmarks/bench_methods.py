@@ -162,6 +162,38 @@ def table(results: dict, scene: str) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(results: dict, scene: str) -> str:
+    """Markdown: one row per (method, temperature), training seeds pooled: a variant named NAME_sK is seed K of
+    NAME. Each cell is the mean change against the base over the seeds with the (min..max) spread, at 12 and 32
+    frames (MSE relative, SSIM and objects absolute)."""
+    groups: dict[str, list] = {}
+    for name, entry in results.items():
+        if name != "base":
+            stem, _, seed = name.rpartition("_s")
+            groups.setdefault(stem if stem and seed.isdigit() else name, []).append(entry)
+    lines = ["| method | T | seeds | 12f MSE | 12f SSIM | 12f objects | 32f MSE | 32f SSIM | 32f objects | 32f horizon |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for temperature in ("0.0", "1.0"):
+        base = results["base"]["eval"][scene][temperature]
+        label = "greedy" if temperature == "0.0" else "1"
+        cells = [f"{base[h][m]:.4f}" if m == "mse" else f"{base[h][m]:.3f}" for h in ("12", "32")
+                 for m in ("mse", "ssim", "objects")]
+        lines.append(f"| base | {label} | | " + " | ".join(cells) + f" | {base['32']['useful_horizon']} |")
+        for stem, entries in groups.items():
+            rows = [e["eval"][scene][temperature] for e in entries]
+            cells = []
+            for horizon in ("12", "32"):
+                for metric, fmt in (("mse", "{:+.1f}%"), ("ssim", "{:+.3f}"), ("objects", "{:+.3f}")):
+                    ref = base[horizon][metric]
+                    change = [100 * (r[horizon][metric] / ref - 1) if metric == "mse" else r[horizon][metric] - ref
+                              for r in rows]
+                    cells.append(f"{fmt.format(sum(change) / len(change))} "
+                                 f"({fmt.format(min(change))}..{fmt.format(max(change))})")
+            horizons = [r["32"]["useful_horizon"] for r in rows]
+            lines.append(f"| {stem} | {label} | {len(rows)} | " + " | ".join(cells) + f" | {min(horizons)}..{max(horizons)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=sorted(SPLITS), default="val")
@@ -177,7 +209,14 @@ def main() -> None:
     parser.add_argument("--base-from", default=None, metavar="JSON",
                         help="take the base's evaluation from this earlier result file (same split and model)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--seeds-table", action="store_true",
+                        help="print --out's tables with training seeds pooled (variants NAME_sK) and stop")
     args = parser.parse_args()
+    if args.seeds_table:
+        report = json.loads(Path(args.out).read_text())
+        for scene in report["scenes"]:
+            print(f"\n### {scene} ({report['scenes'][scene]['seeds']})\n{seeds_table(report['results'], scene)}")
+        return
     names = [m for m in args.methods.split(",") if m]
     unknown = [m for m in names if m not in METHODS and m not in SEQUENCES]
     if unknown:
