@@ -101,12 +101,14 @@ def main() -> None:
     split = SPLITS[args.split]
     scenes = {"default": ({}, split["seeds"]), args.shift: (SHIFTS[args.shift], split["shifted_seeds"])}
     out_path = Path(args.out)
-    results = json.loads(out_path.read_text())["results"] if out_path.is_file() else {}  # resume: keep every run
+    earlier = json.loads(out_path.read_text()) if out_path.is_file() else {}  # resume: keep every run
+    results = earlier.get("results", {})
+    settings_run = {**earlier.get("settings", {}), **settings}  # every run's overrides, this call's and earlier ones
 
     def save():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "steps": args.steps,
-                                        "shape": shape, "settings": settings, "scenes": {k: v[1] for k, v in
+                                        "shape": shape, "settings": settings_run, "scenes": {k: v[1] for k, v in
                                                                                         scenes.items()},
                                         "results": results}, indent=1))
 
