@@ -4,6 +4,8 @@ split and both shifted scene sets, with per-step SSIM and object presence (issue
     python benchmarks/dense_credit_test.py --runs runs/dense_credit --settings frame,dense_obj --seeds 0,1,2 \\
         --out benchmarks/results/dense_credit_test.json
     python benchmarks/dense_credit_test.py --out benchmarks/results/dense_credit_test.json --table
+    python benchmarks/dense_credit_test.py --model flow --runs runs/flow_methods --settings grpo_branch,nft \
+        --seeds 0,1 --out benchmarks/results/flow_methods_test.json        # adapters of the flow model
 
 Nothing is trained here: each `RUNS/SETTING/seedK/adapter` (the validation bake-off's run folders) and the
 base are rolled out 32 frames from 2 true ones, greedy and at T = 1, on the test seeds (3000000+) and on
@@ -30,9 +32,10 @@ SCENES = {"default": ({}, SPLITS["test"]["seeds"]),
 TEMPERATURES = (0.0, 1.0)
 
 
-def evaluate(adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str) -> dict:
-    """Per-step and mean MSE, SSIM, object presence of the default model (+ adapter), with the baselines."""
-    report = rollout_report("default", adapter, seeds, scene, temperature, cache)
+def evaluate(adapter: str | None, seeds: str, scene: dict, temperature: float, cache: str,
+             model: str = "default") -> dict:
+    """Per-step and mean MSE, SSIM, object presence of `model` (+ adapter), with the baselines."""
+    report = rollout_report(model, adapter, seeds, scene, temperature, cache)
     keep = ("mse_per_step", "ssim_per_step", "object_presence_per_step", "mse_mean", "ssim_mean",
             "object_presence_mean", "useful_horizon")
     return {**{k: report[k] for k in keep},
@@ -88,6 +91,7 @@ def main() -> None:
     parser.add_argument("--settings", default="frame,dense_obj")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--cache-dir", default="data")
+    parser.add_argument("--model", default="default", help="the base the adapters were trained on (e.g. flow)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
@@ -96,7 +100,9 @@ def main() -> None:
         print(table(json.loads(out.read_text())))
         return
     data = json.loads(out.read_text()) if out.is_file() else {"results": {}, "seconds": {}}
-    data.update(machine=platform.processor() or platform.machine(),
+    if data.get("model", args.model) != args.model:
+        parser.error(f"{out} holds results of model {data['model']!r}, not {args.model!r}")
+    data.update(machine=platform.processor() or platform.machine(), model=args.model,
                 scenes={name: {"scene": s, "seeds": seeds} for name, (s, seeds) in SCENES.items()},
                 horizon=HORIZON, context=CONTEXT)
     jobs = [("base", None)] + [(f"{name}/seed{seed}", str(Path(args.runs) / name / f"seed{seed}" / "adapter"))
@@ -112,7 +118,7 @@ def main() -> None:
                     continue
                 started = time.time()
                 entry.setdefault(scene, {})[str(temperature)] = evaluate(adapter, seeds, settings, temperature,
-                                                                          args.cache_dir)
+                                                                          args.cache_dir, args.model)
                 data["seconds"][f"{key}/{scene}/{temperature}"] = round(time.time() - started, 1)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(data, indent=1))
