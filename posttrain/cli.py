@@ -119,6 +119,8 @@ def add_eval_parser(sub) -> None:
     parser.add_argument("--horizon", type=int, default=12, help="frames to predict (default 12)")
     parser.add_argument("--context", type=int, default=2, help="true context frames (default 2)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--sample-steps", type=int, default=None, metavar="K",
+                        help="a flow model: Euler steps per frame (default: the model's own, 3 for `flow`)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -293,6 +293,19 @@ def load_with_adapter(model_name: str, adapter: str | None = None, force: bool =
     return model.eval()
 
 
+def apply_sample_steps(model, steps: int | None, name: str):
+    """`--sample-steps`: a flow model samples each frame in `steps` Euler steps (None: its own setting). A model
+    without the setting (a token model draws a frame in one pass) is a clear error naming it."""
+    if steps is None:
+        return model
+    setter = getattr(model, "set_sample_steps", None)
+    if setter is None:
+        raise ValueError(f"--sample-steps is for flow models; --model {name} ({type(model).__name__}) draws each "
+                         "frame in one pass")
+    setter(steps)
+    return model
+
+
 DEFAULT_SEEDS = "2000000:2000048"
 
 
@@ -312,8 +325,8 @@ def run_eval_cli(args) -> int:
                 raise ValueError(f"--{flag.replace('_', '-')} selects footage clips; it needs --data FOOTAGE_DATASET")
         args.seeds = args.seeds or DEFAULT_SEEDS
         parse_seeds(args.seeds)
-    for flag in ("horizon", "context", "batch_size", "size"):
-        if getattr(args, flag) < 1:
+    for flag in ("horizon", "context", "batch_size", "size", "sample_steps"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     out = Path(args.json)
     if out.is_dir():
@@ -346,10 +359,14 @@ def run_eval_cli(args) -> int:
         num_context=args.context, horizon=args.horizon, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, batch_size=args.batch_size,
     )
+    steps = getattr(args, "sample_steps", None)
     model = load_with_adapter(args.model, args.adapter, force=getattr(args, "force_adapter", False))
+    apply_sample_steps(model, steps, args.model)
     if getattr(model, "image_size", args.size) != args.size:
         raise ValueError(f"--size {args.size} does not match the model's {model.image_size}x{model.image_size} frames")
     base = load_with_adapter(args.model) if args.adapter and not getattr(args, "no_base", False) else None
+    if base is not None:
+        apply_sample_steps(base, steps, args.model)
     if clips is not None:
         episodes = clips.load(held, needed)
         if rest:
@@ -371,7 +388,7 @@ def run_eval_cli(args) -> int:
                                     if base_report["mse_mean"] else None,
                                     "psnr_db": round(report["psnr_mean"] - base_report["psnr_mean"], 4),
                                     "ssim": round(report["ssim_mean"] - base_report["ssim_mean"], 6)}
-    report.update({"model": args.model, "adapter": args.adapter,
+    report.update({"model": args.model, "adapter": args.adapter, **({"sample_steps": steps} if steps else {}),
                    **({"data": footage, "clips": selection} if footage else {"seeds": args.seeds})})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(json_safe(report), indent=2))

@@ -314,3 +314,48 @@ def test_python_dash_m_from_the_checkout_root_builds_a_flow_model(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "flow" / "config.json").is_file() and (tmp_path / "flow" / "model.safetensors").is_file()
+
+
+def test_fewer_sample_steps_is_the_model_built_with_them():
+    """set_sample_steps(K) on a 3-step model rolls out exactly as the same weights built for K steps; stochastic
+    steps past K are dropped (step 0 stays)."""
+    three = _model(sample_steps=3, sde_steps=(0, 2))
+    two = _model(sample_steps=2, sde_steps=(0,))
+    two.load_state_dict(three.state_dict())
+    three.set_sample_steps(2)
+    assert three.config.sample_steps == 2 and three.config.sde_steps == (0,)
+    frames, actions = _episode()
+    for temperature in (0.0, 1.0):
+        a = three.rollout_paths(frames[:, :2], actions, horizon=2, temperature=temperature, seeds=[0, 1])
+        b = two.rollout_paths(frames[:, :2], actions, horizon=2, temperature=temperature, seeds=[0, 1])
+        assert a.paths.shape == (2, 2, 3, 3, 16, 16)
+        assert torch.equal(a.paths, b.paths) and torch.equal(a.logprobs, b.logprobs)
+    three.set_sample_steps(1)
+    assert three.config.sde_steps == (0,) and three.times().tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="sample_steps=0"):
+        three.set_sample_steps(0)
+
+
+def test_eval_and_play_take_sample_steps_for_a_flow_model_only(tmp_path, data_cache, tiny_model_dir, capsys):
+    import json
+
+    from posttrain.cli import main
+
+    folder = _model(image_size=32).save_pretrained(tmp_path / "flow32")
+    two = _model(image_size=32, sample_steps=2).save_pretrained(tmp_path / "flow32-two-steps")  # TINY: sde 0, 1
+    common = ["--seeds", "0:2", "--size", "32", "--horizon", "2", "--cache-dir", str(data_cache)]
+    assert main(["eval", "--model", str(folder), "--sample-steps", "2", *common, "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["eval", "--model", str(two), *common, "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["sample_steps"] == 2 and "sample_steps" not in b
+    assert a["mse_per_step"] == b["mse_per_step"] and a["ssim_per_step"] == b["ssim_per_step"]
+    capsys.readouterr()
+    for argv in (["eval", "--model", str(tiny_model_dir), "--sample-steps", "2", *common, "--json",
+                  str(tmp_path / "c.json")],
+                 ["eval", "--model", str(folder), "--sample-steps", "0", *common, "--json", str(tmp_path / "d.json")],
+                 ["play", "--model", str(tiny_model_dir), "--sample-steps", "2", "--port", "0"],
+                 ["play", "--model", str(folder), "--sample-steps", "0", "--port", "0"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--sample-steps" in err, err
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.json").exists()

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -383,6 +383,15 @@ class FlowWorldModel(nn.Module):
     def sft_values_per_frame(self) -> int:
         """Loss terms per target frame under `sft_objective`: the state's c h w elements."""
         return math.prod(self.state_shape)
+
+    def set_sample_steps(self, steps: int) -> None:
+        """Sample each frame in `steps` Euler steps from now on (`posttrain play/eval --sample-steps`). The denoiser
+        learnt continuous times t ~ U(0, 1), so any count is a sampler of the same model: fewer is faster and
+        coarser (benchmarks/bench_flow_steps.py measures both). Stochastic steps past the new count are dropped;
+        if none is left, step 0 is the stochastic one. A frame's payload holds K + 1 states, so set this before
+        rolling out, never between a rollout and its scoring."""
+        sde_steps = tuple(s for s in self.config.sde_steps if s < steps) or (0,)
+        self.config = replace(self.config, sample_steps=steps, sde_steps=sde_steps)
 
     def times(self, device=None) -> torch.Tensor:
         """(K + 1,) float32 times 1, 1 - 1/K, ..., 0."""

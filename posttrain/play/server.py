@@ -291,6 +291,9 @@ def add_play_parser(sub) -> None:
     parser.add_argument("--scene", action="append", metavar="KEY=VALUE", help="SceneConfig override (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="the first scene's seed ('new scene' takes the next)")
     parser.add_argument("--context", type=int, default=2, help="true context frames the models start from (default 2)")
+    parser.add_argument("--sample-steps", type=int, default=None, metavar="K",
+                        help="a flow model: Euler steps per frame (default: the model's own; 2 is faster, "
+                             "see docs/play.md#speed)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.set_defaults(func=run_play_cli)
@@ -335,12 +338,19 @@ def run_play_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--context {args.context}: need at least 1 true context frame")
     if not 0 <= args.seed < MAX_SEED:
         raise ValueError(f"--seed {args.seed} is outside [0, {MAX_SEED})")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise ValueError(f"--sample-steps {args.sample_steps} must be at least 1")
     # One intra-op thread: the two model panels run in parallel threads instead. With torch's default
     # (2 threads per op on 2 cores) the op threads spin against every other job on the machine:
     # benchmarks/bench_play.py measured 935 ms of CPU per frame that way on the loaded 2-core machine,
     # 42 ms this way.
     torch.set_num_threads(1)
     models, names = load_play_models(args.model, args.adapter, args.force_adapter)
+    if args.sample_steps is not None:
+        from posttrain.evaluate import apply_sample_steps
+
+        for model in {id(m): m for m in models}.values():
+            apply_sample_steps(model, args.sample_steps, args.model)
     if not hasattr(models[0], "start_rollout"):
         raise ValueError(f"--model {args.model}: {type(models[0]).__name__} has no incremental rollout "
                          "(start_rollout / rollout_step), which posttrain play steps once per key press")
