@@ -330,10 +330,10 @@ def test_fewer_sample_steps_is_the_model_built_with_them():
         b = two.rollout_paths(frames[:, :2], actions, horizon=2, temperature=temperature, seeds=[0, 1])
         assert a.paths.shape == (2, 2, 3, 3, 16, 16)
         assert torch.equal(a.paths, b.paths) and torch.equal(a.logprobs, b.logprobs)
-    three.set_sample_steps(1)
-    assert three.config.sde_steps == (0,) and three.times().tolist() == [1.0, 0.0]
-    with pytest.raises(ValueError, match="sample_steps=0"):
-        three.set_sample_steps(0)
+    for steps, error in ((1, "sample_steps=1 leaves no stochastic step"), (0, "sample_steps=0")):
+        with pytest.raises(ValueError, match=error):  # one Euler step from t = 1 has no SDE noise scale
+            three.set_sample_steps(steps)
+    assert three.config.sample_steps == 2  # a refused change leaves the model as it was
 
 
 def test_eval_and_play_take_sample_steps_for_a_flow_model_only(tmp_path, data_cache, tiny_model_dir, capsys):

@@ -90,6 +90,11 @@ class FlowConfig:
             raise ValueError(f"sample_steps={self.sample_steps} must be at least 1")
         if any(not 0 <= s < self.sample_steps for s in self.sde_steps) or len(set(self.sde_steps)) != len(self.sde_steps):
             raise ValueError(f"sde_steps={self.sde_steps} must be distinct steps in [0, {self.sample_steps})")
+        if self.sample_steps == 1 and self.sde_steps:
+            # The SDE's noise scale at t = 1 is infinite and is taken from the next time, which is 0 here: the
+            # step would have std 0 and no density.
+            raise ValueError("sample_steps=1 leaves no stochastic step (its noise scale would be 0): use 2 or more "
+                             "steps, or sde_steps=[] for a deterministic sampler")
         if self.context_frames < 1:
             raise ValueError(f"context_frames={self.context_frames} must be at least 1")
         if not self.noise_level > 0:
