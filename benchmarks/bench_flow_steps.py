@@ -7,7 +7,8 @@ may take any number of steps; the checkpoint's config says 3. For each step coun
 with `sample_steps` changed (a copy of the folder with that one config value edited), then measures what
 bench_flow_eval measures for one model (posttrain eval's code: held-out seeds 2000000-2000047, 2 true frames,
 32 predicted, greedy = the ODE and T = 1 = the SDE on step 0) and what bench_flow measures for play (one
-stream, one thread, `rollout_step` + `decode`). Speeds need an idle machine; the quality numbers do not.
+stream, one thread, `rollout_step` + `decode`). Speeds need an idle machine; the quality numbers do not
+(`--play-only` reruns just the speeds, for an idle moment).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="2000000:2000048")
     parser.add_argument("--horizon", type=int, default=32)
     parser.add_argument("--frames", type=int, default=100, help="frames per play measurement")
+    parser.add_argument("--play-only", action="store_true", help="only the play speeds (a quick idle rerun)")
     parser.add_argument("--out", default="benchmarks/results/flow_steps_cpu.json")
     args = parser.parse_args()
 
@@ -59,8 +61,8 @@ def main() -> None:
 
     folder = resolve_model_path(args.flow)
     data = EpisodeDataConfig(seeds=args.seeds, frames=2 + args.horizon)
-    episodes = load_episodes(data, EPISODE_FIELDS)
-    mean_frame, source = mean_frame_for(args.flow, episodes)
+    episodes = None if args.play_only else load_episodes(data, EPISODE_FIELDS)
+    mean_frame, source = (None, "") if args.play_only else mean_frame_for(args.flow, episodes)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_start": os.getloadavg()},
                "torch": torch.__version__, "flow": args.flow, "seeds": args.seeds, "horizon": args.horizon,
                "shipped_sample_steps": json.loads((folder / "config.json").read_text())["flow"]["sample_steps"],
@@ -70,7 +72,7 @@ def main() -> None:
             model = load_model(str(with_sample_steps(folder, steps, Path(scratch) / f"k{steps}"))).eval()
             entry = {}
             torch.set_num_threads(2)
-            for temperature in (0.0, 1.0):
+            for temperature in () if args.play_only else (0.0, 1.0):
                 config = EvalConfig(data=data, num_context=2, horizon=args.horizon, temperature=temperature)
                 report = evaluate_model(model, episodes, config, description=f"K={steps} T={temperature:g}",
                                         mean_frame=mean_frame, mean_frame_source=source)
