@@ -124,7 +124,9 @@ def test_require_kernels_fails_a_kernel_test_that_would_silently_skip():
     trl at its top would: triton.language is frozen in compiled mode, the kernel test's skip must
     then turn into a failure that says why."""
     node = f"{__file__}::test_interpreter_env_enables_triton_on_cpu"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # PYTHONSAFEPATH: `-p peft` imports peft (and through transformers Hugging Face's `kernels`) before
+    # conftest.py can take the clone's root off sys.path, where its own `kernels/` folder would shadow theirs.
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONSAFEPATH": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "peft", node]
     strict = subprocess.run([*command, "--require-kernels"], capture_output=True, text=True, env=env, timeout=300)
     assert strict.returncode != 0 and "--require-kernels:" in strict.stdout and "imports peft or trl" in strict.stdout, \
