@@ -4,7 +4,7 @@
 
 The shipped flow model was trained on continuous times t ~ U(0, 1) (rectified flow), so its Euler sampler
 may take any number of steps; the checkpoint's config says 3. For each step count this loads the same weights
-with `sample_steps` changed (a copy of the folder with that one config value edited), then measures what
+and sets the count (`FlowWorldModel.set_sample_steps`, what `--sample-steps` does), then measures what
 bench_flow_eval measures for one model (posttrain eval's code: held-out seeds 2000000-2000047, 2 true frames,
 32 predicted, greedy = the ODE and T = 1 = the SDE on step 0) and what bench_flow measures for play (one
 stream, one thread, `rollout_step` + `decode`). Speeds need an idle machine; the quality numbers do not
@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,17 +27,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_flow import play_step  # noqa: E402
 from bench_flow_eval import compact  # noqa: E402
-
-
-def with_sample_steps(folder: Path, steps: int, into: Path) -> Path:
-    """A copy of a flow model folder whose config samples in `steps` Euler steps (the SDE on step 0)."""
-    into.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(folder / name, into / name)
-    config = json.loads((into / "config.json").read_text())
-    config["flow"]["sample_steps"], config["flow"]["sde_steps"] = steps, [0]
-    (into / "config.json").write_text(json.dumps(config, indent=2))
-    return into
 
 
 def main() -> None:
@@ -67,20 +54,20 @@ def main() -> None:
                "torch": torch.__version__, "flow": args.flow, "seeds": args.seeds, "horizon": args.horizon,
                "shipped_sample_steps": json.loads((folder / "config.json").read_text())["flow"]["sample_steps"],
                "steps": {}}
-    with tempfile.TemporaryDirectory() as scratch:
-        for steps in [int(s) for s in args.steps.split(",")]:
-            model = load_model(str(with_sample_steps(folder, steps, Path(scratch) / f"k{steps}"))).eval()
-            entry = {}
-            torch.set_num_threads(2)
-            for temperature in () if args.play_only else (0.0, 1.0):
-                config = EvalConfig(data=data, num_context=2, horizon=args.horizon, temperature=temperature)
-                report = evaluate_model(model, episodes, config, description=f"K={steps} T={temperature:g}",
-                                        mean_frame=mean_frame, mean_frame_source=source)
-                entry[f"t{temperature:g}"] = compact(report)
-                entry[f"t{temperature:g}_ssim_per_step"] = [round(v, 4) for v in report["ssim_per_step"]]
-            entry["play"] = play_step(model, args.frames)  # one thread, as play's server runs each panel
-            results["steps"][str(steps)] = entry
-            print(steps, {k: v for k, v in entry.items() if not k.endswith("per_step")}, flush=True)
+    for steps in [int(s) for s in args.steps.split(",")]:
+        model = load_model(args.flow).eval()
+        model.set_sample_steps(steps)
+        entry = {}
+        torch.set_num_threads(2)
+        for temperature in () if args.play_only else (0.0, 1.0):
+            config = EvalConfig(data=data, num_context=2, horizon=args.horizon, temperature=temperature)
+            report = evaluate_model(model, episodes, config, description=f"K={steps} T={temperature:g}",
+                                    mean_frame=mean_frame, mean_frame_source=source)
+            entry[f"t{temperature:g}"] = compact(report)
+            entry[f"t{temperature:g}_ssim_per_step"] = [round(v, 4) for v in report["ssim_per_step"]]
+        entry["play"] = play_step(model, args.frames)  # one thread, as play's server runs each panel
+        results["steps"][str(steps)] = entry
+        print(steps, {k: v for k, v in entry.items() if not k.endswith("per_step")}, flush=True)
     results["machine"]["loadavg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -120,11 +120,6 @@ def read_frames(dataset, pairs: list[tuple[int, int]]) -> torch.Tensor:
     return torch.stack([clips[where[row], frame] for row, frame in pairs])
 
 
-def decode_latents(tokenizer, latents: torch.Tensor) -> torch.Tensor:
-    """(B, g, g, D) FSQ latents -> (B, H, W, 3) frames in [0, 1], unclamped (the training target's scale)."""
-    return ((tokenizer.decoder(latents.permute(0, 3, 1, 2)).float() + 1) / 2).permute(0, 2, 3, 1)
-
-
 @torch.no_grad()
 def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64) -> dict:
     """Held-out frames (F, H, W, 3) uint8 through encode + decode: mean PSNR (dB), SSIM and MSE."""
@@ -249,8 +244,8 @@ def run(config: AdaptTokenizerConfig) -> Path:
         torch.set_num_threads(config.threads)
     log = MetricsWriter(out / "metrics.jsonl")
     base_scores = reconstruction_scores(tokenizer, held_frames)
-    with torch.no_grad():
-        base_recon = tokenizer.decode(tokenizer.encode(held_frames))
+    base_ids = tokenizer.encode(held_frames)  # what the adapted model must still map these frames to
+    base_recon = tokenizer.decode(base_ids)
     tokenizer.requires_grad_(False)
     tokenizer.decoder.requires_grad_(True)
     parameters = list(tokenizer.decoder.parameters())
@@ -265,10 +260,10 @@ def run(config: AdaptTokenizerConfig) -> Path:
     with progress_bar(config.steps - start, "decoder") as update:
         for step in range(start, config.steps):
             batch = read_frames(dataset, draw_frames(config.seed, step, train_rows, frames_per_clip, config.batch_size))
-            with torch.no_grad():  # the encoder is frozen: its latents (and so the token ids) never change
-                latents, _ = tokenizer.fsq(tokenizer.encoder(tokenizer.to_input(batch)).float().permute(0, 2, 3, 1))
             tokenizer.decoder.train()
-            loss = ((decode_latents(tokenizer, latents) - batch.float() / 255) ** 2).mean()
+            # Gradients reach only the decoder: the encoder's weights are frozen, so its latents (and the ids) stay.
+            recon, _ = tokenizer(batch)
+            loss = ((recon - batch.float() / 255) ** 2).mean()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * cosine_schedule(step, config.steps, config.warmup)
             optimizer.zero_grad(set_to_none=True)
@@ -299,11 +294,11 @@ def run(config: AdaptTokenizerConfig) -> Path:
             shutil.copy(model_folder / extra, out / "model" / extra)
     saved = frame_tokenizer(load_model(str(out / "model")), str(out / "model"))
     after = reconstruction_scores(saved, held_frames)  # the saved model's numbers (bf16 weights included)
-    with torch.no_grad():
-        adapted_recon = saved.decode(saved.encode(held_frames))
-        if not torch.equal(saved.encode(held_frames), load_model(config.model).tokenizer.encode(held_frames)):
-            raise RuntimeError(f"{out / 'model'}: the adapted model maps held-out frames to other token ids than "
-                               f"{config.model}; only the decoder may change")
+    adapted_ids = saved.encode(held_frames)
+    if not torch.equal(adapted_ids, base_ids):
+        raise RuntimeError(f"{out / 'model'}: the adapted model maps held-out frames to other token ids than "
+                           f"{config.model}; only the decoder may change")
+    adapted_recon = saved.decode(adapted_ids)
     report = {**summary, "held_out_after": after}
     (out / "report").mkdir(parents=True, exist_ok=True)
     (out / "report" / "tokenizer.json").write_text(json.dumps(report, indent=1))
