@@ -208,6 +208,7 @@ def test_pretrain_overwrite_keeps_a_dataset_named_inside_out(tmp_path, capsys):
     (["extra_data=[{seeds: '5:7', frames: 5, image_size: 32}]"], ["extra_data[0].frames=5", "data.frames=4"]),
     (["tokenizer.model.image_size=48", "data.image_size=48", "eval_data.image_size=48", "dynamics.model.patch=8"],
      ["dynamics.model", "patch=8", "12x12"]),
+    (["dynamics.bf16=fast"], ["dynamics", "bf16='fast'", "true, false or auto"]),
 ])
 def test_pretrain_shapes_that_would_fail_late_fail_first(extra, words, tmp_path, capsys):
     code, err = _code_and_error(_tiny_pretrain(tmp_path / "cache", tmp_path / "pre", *extra), capsys)

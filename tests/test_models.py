@@ -188,7 +188,7 @@ def test_bad_rollout_arguments():
         model.rollout(context, torch.zeros(2, 5, dtype=torch.long), 4, seeds=[1])
 
 
-def _patched_model(seed: int = 0):
+def _patched_model(seed: int = 0, positions: str = "learned"):
     """The new base's layout in miniature: a 4-pixel-patch tokenizer (8x8 grid at 32x32) and dynamics
     that hold a 2x2 block of tokens per position (16 positions, 4 output heads)."""
     from posttrain.models import DynamicsConfig
@@ -196,7 +196,7 @@ def _patched_model(seed: int = 0):
     torch.manual_seed(seed)
     return TokenWorldModel(
         TokenizerConfig(image_size=32, downsample=4, channels=(8, 16, 16), levels=(4, 4), decoder_blocks=1),
-        DynamicsConfig(width=32, layers=2, heads=2, context_frames=3, patch=2)).eval()
+        DynamicsConfig(width=32, layers=2, heads=2, context_frames=3, patch=2, positions=positions)).eval()
 
 
 def test_patch_grouping_round_trips_and_keeps_token_order():
@@ -238,9 +238,12 @@ def test_patched_tokenizer_round_trip_after_a_little_training():
     torch.testing.assert_close(tokenizer.decode(ids), recon.clamp(0, 1))
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary", "rotary+learned"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
-def test_patched_rollout_logprobs_equal_score_and_cache(temperature):
-    model = _patched_model()
+def test_patched_rollout_logprobs_equal_score_and_cache(temperature, positions):
+    """Cached rollouts (the window slides: 2 + 6 frames > 3), full recompute and `score` agree, for every way
+    the dynamics sees space."""
+    model = _patched_model(positions=positions)
     context = model.encode(torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8))
     actions = torch.randint(0, 35, (2, 2 + 6 - 1))
     out = model.rollout(context, actions, 6, temperature=temperature, seeds=[1, 2], decode=False)
@@ -260,6 +263,63 @@ def test_patched_model_saves_and_loads(tmp_path):
     assert again.dynamics.config.patch == 2 and again.tokenizer.config.decoder_blocks == 1
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_rotary_positions_make_attention_scores_depend_on_offsets_only():
+    """With positions="rotary", the query-key score of two cells is unchanged when both move by the same
+    (row, column, frame) offset; with the learned embedding, rotary covers time only and every cell of a frame
+    gets the same rotation (the embedding carries where it is)."""
+    from posttrain.models.dynamics import apply_rotary
+
+    dynamics = _patched_model(positions="rotary").dynamics  # a 4x4 grid of positions per frame
+    assert dynamics.spatial_embed is None and not any("spatial" in k for k in dynamics.state_dict())
+    cos, sin = dynamics.rotary_tables(torch.arange(5))
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, generator=generator, dtype=torch.float64).unbind(0)
+
+    def score(frame_q, cell_q, frame_k, cell_k):
+        i, j = frame_q * 16 + cell_q, frame_k * 16 + cell_k
+        rq = apply_rotary(q.view(1, 1, 1, 16), cos[i:i + 1].double(), sin[i:i + 1].double())
+        rk = apply_rotary(k.view(1, 1, 1, 16), cos[j:j + 1].double(), sin[j:j + 1].double())
+        return float((rq * rk).sum())
+
+    def cell(row, col):
+        return row * 4 + col
+
+    reference = score(1, cell(0, 1), 0, cell(2, 0))
+    for shift_frame, shift_row, shift_col in [(1, 0, 0), (0, 1, 0), (0, 0, 2), (3, 1, 1)]:
+        moved = score(1 + shift_frame, cell(shift_row, 1 + shift_col), shift_frame, cell(2 + shift_row, shift_col))
+        assert moved == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    # A different offset gives a different score: the positions are seen, not ignored.
+    assert abs(score(1, cell(0, 1), 0, cell(1, 0)) - reference) > 1e-3
+
+    learned = _patched_model(positions="learned").dynamics
+    cos, _ = learned.rotary_tables(torch.arange(2))
+    assert torch.equal(cos[:16], cos[:1].expand(16, -1)) and not torch.equal(cos[0], cos[16])
+
+
+def test_rotary_positions_save_load_and_refusals(tmp_path):
+    from posttrain.models import DynamicsConfig
+
+    model = _patched_model(positions="rotary+learned")
+    model.save_pretrained(tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.dynamics.config.positions == "rotary+learned"
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="positions='sinusoidal': expected one of learned, rotary"):
+        DynamicsConfig(positions="sinusoidal")
+    with pytest.raises(ValueError, match="head dim of at least 6"):
+        DynamicsConfig(width=16, heads=4, positions="rotary")
+
+
+def test_shipped_model_config_means_learned_positions():
+    """Configs written before `positions` existed (every shipped model's) load as "learned"."""
+    from posttrain.models.registry import resolve_model_path
+
+    saved = json.loads((resolve_model_path("default") / "config.json").read_text())["dynamics"]
+    assert "positions" not in saved or saved["positions"] == "learned"
+    assert load_model("default").dynamics.config.positions == "learned"
 
 
 @pytest.mark.parametrize("temperature,num_context", [(0.0, 2), (1.0, 2), (0.7, 1)])

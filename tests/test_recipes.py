@@ -62,3 +62,17 @@ def test_accelerate_configs_parse_and_show_their_launch_line(path):
     assert f"accelerate launch --config_file recipes/accelerate/{path.name}" in head, path.name
     if config["num_machines"] > 1:
         assert "--machine_rank" in head and "--main_process_ip" in head, path.name
+
+
+def test_pretrain_bf16_auto_follows_the_cpus_native_bf16():
+    """bf16 autocast is a speed-up only where the CPU has bf16 dot products; on an AVX2-only CPU oneDNN emulates
+    it (~18x slower than fp32 for the dynamics), so "auto" (the default) turns it on only with avx512_bf16/amx."""
+    from posttrain.pretrain import DynamicsTraining, TokenizerTraining, native_bf16, use_bf16
+
+    avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma f16c\n"
+    assert not native_bf16(avx2)
+    assert native_bf16("flags : fpu avx2 avx512f avx512_bf16\n")
+    assert native_bf16("flags : fpu avx2 amx_tile amx_bf16\n")
+    assert not native_bf16("")
+    assert TokenizerTraining().bf16 == "auto" and DynamicsTraining().bf16 == "auto"
+    assert use_bf16(True) and not use_bf16(False) and use_bf16("auto") == native_bf16()

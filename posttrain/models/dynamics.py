@@ -8,8 +8,11 @@ heads): a 16x16 token grid costs the transformer what an 8x8 one does, while the
 tokenizer keeps 4-pixel patches that hold small objects. Attention is block-causal over a sliding
 window: a token of frame t sees every token of frames t-W+1 .. t (W = context_frames),
 its own frame included. Time enters through rotary embeddings of the frame index, so
-keys cached at absolute positions stay valid as the window slides; space enters
-through a learned per-cell embedding. `forward` (full sequence, masked) and `step`
+keys cached at absolute positions stay valid as the window slides. Space enters through a
+learned per-cell embedding (`positions="learned"`, the default and every shipped model's) or
+through rotary embeddings of the cell's row and column (`"rotary"`; `"rotary+learned"` keeps
+both): then attention scores depend on offsets between cells, not on where they are, so one
+camera shift is one pattern to learn rather than one per cell. `forward` (full sequence, masked) and `step`
 (one new frame against the cache) compute the same function: cached rollouts and
 `score()` agree to float rounding.
 """
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+POSITIONS = ("learned", "rotary", "rotary+learned")
 
 
 @dataclass
@@ -46,8 +51,18 @@ class DynamicsConfig:
     """Attention window W in frames (the frame itself included)."""
     patch: int = 1
     """Token-grid blocks per transformer position (patch x patch tokens share one position)."""
+    positions: str = "learned"
+    """How attention sees space: "learned" (a learned embedding per cell, added to the input), "rotary"
+    (rotary embeddings of the cell's row and column beside the frame's: scores depend on offsets only) or
+    "rotary+learned" (both). Rotary splits each head's rotation pairs: a third each to rows and columns,
+    the rest to time."""
 
     def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: expected one of {', '.join(POSITIONS)}")
+        if self.positions != "learned" and self.width // max(self.heads, 1) < 6:
+            raise ValueError(f"positions={self.positions!r} needs a head dim of at least 6 (rows, columns and time "
+                             f"each get rotation pairs); width={self.width} / heads={self.heads} is too small")
         if self.width % self.heads or (self.width // self.heads) % 2:
             raise ValueError(f"width={self.width} must split into {self.heads} heads of even size")
         grid = math.isqrt(self.tokens_per_frame)
@@ -70,11 +85,17 @@ class DynamicsConfig:
         return self.num_actions
 
 
-def rotary(frame_index: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(frame_index: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (L, head_dim/2) for rotary embeddings of the given frame indices (L,)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=frame_index.device).float() / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=frame_index.device).float() / head_dim))
     angles = frame_index.float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
+
+
+# Rows and columns span only grid/patch cells (8 in the default model): base 100 spreads the spatial
+# frequencies over that range (offset 7 turns the slowest pair by ~0.2 rad), where 10000 would leave most pairs
+# nearly still.
+SPATIAL_ROTARY_BASE = 100.0
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,7 +156,14 @@ class DynamicsTransformer(nn.Module):
         # One table per sub-position of a patch (offset ids), summed: a shared table would lose which is which.
         self.token_embed = nn.Embedding(config.vocab_size * sub, config.width)
         self.action_embed = nn.Embedding(config.num_actions + 1, config.width)
-        self.spatial_embed = nn.Parameter(torch.randn(config.positions_per_frame, config.width) * 0.02)
+        if config.positions != "rotary":
+            self.spatial_embed = nn.Parameter(torch.randn(config.positions_per_frame, config.width) * 0.02)
+        else:
+            self.spatial_embed = None
+        side = config.grid // config.patch
+        cell = torch.arange(config.positions_per_frame)
+        self.register_buffer("cell_row", cell // side, persistent=False)
+        self.register_buffer("cell_col", cell % side, persistent=False)
         self.register_buffer("sub_offset", torch.arange(sub) * config.vocab_size, persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.width)
@@ -166,8 +194,24 @@ class DynamicsTransformer(nn.Module):
     def _embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, N), actions (B, T) -> (B, T*P, D)."""
         grouped = self.patchify(tokens) + self.sub_offset  # (B, T, P, p*p)
-        x = self.token_embed(grouped).sum(-2) + self.spatial_embed + self.action_embed(actions)[:, :, None, :]
+        x = self.token_embed(grouped).sum(-2) + self.action_embed(actions)[:, :, None, :]
+        if self.spatial_embed is not None:
+            x = x + self.spatial_embed
         return x.flatten(1, 2)
+
+    def rotary_tables(self, frame_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (T*P, head_dim/2) for frames `frame_index` (T,), every position of each frame in order."""
+        n, head_dim = self.config.positions_per_frame, self.config.width // self.config.heads
+        time = frame_index.repeat_interleave(n)
+        if self.config.positions == "learned":
+            return rotary(time, head_dim)
+        pairs = head_dim // 2
+        spatial = pairs // 3  # rotation pairs for rows, and as many for columns; time keeps the rest
+        frames = frame_index.shape[0]
+        parts = [rotary(time, 2 * (pairs - 2 * spatial)),
+                 rotary(self.cell_row.repeat(frames), 2 * spatial, SPATIAL_ROTARY_BASE),
+                 rotary(self.cell_col.repeat(frames), 2 * spatial, SPATIAL_ROTARY_BASE)]
+        return torch.cat([cos for cos, _ in parts], -1), torch.cat([sin for _, sin in parts], -1)
 
     def window_mask(self, frames: int, first_frame: int = 0, device=None) -> torch.Tensor:
         """(T*N, T*N) bool mask: True where a query token may attend a key token."""
@@ -185,8 +229,7 @@ class DynamicsTransformer(nn.Module):
         """
         batch, frames = tokens.shape[:2]
         n = self.config.positions_per_frame
-        positions = torch.arange(first_frame, first_frame + frames, device=tokens.device).repeat_interleave(n)
-        cos, sin = rotary(positions, self.config.width // self.config.heads)
+        cos, sin = self.rotary_tables(torch.arange(first_frame, first_frame + frames, device=tokens.device))
         mask = self.window_mask(frames, first_frame, tokens.device)
         x = self._embed(tokens, actions)
         cache = []
@@ -202,8 +245,7 @@ class DynamicsTransformer(nn.Module):
         """One new frame (B, N) with its action (B,) against the cache; returns hidden (B, P, D) and the
         updated cache, trimmed so the next frame again sees exactly the last W-1 frames."""
         n = self.config.positions_per_frame
-        positions = torch.full((n,), frame_index, device=tokens.device)
-        cos, sin = rotary(positions, self.config.width // self.config.heads)
+        cos, sin = self.rotary_tables(torch.tensor([frame_index], device=tokens.device))
         x = self._embed(tokens[:, None], actions[:, None])
         keep = (self.config.context_frames - 1) * n
         new_cache = []
