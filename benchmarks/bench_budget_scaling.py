@@ -16,7 +16,9 @@ greedy and temperature 1, default and shifted scenes, MSE / SSIM / object presen
 
 The step counts, not wall-clock, set the budget, so the result does not depend on what else the CPU did;
 `train_seconds` is recorded beside each point for scale. Validation seeds by default (a study, not a
-final table). The JSON is rewritten after every point, so a run cut short keeps what it measured.
+final table). The JSON is rewritten after every point, so a run cut short keeps what it measured, and a rerun
+with more step counts (same name, recipe and overrides) keeps the points already in it and resumes the run from
+its last checkpoint.
 """
 
 from __future__ import annotations
@@ -105,11 +107,25 @@ def main() -> None:
         report["results"]["base"] = {**earlier["results"]["base"], "eval_from": args.base_from}
     else:
         report["results"]["base"] = {"adapter": None, "eval": score(None)}
+    done = {}
+    if out_json.is_file():  # a longer study of the same run: keep the points measured, resume the run from there
+        earlier = json.loads(out_json.read_text())
+        if (earlier.get("name"), earlier.get("recipe"), earlier.get("overrides"), earlier.get("scenes"),
+                earlier.get("model_weights_sha256")) == (name, recipe, overrides, report["scenes"],
+                                                         report["model_weights_sha256"]):
+            done = {k: v for k, v in earlier["results"].items() if k != "base" and Path(v["adapter"]).is_dir()}
+            report["results"].update(done)
     write()
     print(f"base: {'from ' + args.base_from if args.base_from else 'evaluated'}", flush=True)
-    seconds = 0.0
-    for i, steps in enumerate(counts):
-        seconds += run_to(recipe, overrides, args.model, run_dir, steps, resume=i > 0)
+    seconds, trained = 0.0, False
+    for steps in counts:
+        if f"{name}@{steps}" in done:
+            seconds = done[f"{name}@{steps}"]["train_seconds"]
+            trained = True
+            print(f"{name}@{steps}: kept from {out_json}", flush=True)
+            continue
+        seconds += run_to(recipe, overrides, args.model, run_dir, steps, resume=trained)
+        trained = True
         adapter = runs / f"adapter-step{steps}"
         if adapter.exists():
             shutil.rmtree(adapter)
