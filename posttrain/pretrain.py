@@ -32,9 +32,9 @@ from posttrain.models import (
 
 def native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX): where it does, bf16 autocast
-    made the tokenizer ~8x faster than fp32; where it does not (AVX2 only), oneDNN emulates bf16 and a dynamics
-    step of the default recipe took ~75 s instead of ~4 s in fp32 (one thread, an AVX2 AMD EPYC). Linux only
-    (reads /proc/cpuinfo); elsewhere False, the safe choice."""
+    made the tokenizer ~8x faster than fp32; where it does not (AVX2 only), oneDNN emulates bf16 and a step was
+    18.6x (dynamics) and 13.9x (tokenizer) slower than fp32 (benchmarks/bench_bf16.py on an AVX2 AMD EPYC).
+    Linux only (reads /proc/cpuinfo); elsewhere False, the safe choice."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()

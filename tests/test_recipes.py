@@ -66,7 +66,7 @@ def test_accelerate_configs_parse_and_show_their_launch_line(path):
 
 def test_pretrain_bf16_auto_follows_the_cpus_native_bf16():
     """bf16 autocast is a speed-up only where the CPU has bf16 dot products; on an AVX2-only CPU oneDNN emulates
-    it (~18x slower than fp32 for the dynamics), so "auto" (the default) turns it on only with avx512_bf16/amx."""
+    it (18.6x slower than fp32 for the dynamics step, bench_bf16.py), so "auto" (the default) turns it on only with avx512_bf16/amx."""
     from posttrain.pretrain import DynamicsTraining, TokenizerTraining, native_bf16, use_bf16
 
     avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma f16c\n"
