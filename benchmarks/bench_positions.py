@@ -39,6 +39,19 @@ def load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def table(results: dict) -> str:
+    """Markdown: one row per variant, held-out CE, one-step and rollout numbers, greedy and T=1."""
+    lines = ["| positions | params | held-out CE | frame 1 PSNR / SSIM / objects (greedy) | greedy MSE / SSIM / objects "
+             "| T=1 MSE / SSIM / objects | T=1 frame-1 objects |", "|---|---|---|---|---|---|---|"]
+    for name, e in results.get("variants", {}).items():
+        g, t = e["t0"], e["t1"]
+        lines.append(f"| {name} | {e['parameters'] / 1e6:.2f} M | {e['teacher_forced_ce_held_out']:.3f} "
+                     f"| {g['frame1_psnr_db']:.2f} dB / {g['frame1_ssim']:.3f} / {g['frame1_objects']:.3f} "
+                     f"| {g['mse']:.4f} / {g['ssim']:.3f} / {g['objects']:.3f} "
+                     f"| {t['mse']:.4f} / {t['ssim']:.3f} / {t['objects']:.3f} | {t['frame1_objects']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="learned,rotary,rotary+learned",
@@ -52,7 +65,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="data")
     parser.add_argument("--save", default="", help="folder to save each variant's model in ('' to skip)")
     parser.add_argument("--out", default="benchmarks/results/positions_cpu.json")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(load_json(Path(args.out))))
+        return
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
