@@ -194,10 +194,10 @@ class DynamicsTransformer(nn.Module):
     def _embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, N), actions (B, T) -> (B, T*P, D)."""
         grouped = self.patchify(tokens) + self.sub_offset  # (B, T, P, p*p)
-        x = self.token_embed(grouped).sum(-2) + self.action_embed(actions)[:, :, None, :]
+        x = self.token_embed(grouped).sum(-2)
         if self.spatial_embed is not None:
-            x = x + self.spatial_embed
-        return x.flatten(1, 2)
+            x = x + self.spatial_embed  # before the action, as it always was: shipped models stay bitwise the same
+        return (x + self.action_embed(actions)[:, :, None, :]).flatten(1, 2)
 
     def rotary_tables(self, frame_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (T*P, head_dim/2) for frames `frame_index` (T,), every position of each frame in order."""
