@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     from posttrain.models import DynamicsConfig, DynamicsTransformer, FrameTokenizer, TokenizerConfig
-    from posttrain.pretrain import native_bf16, teacher_forced_loss
+    from posttrain.pretrain import cpu_flags, native_bf16, teacher_forced_loss
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up)")
@@ -34,11 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    flags = set()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.partition(":")[2].split())
+    flags = cpu_flags()
 
     def tokenizer_step(bf16: bool):
         model = FrameTokenizer(TokenizerConfig(image_size=64, downsample=4, channels=(32, 64, 128),

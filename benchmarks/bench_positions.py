@@ -22,6 +22,7 @@ in it are skipped, so several processes (one variant each) can share the work an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -142,7 +143,7 @@ def main() -> None:
 
     for variant in todo:
         dyn_cfg = config.dynamics
-        dyn_cfg.model = type(base.dynamics.config)(**{**vars(base.dynamics.config), "positions": variant})
+        dyn_cfg.model = dataclasses.replace(base.dynamics.config, positions=variant)
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
         folder = Path(args.save) / variant.replace("+", "_") if args.save else None

@@ -30,21 +30,26 @@ from posttrain.models import (
 )
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags in /proc/cpuinfo (or in `cpuinfo`'s text); empty where there is none (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return flags
+
+
 def native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX): where it does, bf16 autocast
     made the tokenizer ~8x faster than fp32; where it does not (AVX2 only), oneDNN emulates bf16 and a step was
     18.6x (dynamics) and 13.9x (tokenizer) slower than fp32 (benchmarks/bench_bf16.py on an AVX2 AMD EPYC).
     Linux only (reads /proc/cpuinfo); elsewhere False, the safe choice."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 def check_bf16(value: bool | str) -> None:
