@@ -27,7 +27,6 @@ Single process: a few hundred steps of a small convolutional decoder need no lau
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data import EpisodeDataConfig
-from posttrain.envs3d.jobs import atomic_write_text, fault_point
+from posttrain.envs3d.jobs import fault_point
 from posttrain.logging_utils import MetricsWriter, progress_bar
 
 EVAL_FRAMES = 256
@@ -135,57 +134,25 @@ def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64) -> d
     return {k: round(v / len(frames), 5) for k, v in scores.items()}
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, str]:
-    """Adam's state as flat tensors plus its param groups as JSON (safetensors holds only tensors)."""
-    state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value.contiguous() for index, entry in state["state"].items()
-               for key, value in entry.items()}
-    return tensors, json.dumps(state["param_groups"])
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, groups: str) -> None:
-    state: dict = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
-
-
 def save_checkpoint(out: Path, step: int, tokenizer, optimizer) -> Path:
-    """out/checkpoints/step-N with the decoder and Adam's state, written to a temporary folder and renamed, then
-    `latest` (a text file naming it) replaced atomically: a kill at any moment leaves the previous one whole."""
-    from safetensors.torch import save_file
+    """out/checkpoints/step-N with the decoder and Adam's state (`runfolder.write_checkpoint`: atomic)."""
+    from posttrain.runfolder import optimizer_tensors, write_checkpoint
 
-    folder = out / "checkpoints"
-    final, staging = folder / f"step-{step:06d}", folder / f".tmp-step-{step:06d}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tokenizer.decoder.state_dict().items()}, str(staging / "decoder.safetensors"))
-    tensors, groups = _optimizer_tensors(optimizer)
-    save_file(tensors, str(staging / "optimizer.safetensors"), metadata={"param_groups": groups, "step": str(step)})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    atomic_write_text(folder / "latest", final.name)
-    for old in folder.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    tensors, groups = optimizer_tensors(optimizer)
+    return write_checkpoint(out, step, {"decoder": (tokenizer.decoder.state_dict(), {}),
+                                        "optimizer": (tensors, {"param_groups": groups, "step": step})})
 
 
 def load_checkpoint(out: Path, tokenizer, optimizer) -> int:
     """Restore the latest checkpoint in `out`; returns the number of steps it had done (0: none there)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from posttrain.runfolder import latest_checkpoint, load_optimizer, read_checkpoint_file
 
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
+    folder = latest_checkpoint(out)
+    if folder is None:
         return 0
-    folder = out / "checkpoints" / pointer.read_text().strip()
-    tokenizer.decoder.load_state_dict(load_file(str(folder / "decoder.safetensors")))
-    with safe_open(str(folder / "optimizer.safetensors"), "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    _load_optimizer(optimizer, tensors, metadata["param_groups"])
+    tokenizer.decoder.load_state_dict(read_checkpoint_file(folder / "decoder.safetensors")[0])
+    tensors, metadata = read_checkpoint_file(folder / "optimizer.safetensors")
+    load_optimizer(optimizer, tensors, metadata["param_groups"])
     return int(metadata["step"])
 
 

@@ -207,3 +207,68 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+# Checkpoints of the single-process loops (`adapt_tokenizer`, `pretrain`'s dynamics stage). The Accelerate loop
+# (`posttrain.training`) has its own, which also carries every rank's state; these carry tensors only, so
+# nothing is ever unpickled on resume.
+
+def optimizer_tensors(optimizer) -> tuple[dict, str]:
+    """A torch optimizer's state as flat tensors plus its param groups as JSON (safetensors holds only tensors)."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.contiguous() for index, entry in state["state"].items()
+               for key, value in entry.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def load_optimizer(optimizer, tensors: dict, groups: str) -> None:
+    """The inverse of `optimizer_tensors`."""
+    state: dict = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+
+
+def write_checkpoint(out: Path, step: int, files: dict[str, tuple[dict, dict]]) -> Path:
+    """out/checkpoints/step-N holding one safetensors file per entry of `files` ({name: (tensors, metadata)}),
+    written to a temporary folder and renamed, then `latest` (a text file naming it) replaced atomically: a
+    kill at any moment leaves the previous checkpoint whole. Older checkpoints are removed after."""
+    from safetensors.torch import save_file
+
+    from posttrain.envs3d.jobs import atomic_write_text
+
+    folder = Path(out) / "checkpoints"
+    final, staging = folder / f"step-{step:06d}", folder / f".tmp-step-{step:06d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, (tensors, metadata) in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / f"{name}.safetensors"),
+                  metadata={k: str(v) for k, v in metadata.items()})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    atomic_write_text(folder / "latest", final.name)
+    for old in folder.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The folder `out/checkpoints/latest` names, or None when the run has none."""
+    pointer = Path(out) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise ValueError(f"--resume: {pointer} names {folder.name}, which is missing; the run folder was changed by "
+                         f"hand. Start a new run (out=...)")
+    return folder
+
+
+def read_checkpoint_file(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of one safetensors file of a checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
