@@ -72,6 +72,14 @@ class AdaptTokenizerConfig:
     """Steps between held-out scores in metrics.jsonl (0: only before and after)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (0: none; the finished model is always written)."""
+    reference: bool = False
+    """Also teach the decoder to use a reference frame (`TokenizerConfig.reference`): each training frame is
+    decoded with an earlier frame of its clip (1 to `reference_gap` frames back), so that eval, which decodes a
+    rollout with the last true context frame, can copy the pixels that still hold. Token model only."""
+    reference_gap: int = 8
+    """Largest distance (frames) between a training frame and its reference: as far as eval's horizon reaches."""
+    reference_dropout: float = 0.2
+    """Share of each batch decoded without a reference, so the plain path (GRPO, play) stays adapted too."""
     seed: int = 0
     """Seed of the frames each step draws."""
     threads: int = 0
@@ -84,8 +92,10 @@ class AdaptTokenizerConfig:
     def __post_init__(self) -> None:
         from posttrain.config import require
 
-        require(self, positive=("steps", "batch_size", "lr", "grad_clip"),
+        require(self, positive=("steps", "batch_size", "lr", "grad_clip", "reference_gap"),
                 non_negative=("warmup", "eval_every", "checkpoint_every", "threads"))
+        if not 0.0 <= self.reference_dropout < 1.0:
+            raise ValueError(f"reference_dropout={self.reference_dropout} is outside [0, 1)")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} is outside (0, 1): some clips must be held "
                              "out to score the adaptation, and some kept to train on")
@@ -102,13 +112,54 @@ def frame_tokenizer(model, name: str):
     return tokenizer
 
 
-def draw_frames(seed: int, step: int, rows: list[int], frames_per_clip: int, batch_size: int) -> list[tuple[int, int]]:
+@torch.no_grad()
+def reference_scores(tokenizer, frames: torch.Tensor, references: torch.Tensor, batch: int = 64) -> dict:
+    """`reconstruction_scores` with each frame decoded beside its reference frame (the one before it)."""
+    from posttrain.rewards.metrics import psnr, ssim
+
+    scores = {"psnr_db": 0.0, "ssim": 0.0, "mse": 0.0}
+    for start in range(0, len(frames), batch):
+        truth = frames[start: start + batch].float() / 255
+        recon = tokenizer.decode(tokenizer.encode(frames[start: start + batch]), references[start: start + batch])
+        scores["psnr_db"] += float(psnr(recon, truth).sum())
+        scores["ssim"] += float(ssim(recon, truth).sum())
+        scores["mse"] += float(((recon - truth) ** 2).mean((1, 2, 3)).sum())
+    return {k: round(v / len(frames), 5) for k, v in scores.items()}
+
+
+def with_reference_path(model, name: str):
+    """`model` (a token world model) with a fresh, closed reference path on its tokenizer (weights kept)."""
+    import dataclasses
+
+    from posttrain.models import FrameTokenizer, TokenWorldModel
+
+    if not isinstance(model, TokenWorldModel):
+        raise ValueError(f"model={name}: reference: true is built for the token world model's decoder, not "
+                         f"{type(model).__name__}; set reference: false")
+    if model.tokenizer.config.reference:
+        return model
+    tokenizer = FrameTokenizer(dataclasses.replace(model.tokenizer.config, reference=True))
+    missing, unexpected = tokenizer.load_state_dict(model.tokenizer.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("reference_") for k in missing), (missing, unexpected)
+    tokenizer.reset_reference()
+    model.tokenizer = tokenizer.to(next(model.tokenizer.parameters()).dtype)
+    return model
+
+
+def draw_frames(seed: int, step: int, rows: list[int], frames_per_clip: int, batch_size: int,
+                reference_gap: int = 0) -> list[tuple[int, int]]:
     """The (dataset row, frame) pairs step `step` trains on: a pure function of (seed, step), so a resumed
-    run draws what an unbroken one would."""
+    run draws what an unbroken one would. With `reference_gap`, frames are drawn from the second on and each
+    pair is followed by its reference: the frame 1..reference_gap earlier in the same clip (at least frame 0)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     clips = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
-    frames = torch.randint(frames_per_clip, (batch_size,), generator=generator).tolist()
-    return [(rows[c], f) for c, f in zip(clips, frames)]
+    first = 1 if reference_gap else 0
+    frames = (first + torch.randint(frames_per_clip - first, (batch_size,), generator=generator)).tolist()
+    pairs = [(rows[c], f) for c, f in zip(clips, frames)]
+    if not reference_gap:
+        return pairs
+    gaps = (1 + torch.randint(reference_gap, (batch_size,), generator=generator)).tolist()
+    return pairs + [(row, max(0, f - g)) for (row, f), g in zip(pairs, gaps)]
 
 
 def read_frames(dataset, pairs: list[tuple[int, int]]) -> torch.Tensor:
@@ -135,12 +186,17 @@ def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64) -> d
 
 
 def save_checkpoint(out: Path, step: int, tokenizer, optimizer) -> Path:
-    """out/checkpoints/step-N with the decoder and Adam's state (`runfolder.write_checkpoint`: atomic)."""
+    """out/checkpoints/step-N with the decoder (and the reference path), and Adam's state
+    (`runfolder.write_checkpoint`: atomic)."""
     from posttrain.runfolder import optimizer_tensors, write_checkpoint
 
     tensors, groups = optimizer_tensors(optimizer)
-    return write_checkpoint(out, step, {"decoder": (tokenizer.decoder.state_dict(), {}),
-                                        "optimizer": (tensors, {"param_groups": groups, "step": step})})
+    files = {"decoder": (tokenizer.decoder.state_dict(), {}),
+             "optimizer": (tensors, {"param_groups": groups, "step": step})}
+    if tokenizer.config.reference:
+        files["reference"] = ({f"in.{k}": v for k, v in tokenizer.reference_in.state_dict().items()}
+                              | {f"gate.{k}": v for k, v in tokenizer.reference_gate.state_dict().items()}, {})
+    return write_checkpoint(out, step, files)
 
 
 def load_checkpoint(out: Path, tokenizer, optimizer) -> int:
@@ -151,6 +207,10 @@ def load_checkpoint(out: Path, tokenizer, optimizer) -> int:
     if folder is None:
         return 0
     tokenizer.decoder.load_state_dict(read_checkpoint_file(folder / "decoder.safetensors")[0])
+    if tokenizer.config.reference:
+        saved = read_checkpoint_file(folder / "reference.safetensors")[0]
+        tokenizer.reference_in.load_state_dict({k[3:]: v for k, v in saved.items() if k.startswith("in.")})
+        tokenizer.reference_gate.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("gate.")})
     tensors, metadata = read_checkpoint_file(folder / "optimizer.safetensors")
     load_optimizer(optimizer, tensors, metadata["param_groups"])
     return int(metadata["step"])
@@ -188,6 +248,9 @@ def run(config: AdaptTokenizerConfig) -> Path:
     inputs = {**input_paths(to_dict(config)), "model": model_folder}
     prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite, inputs=inputs)
     model = load_model(config.model)
+    frame_tokenizer(model, config.model)
+    if config.reference:
+        model = with_reference_path(model, config.model)
     tokenizer = frame_tokenizer(model, config.model)
     dataset = load_from_disk(str(dataset_path(config.data)))
     if "frames" not in dataset.column_names or len(dataset) == 0:
@@ -205,6 +268,9 @@ def run(config: AdaptTokenizerConfig) -> Path:
     every = [(row, frame) for row in held_rows for frame in range(frames_per_clip)]
     picks = torch.linspace(0, len(every) - 1, min(EVAL_FRAMES, len(every))).round().long().tolist()
     held_frames = read_frames(dataset, [every[i] for i in picks])  # (F, H, W, 3) uint8
+    held_references = None
+    if config.reference:  # each held-out frame's previous frame (the first frame of a clip is its own)
+        held_references = read_frames(dataset, [(row, max(0, f - 1)) for row, f in (every[i] for i in picks)])
 
     lock = RunLock(out, "adapt_tokenizer")  # noqa: F841 (held until the process ends)
     if config.threads:
@@ -213,9 +279,13 @@ def run(config: AdaptTokenizerConfig) -> Path:
     base_scores = reconstruction_scores(tokenizer, held_frames)
     base_ids = tokenizer.encode(held_frames)  # what the adapted model must still map these frames to
     base_recon = tokenizer.decode(base_ids)
+    if held_references is not None:
+        base_scores["with_previous_frame"] = reference_scores(tokenizer, held_frames, held_references)
     tokenizer.requires_grad_(False)
-    tokenizer.decoder.requires_grad_(True)
-    parameters = list(tokenizer.decoder.parameters())
+    modules = tokenizer.decoding_modules  # the decoder (and the reference path): the encoder and FSQ stay frozen
+    for module in modules:
+        module.requires_grad_(True)
+    parameters = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     start = load_checkpoint(out, tokenizer, optimizer) if config.resume else 0
     if start == 0:
@@ -226,10 +296,18 @@ def run(config: AdaptTokenizerConfig) -> Path:
     started = time.time()
     with progress_bar(config.steps - start, "decoder") as update:
         for step in range(start, config.steps):
-            batch = read_frames(dataset, draw_frames(config.seed, step, train_rows, frames_per_clip, config.batch_size))
-            tokenizer.decoder.train()
+            gap = config.reference_gap if config.reference else 0
+            batch = read_frames(dataset, draw_frames(config.seed, step, train_rows, frames_per_clip, config.batch_size,
+                                                     gap))
+            for module in modules:
+                module.train()
             # Gradients reach only the decoder: the encoder's weights are frozen, so its latents (and the ids) stay.
-            recon, _ = tokenizer(batch)
+            if config.reference:
+                batch, references = batch[:config.batch_size], batch[config.batch_size:]
+                plain = round(config.batch_size * config.reference_dropout)  # the first `plain` without one
+                recon = torch.cat([tokenizer(batch[:plain])[0], tokenizer(batch[plain:], references[plain:])[0]])
+            else:
+                recon, _ = tokenizer(batch)
             loss = ((recon - batch.float() / 255) ** 2).mean()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * cosine_schedule(step, config.steps, config.warmup)
@@ -237,11 +315,15 @@ def run(config: AdaptTokenizerConfig) -> Path:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
             optimizer.step()
-            tokenizer.decoder.eval()
+            for module in modules:
+                module.eval()
             done = step + 1
             record = {"step": done, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 record["held_out"] = reconstruction_scores(tokenizer, held_frames)
+                if held_references is not None:
+                    record["held_out"]["with_previous_frame"] = reference_scores(tokenizer, held_frames,
+                                                                                 held_references)
             log.write(record)
             update(loss=loss.item())
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
@@ -251,7 +333,7 @@ def run(config: AdaptTokenizerConfig) -> Path:
     weights_dtype = json.loads((model_folder / "config.json").read_text()).get("weights_dtype", "float32")
     summary = {"base_model": str(config.model), "data": config.data.path or config.data.seeds,
                "heldout_clips": f"{held_rows[0]}..{held_rows[-1]}", "heldout_frames_scored": len(held_frames),
-               "steps": config.steps, "train_minutes_this_run": round((time.time() - started) / 60, 2),
+               "steps": config.steps, "reference": config.reference, "train_minutes_this_run": round((time.time() - started) / 60, 2),
                "held_out_before": base_scores}
     metadata = {**getattr(model, "metadata", {}), "adapt_tokenizer": summary}
     save = {"weights_dtype": weights_dtype} if weights_dtype != "float32" else {}
@@ -261,6 +343,8 @@ def run(config: AdaptTokenizerConfig) -> Path:
             shutil.copy(model_folder / extra, out / "model" / extra)
     saved = frame_tokenizer(load_model(str(out / "model")), str(out / "model"))
     after = reconstruction_scores(saved, held_frames)  # the saved model's numbers (bf16 weights included)
+    if held_references is not None:
+        after["with_previous_frame"] = reference_scores(saved, held_frames, held_references)
     adapted_ids = saved.encode(held_frames)
     if not torch.equal(adapted_ids, base_ids):
         raise RuntimeError(f"{out / 'model'}: the adapted model maps held-out frames to other token ids than "
@@ -272,6 +356,9 @@ def run(config: AdaptTokenizerConfig) -> Path:
     save_reconstructions(out / "report" / "reconstructions.png", held_frames, base_recon, adapted_recon)
     log.write({"step": config.steps, "held_out": after, "final": True})
     print(f"held-out reconstruction: PSNR {base_scores['psnr_db']:.2f} -> {after['psnr_db']:.2f} dB, SSIM "
-          f"{base_scores['ssim']:.3f} -> {after['ssim']:.3f}; wrote {out / 'model'} (same token ids; train or "
+          f"{base_scores['ssim']:.3f} -> {after['ssim']:.3f}"
+          + (f" (decoded beside the previous frame: SSIM {base_scores['with_previous_frame']['ssim']:.3f} -> "
+             f"{after['with_previous_frame']['ssim']:.3f})" if held_references is not None else "")
+          + f"; wrote {out / 'model'} (same token ids; train or "
           f"evaluate on it with model={out / 'model'})", flush=True)
     return out / "model"

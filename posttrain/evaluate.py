@@ -26,6 +26,7 @@ import torch
 
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.logging_utils import json_safe, progress_bar
+from posttrain.models.world_model import decode_frames
 from posttrain.rewards import EpisodeBatch, RolloutBatch, get_reward
 from posttrain.rewards import metrics as M
 from posttrain.rollouts import EPISODE_FIELDS, episode_batch, generate, rollout_seed
@@ -162,8 +163,9 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
             context_tokens = model.encode(frames[:, :context_len])
             actions = episodes["actions"][index][:, : context_len + horizon - 1]
             seeds = [rollout_seed(config.seed, int(s)) for s in episodes["seed"][index]]
+            last_true = frames[:, context_len - 1]  # what a model that decodes with a reference frame gets
             out = generate(model, context_tokens, actions, horizon, seeds, temperature=config.temperature,
-                           top_k=config.top_k, top_p=config.top_p, chunk=config.batch_size)
+                           top_k=config.top_k, top_p=config.top_p, chunk=config.batch_size, reference=last_true)
             predicted = out.frames.float()  # (B, H, h, w, 3) in [0, 1]
             truth = frames[:, context_len: context_len + horizon].float() / 255
             segmentation = (episodes["segmentation"][index][:, context_len: context_len + horizon]
@@ -180,7 +182,8 @@ def evaluate_model(model, episodes: dict, config: EvalConfig, description: str =
                 per_step["consistency_3d"].append(steps)
                 loop_errors.extend(errors)
             else:  # footage: how well the model's own tokenizer can draw the truth at best
-                recon = model.decode(model.encode(frames[:, context_len: context_len + horizon])).float()
+                recon = decode_frames(model, model.encode(frames[:, context_len: context_len + horizon]),
+                                      last_true).float()
                 for metric, values in _frame_metrics(recon, truth).items():
                     ceiling_steps.setdefault(metric, []).append(values)
             update(len(index))
@@ -240,7 +243,8 @@ def filmstrip(model, episodes: dict, config: EvalConfig, path: str | Path, rows:
     for world in ([base] if base is not None else []) + [model]:
         with torch.no_grad():
             tokens = world.encode(frames[:, : config.num_context])
-            out = generate(world, tokens, actions, config.horizon, seeds, temperature=config.temperature, chunk=rows)
+            out = generate(world, tokens, actions, config.horizon, seeds, temperature=config.temperature, chunk=rows,
+                           reference=frames[:, config.num_context - 1])
         predictions.append((out.frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
     truth = frames[:, config.num_context: config.num_context + config.horizon].numpy()
     strips = [np.concatenate([np.concatenate(list(images[i]), 1) for images in (truth, *predictions)], 0)

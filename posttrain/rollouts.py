@@ -71,14 +71,23 @@ def encode_episodes(world, frames: torch.Tensor, chunk: int = 256) -> torch.Tens
 @torch.no_grad()
 def generate(model, context: torch.Tensor, actions: torch.Tensor, horizon: int, seeds: list[int], *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             chunk: int) -> RolloutOutput:
+             chunk: int, reference: torch.Tensor | None = None) -> RolloutOutput:
     """`model.rollout` over `chunk` rollouts per forward pass; one RolloutOutput for the whole batch.
     context (B, C, N) tokens, actions (B, >= C + horizon - 1). Each rollout has its own seed, so the
-    result does not depend on `chunk`."""
+    result does not depend on `chunk`. `reference` (B, H, W, 3): the last true context frames, for a model that
+    decodes with one (`decode_frames`)."""
+    from posttrain.models.world_model import decode_frames
+
+    with_reference = reference is not None and getattr(model, "decodes_with_reference", False)
     parts = [model.rollout(context[i: i + chunk], actions[i: i + chunk], horizon, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seeds=seeds[i: i + chunk])
+                           top_k=top_k, top_p=top_p, seeds=seeds[i: i + chunk], **({"decode": False}
+                                                                                   if with_reference else {}))
              for i in range(0, len(context), chunk)]
-    frames = None if parts[0].frames is None else torch.cat([p.frames for p in parts])
+    if with_reference:
+        frames = torch.cat([decode_frames(model, p.tokens, reference[i: i + chunk])
+                            for p, i in zip(parts, range(0, len(context), chunk))])
+    else:
+        frames = None if parts[0].frames is None else torch.cat([p.frames for p in parts])
     return RolloutOutput(tokens=torch.cat([p.tokens for p in parts]), logprobs=torch.cat([p.logprobs for p in parts]),
                          frames=frames)
 

@@ -72,9 +72,11 @@ def test_the_decoder_learns_the_footage_and_every_token_id_stays(tiny_model_dir,
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-def test_resume_after_sigkill_equals_an_unbroken_run(tiny_model_dir, footage, tmp_path):
+@pytest.mark.parametrize("reference", ["false", "true"])
+def test_resume_after_sigkill_equals_an_unbroken_run(tiny_model_dir, footage, tmp_path, reference):
     unbroken, resumed = sigkill_resume_and_compare(
-        RECIPE, lambda out: _overrides(tiny_model_dir, footage, out, "steps=4", "eval_every=0", "checkpoint_every=2"),
+        RECIPE, lambda out: _overrides(tiny_model_dir, footage, out, "steps=4", "eval_every=0", "checkpoint_every=2",
+                                       f"reference={reference}"),
         tmp_path, kill_after=2)
     assert unbroken.keys() == resumed.keys()
     assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
@@ -138,3 +140,46 @@ def test_a_latent_flow_model_gets_its_decoder_adapted_too(tiny_model_dir, footag
     base, adapted = load_model(str(flow)).state_dict(), load_model(str(out / "model")).state_dict()
     changed = {k for k in base if not torch.equal(base[k], adapted[k])}
     assert changed and all(k.startswith("tokenizer.decoder.") for k in changed), sorted(changed)[:5]
+
+
+def test_a_reference_frame_lets_the_decoder_copy_what_did_not_move(tiny_model_dir, footage, tmp_path):
+    """The clips' backgrounds hold still while a square drifts: decoded beside the previous frame, a frame is
+    mostly that frame, so the reference path must beat the plain decoder by far on held-out clips."""
+    from datasets import load_from_disk
+
+    from posttrain.adapt_tokenizer import reconstruction_scores, reference_scores
+    from posttrain.models import load_model
+    from posttrain.runner import run_recipe
+
+    out = tmp_path / "run"
+    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=60", "eval_every=0", "checkpoint_every=0",
+                                  "reference=true", "reference_gap=2"))
+    base, adapted = load_model(str(tiny_model_dir)), load_model(str(out / "model"))
+    assert adapted.decodes_with_reference and not base.decodes_with_reference
+    base_state, adapted_state = base.state_dict(), adapted.state_dict()
+    added = set(adapted_state) - set(base_state)
+    assert added == {f"tokenizer.reference_{part}.{kind}" for part in ("in", "gate") for kind in ("weight", "bias")}
+    changed = {k for k in base_state if not torch.equal(base_state[k], adapted_state[k])}
+    assert changed and all(k.startswith("tokenizer.decoder.") for k in changed), sorted(changed)[:5]
+
+    clips = load_from_disk(str(footage)).with_format("torch", columns=["frames"], dtype=torch.uint8)[:]["frames"]
+    held_out = clips[4:, 1:].reshape(-1, *clips.shape[2:])  # the 2 held-out clips, frames 1..5
+    previous = clips[4:, :-1].reshape(-1, *clips.shape[2:])
+    assert torch.equal(adapted.tokenizer.encode(held_out), base.tokenizer.encode(held_out))
+    plain = reconstruction_scores(adapted.tokenizer, held_out)
+    with_reference = reference_scores(adapted.tokenizer, held_out, previous)
+    assert with_reference["mse"] < 0.5 * plain["mse"], (plain, with_reference)
+    report = json.loads((out / "report" / "tokenizer.json").read_text())
+    assert report["reference"] is True and "with_previous_frame" in report["held_out_after"]
+
+
+def test_reference_is_refused_for_a_latent_flow_model(tiny_model_dir, footage, tmp_path, capsys):
+    from posttrain.cli import main
+
+    flow = tmp_path / "latent-flow"
+    assert main(["models", "init", "--arch", "unet2d", "--space", "latent", "--tokenizer", str(tiny_model_dir),
+                 "--layers", "1", "--width", "8", "--out", str(flow)]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["run", RECIPE, *_overrides(flow, footage, tmp_path / "run", "reference=true")])
+    assert "reference: true" in err and "FlowWorldModel" in err, err
+    assert not (tmp_path / "run" / "model").exists()

@@ -94,6 +94,31 @@ def test_static_footage_persistence_is_exact_and_the_model_is_scored_as_rolled_o
     assert "persistence" in printed and "objects" not in printed
 
 
+def test_a_model_that_decodes_with_a_reference_gets_the_last_true_context_frame(tiny_model_dir, tmp_path):
+    """A reference decoder whose gate is wide open draws its reference and nothing else: eval must then score
+    exactly the persistence baseline (the last true context frame), on every step, and so must the ceiling."""
+    from posttrain.adapt_tokenizer import with_reference_path
+    from posttrain.models import load_model
+
+    rng = np.random.default_rng(1)
+    clips = [rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) for _ in range(3)]  # every frame differs
+    data = write_footage(tmp_path / "noise", clips)
+    model = with_reference_path(load_model(str(tiny_model_dir)), "tiny")
+    torch.nn.init.constant_(model.tokenizer.reference_gate.bias, 40.0)  # sigmoid(40) == 1 in float32
+    model.save_pretrained(tmp_path / "copier")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "copier"), "--data", str(data), "--clips", "2:3", "--size", "32",
+                 "--context", "2", "--horizon", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    persistence = report["baselines"]["persistence"]
+    expected = ((clips[2][1:2] / 255.0 - clips[2][2:6] / 255.0) ** 2).mean((1, 2, 3))  # frame 1 = last context
+    assert_mse_matches(persistence["mse_per_step"], expected, "persistence MSE")
+    assert_mse_matches(report["mse_per_step"], expected, "the copier's MSE")
+    assert_mse_matches(report["tokenizer_ceiling"]["mse_per_step"], expected, "the copier's ceiling MSE")
+    # The frame reaches the decoder as uint8 -> [-1, 1] -> [0, 1]: a few roundings of values up to 1.
+    assert np.allclose(report["ssim_per_step"], persistence["ssim_per_step"], rtol=0, atol=64 * EPS32 + REPORT_ROUNDING)
+
+
 def write_actions(frames: int) -> list[list[int]]:
     from posttrain.footage import NULL_ACTION
 

@@ -33,6 +33,12 @@ class TokenizerConfig:
     decoder_blocks: int = 0
     """Extra residual blocks after each decoder upsampling (capacity near full resolution, where
     small objects' edges and colours are drawn)."""
+    reference: bool = False
+    """Decode with a reference frame (the last true frame before the decoded ones) beside the token ids: the
+    reference, pooled to the token grid, enters the decoder, and a per-pixel gate at full resolution blends the
+    reference into the output where it still holds. The ids, and so the dynamics, are unchanged; the decoder
+    can copy the true pixels that did not change instead of redrawing them from 1000 codes. Added to a trained
+    tokenizer by `method: adapt_tokenizer` with `reference: true` (`posttrain/adapt_tokenizer.py`)."""
 
     def __post_init__(self) -> None:
         self.channels, self.levels = tuple(self.channels), tuple(self.levels)
@@ -120,6 +126,51 @@ class FrameTokenizer(nn.Module):
         decoder += [nn.GELU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*decoder)
         self.fsq = FSQ(config.levels)
+        if config.reference:
+            self.reference_in = nn.Conv2d(3, widths[-1], 3, padding=1)
+            self.reference_gate = nn.Conv2d(widths[0] + 6, 1, 3, padding=1)
+            self.reset_reference()
+
+    def reset_reference(self) -> None:
+        """Start the reference path neutral: nothing enters the decoder, and the gate is half open everywhere
+        (output = the mean of the drawn frame and the reference). A closed start (a very negative bias) would
+        keep the base's output but open at the optimizer's pace, ~lr per step: hundreds of steps per unit."""
+        for conv in (self.reference_in, self.reference_gate):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    @property
+    def decoding_modules(self) -> list[nn.Module]:
+        """The modules that turn ids into pixels (what decoder adaptation trains)."""
+        extra = [self.reference_in, self.reference_gate] if self.config.reference else []
+        return [self.decoder, *extra]
+
+    def _decode_latents(self, latents: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """(M, D, g, g) latents [+ (M, H, W, 3) reference frames] -> (M, 3, H, W) output in about [-1, 1]."""
+        if not self.config.reference or reference is None:
+            return self.decoder(latents)
+        ref = self.to_input(reference).to(latents.dtype)  # (M, 3, H, W) in [-1, 1]
+        hidden = self.decoder[1](self.decoder[0](latents) + self.reference_in(F.adaptive_avg_pool2d(
+            ref, latents.shape[-2:])))
+        for layer in self.decoder[2:-1]:
+            hidden = layer(hidden)
+        drawn = self.decoder[-1](hidden)
+        # The gate sees the decoder's features, the reference and what the decoder drew: where the last two agree
+        # the reference still holds, and its true pixels are sharper than any of 1000 codes.
+        gate = torch.sigmoid(self.reference_gate(torch.cat([hidden, ref, drawn], 1)))
+        return gate * ref + (1 - gate) * drawn
+
+    def _references(self, reference: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
+        """One reference frame per decoded frame, flattened: `reference` has the ids' leading shape, or one
+        fewer dimension (one frame per sequence, repeated along the last leading dimension, time)."""
+        if reference is None or not self.config.reference:
+            return None
+        if reference.shape[:-3] == lead[:-1] and len(lead) >= 1:
+            reference = reference.unsqueeze(len(lead) - 1).expand(*lead, *reference.shape[-3:])
+        if reference.shape[:-3] != lead:
+            raise ValueError(f"reference frames {tuple(reference.shape)} do not match ids with leading shape "
+                             f"{tuple(lead)} (give one per frame, or one per sequence)")
+        return reference.reshape(-1, *reference.shape[-3:])
 
     @staticmethod
     def to_input(frames: torch.Tensor) -> torch.Tensor:
@@ -128,12 +179,13 @@ class FrameTokenizer(nn.Module):
             frames = frames.float() / 255.0
         return frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruct frames (..., H, W, 3): returns (reconstruction in [0, 1], token ids (..., N))."""
+    def forward(self, frames: torch.Tensor, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct frames (..., H, W, 3): returns (reconstruction in [0, 1], token ids (..., N)).
+        `reference`: frames to decode with (`TokenizerConfig.reference`; ignored otherwise)."""
         lead = frames.shape[:-3]
         # Quantise in float32 even under bf16 autocast: bf16 would move values across rounding edges.
         latents, ids = self.fsq(self.encoder(self.to_input(frames)).float().permute(0, 2, 3, 1))
-        recon = self.decoder(latents.permute(0, 3, 1, 2)).float()
+        recon = self._decode_latents(latents.permute(0, 3, 1, 2), self._references(reference, lead)).float()
         recon = ((recon.permute(0, 2, 3, 1) + 1) / 2).reshape(*lead, *recon.shape[-2:], 3)
         return recon, ids.reshape(*lead, -1)
 
@@ -145,11 +197,12 @@ class FrameTokenizer(nn.Module):
         return ids.reshape(*lead, -1)
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]."""
+    def decode(self, ids: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]. `reference`: the last true frame before
+        them, one per frame or one per sequence (see `TokenizerConfig.reference`; ignored without it)."""
         lead, grid = ids.shape[:-1], self.config.grid
         latents = self.fsq.ids_to_latents(ids.reshape(-1, grid, grid)).permute(0, 3, 1, 2)
-        frames = ((self.decoder(latents).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        frames = ((self._decode_latents(latents, self._references(reference, lead)).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         return frames.reshape(*lead, *frames.shape[-3:])
 
 
