@@ -250,6 +250,7 @@ def run(config: AdaptTokenizerConfig) -> Path:
     model = load_model(config.model)
     frame_tokenizer(model, config.model)
     if config.reference:
+        torch.manual_seed(config.seed)  # the gate's hidden layer starts random: the same run, the same start
         model = with_reference_path(model, config.model)
     tokenizer = frame_tokenizer(model, config.model)
     dataset = load_from_disk(str(dataset_path(config.data)))

@@ -104,7 +104,7 @@ def test_a_model_that_decodes_with_a_reference_gets_the_last_true_context_frame(
     clips = [rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) for _ in range(3)]  # every frame differs
     data = write_footage(tmp_path / "noise", clips)
     model = with_reference_path(load_model(str(tiny_model_dir)), "tiny")
-    torch.nn.init.constant_(model.tokenizer.reference_gate.bias, 40.0)  # sigmoid(40) == 1 in float32
+    torch.nn.init.constant_(model.tokenizer.reference_gate[-1].bias, 40.0)  # sigmoid(40) == 1 in float32
     model.save_pretrained(tmp_path / "copier")
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(tmp_path / "copier"), "--data", str(data), "--clips", "2:3", "--size", "32",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import sigkill_resume_and_compare
+
 from posttrain.cli import main
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_tabletop.yaml"

@@ -128,14 +128,15 @@ class FrameTokenizer(nn.Module):
         self.fsq = FSQ(config.levels)
         if config.reference:
             self.reference_in = nn.Conv2d(3, widths[-1], 3, padding=1)
-            self.reference_gate = nn.Conv2d(widths[0] + 6, 1, 3, padding=1)
+            self.reference_gate = nn.Sequential(nn.Conv2d(widths[0] + 12, 16, 3, padding=1), nn.GELU(),
+                                                nn.Conv2d(16, 1, 1))
             self.reset_reference()
 
     def reset_reference(self) -> None:
         """Start the reference path neutral: nothing enters the decoder, and the gate is half open everywhere
         (output = the mean of the drawn frame and the reference). A closed start (a very negative bias) would
         keep the base's output but open at the optimizer's pace, ~lr per step: hundreds of steps per unit."""
-        for conv in (self.reference_in, self.reference_gate):
+        for conv in (self.reference_in, self.reference_gate[-1]):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
@@ -155,9 +156,15 @@ class FrameTokenizer(nn.Module):
         for layer in self.decoder[2:-1]:
             hidden = layer(hidden)
         drawn = self.decoder[-1](hidden)
-        # The gate sees the decoder's features, the reference and what the decoder drew: where the last two agree
-        # the reference still holds, and its true pixels are sharper than any of 1000 codes.
-        gate = torch.sigmoid(self.reference_gate(torch.cat([hidden, ref, drawn], 1)))
+        # The gate sees the decoder's features, the reference, what the decoder drew, and how far the two differ
+        # averaged over one token's patch and over 2x2 patches: the drawn frame is blurry, so pixels disagree
+        # everywhere, but its patch means are right. Where they match the reference's, the reference still
+        # holds, and its true pixels are sharper than any of 1000 codes. (A hidden layer: "open where the
+        # difference is small" is not monotonic in a signed difference.)
+        size = drawn.shape[-2:]
+        apart = [F.interpolate(F.avg_pool2d(ref - drawn, k), size=size, mode="nearest").abs()
+                 for k in (self.config.downsample, 2 * self.config.downsample)]
+        gate = torch.sigmoid(self.reference_gate(torch.cat([hidden, ref, drawn, *apart], 1)))
         return gate * ref + (1 - gate) * drawn
 
     def _references(self, reference: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
