@@ -117,12 +117,13 @@ def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage,
         "too few clips": (_overrides(tiny_model_dir, write_footage(tmp_path / "one", _clips(1)), tmp_path / "d"),
                           "too few"),
         "output inside the footage": (_overrides(tiny_model_dir, footage, footage / "run"), str(footage)),
+        "unknown loss": (_overrides(tiny_model_dir, footage, tmp_path / "e", "loss=ssim"), "mse, ssim_l1"),
     }
     capsys.readouterr()  # the datasets writer's own progress lines
     for name, (overrides, expected) in cases.items():
         err = _one_line_error(capsys, ["run", RECIPE, *overrides])
         assert expected in err, (name, err)
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert not any((tmp_path / name).exists() for name in "abcde")
     assert not (footage / "run").exists()
 
 
@@ -184,3 +185,19 @@ def test_reference_is_refused_for_a_latent_flow_model(tiny_model_dir, footage, t
     err = _one_line_error(capsys, ["run", RECIPE, *_overrides(flow, footage, tmp_path / "run", "reference=true")])
     assert "reference: true" in err and "FlowWorldModel" in err, err
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_the_restoration_loss_by_hand():
+    """0.84 (1 - SSIM) + 0.16 L1: zero for equal frames; for a flat grey against a flat grey 0.1 brighter,
+    SSIM is the luminance term alone, (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1), and L1 is 0.1."""
+    from posttrain.adapt_tokenizer import restoration_loss
+
+    frames = torch.rand(2, 16, 16, 3, dtype=torch.float64)
+    assert restoration_loss(frames, frames).item() == 0.0
+    a, b = torch.full((1, 16, 16, 3), 0.4, dtype=torch.float64), torch.full((1, 16, 16, 3), 0.5, dtype=torch.float64)
+    c1 = 0.01 ** 2
+    luminance = (2 * 0.4 * 0.5 + c1) / (0.4 ** 2 + 0.5 ** 2 + c1)
+    expected = 0.84 * (1 - luminance) + 0.16 * 0.1
+    # The variances come out as E[x^2] - E[x]^2 (cancellation at the scale of 0.5^2) and are divided by C2.
+    tolerance = 16 * torch.finfo(torch.float64).eps * 0.5 ** 2 / 0.03 ** 2
+    assert abs(restoration_loss(a, b).item() - expected) < tolerance
