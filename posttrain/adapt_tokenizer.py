@@ -314,15 +314,17 @@ def run(config: AdaptTokenizerConfig) -> Path:
     with progress_bar(config.steps - start, "decoder") as update:
         for step in range(start, config.steps):
             gap = config.reference_gap if config.reference else 0
-            batch = read_frames(dataset, draw_frames(config.seed, step, train_rows, frames_per_clip, config.batch_size,
-                                                     gap))
+            pairs = draw_frames(config.seed, step, train_rows, frames_per_clip, config.batch_size, gap)
+            batch = read_frames(dataset, pairs)
             for module in modules:
                 module.train()
             # Gradients reach only the decoder: the encoder's weights are frozen, so its latents (and the ids) stay.
             if config.reference:
                 batch, references = batch[:config.batch_size], batch[config.batch_size:]
                 plain = round(config.batch_size * config.reference_dropout)  # the first `plain` without one
-                recon = torch.cat([tokenizer(batch[:plain])[0], tokenizer(batch[plain:], references[plain:])[0]])
+                gaps = torch.tensor([f - r for (_, f), (_, r) in zip(pairs[:config.batch_size], pairs[config.batch_size:])])
+                recon = torch.cat([tokenizer(batch[:plain])[0],
+                                   tokenizer(batch[plain:], references[plain:], gaps[plain:])[0]])
             else:
                 recon, _ = tokenizer(batch)
             truth = batch.float() / 255

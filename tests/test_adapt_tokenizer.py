@@ -201,3 +201,21 @@ def test_the_restoration_loss_by_hand():
     # The variances come out as E[x^2] - E[x]^2 (cancellation at the scale of 0.5^2) and are divided by C2.
     tolerance = 16 * torch.finfo(torch.float64).eps * 0.5 ** 2 / 0.03 ** 2
     assert abs(restoration_loss(a, b).item() - expected) < tolerance
+
+
+def test_a_sequence_reference_is_one_frame_older_at_each_step():
+    """One reference per sequence is the last true frame before it: frame t is t + 1 frames after it. One
+    reference per frame is the frame just before it."""
+    from posttrain.models.tokenizer import FrameTokenizer, TokenizerConfig
+
+    tokenizer = FrameTokenizer(TokenizerConfig(image_size=32, downsample=4, channels=(8, 8, 8), levels=(4, 4),
+                                               reference=True))
+    lead = torch.Size((2, 3))
+    reference = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    frames, gaps = tokenizer._references(reference, lead)
+    assert gaps.tolist() == [1, 2, 3, 1, 2, 3]
+    assert torch.equal(frames[4], reference[1]) and frames.shape == (6, 32, 32, 3)
+    per_frame = reference[:, None].expand(2, 3, 32, 32, 3)
+    assert tokenizer._references(per_frame, lead)[1].tolist() == [1] * 6
+    with pytest.raises(ValueError, match="one per frame, or one per sequence"):
+        tokenizer._references(reference[:1], lead)

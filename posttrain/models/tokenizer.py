@@ -128,7 +128,7 @@ class FrameTokenizer(nn.Module):
         self.fsq = FSQ(config.levels)
         if config.reference:
             self.reference_in = nn.Conv2d(3, widths[-1], 3, padding=1)
-            self.reference_gate = nn.Sequential(nn.Conv2d(widths[0] + 12, 16, 3, padding=1), nn.GELU(),
+            self.reference_gate = nn.Sequential(nn.Conv2d(widths[0] + 13, 16, 3, padding=1), nn.GELU(),
                                                 nn.Conv2d(16, 1, 1))
             self.reset_reference()
 
@@ -146,10 +146,13 @@ class FrameTokenizer(nn.Module):
         extra = [self.reference_in, self.reference_gate] if self.config.reference else []
         return [self.decoder, *extra]
 
-    def _decode_latents(self, latents: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        """(M, D, g, g) latents [+ (M, H, W, 3) reference frames] -> (M, 3, H, W) output in about [-1, 1]."""
+    def _decode_latents(self, latents: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | None
+                        ) -> torch.Tensor:
+        """(M, D, g, g) latents [+ ((M, H, W, 3) reference frames, (M,) their distances in frames)] -> (M, 3, H, W)
+        output in about [-1, 1]."""
         if not self.config.reference or reference is None:
             return self.decoder(latents)
+        reference, gap = reference
         ref = self.to_input(reference).to(latents.dtype)  # (M, 3, H, W) in [-1, 1]
         hidden = self.decoder[1](self.decoder[0](latents) + self.reference_in(F.adaptive_avg_pool2d(
             ref, latents.shape[-2:])))
@@ -164,20 +167,28 @@ class FrameTokenizer(nn.Module):
         size = drawn.shape[-2:]
         apart = [F.interpolate(F.avg_pool2d(ref - drawn, k), size=size, mode="nearest").abs()
                  for k in (self.config.downsample, 2 * self.config.downsample)]
-        gate = torch.sigmoid(self.reference_gate(torch.cat([hidden, ref, drawn, *apart], 1)))
+        # And how old the reference is (1 / frames): one frame back it holds almost everywhere, eight back rarely.
+        age = (1.0 / gap.to(drawn.dtype))[:, None, None, None].expand(-1, 1, *size)
+        gate = torch.sigmoid(self.reference_gate(torch.cat([hidden, ref, drawn, *apart, age], 1)))
         return gate * ref + (1 - gate) * drawn
 
-    def _references(self, reference: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
-        """One reference frame per decoded frame, flattened: `reference` has the ids' leading shape, or one
-        fewer dimension (one frame per sequence, repeated along the last leading dimension, time)."""
+    def _references(self, reference: torch.Tensor | None, lead: torch.Size, gap: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One (reference frame, distance in frames) per decoded frame, flattened. `reference` has the ids'
+        leading shape (each the frame just before its own: distance 1, unless `gap` says otherwise), or one
+        fewer dimension: one frame per sequence, the last true frame before it, so the t-th frame along the
+        last leading dimension (time) is t + 1 frames after it."""
         if reference is None or not self.config.reference:
             return None
         if reference.shape[:-3] == lead[:-1] and len(lead) >= 1:
             reference = reference.unsqueeze(len(lead) - 1).expand(*lead, *reference.shape[-3:])
+            steps = torch.arange(1, lead[-1] + 1, device=reference.device)
+            gap = steps.view(*([1] * (len(lead) - 1)), -1).expand(*lead) if gap is None else gap
         if reference.shape[:-3] != lead:
             raise ValueError(f"reference frames {tuple(reference.shape)} do not match ids with leading shape "
                              f"{tuple(lead)} (give one per frame, or one per sequence)")
-        return reference.reshape(-1, *reference.shape[-3:])
+        gap = torch.ones(lead, device=reference.device) if gap is None else torch.as_tensor(gap).expand(*lead)
+        return reference.reshape(-1, *reference.shape[-3:]), gap.reshape(-1)
 
     @staticmethod
     def to_input(frames: torch.Tensor) -> torch.Tensor:
@@ -186,13 +197,15 @@ class FrameTokenizer(nn.Module):
             frames = frames.float() / 255.0
         return frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1
 
-    def forward(self, frames: torch.Tensor, reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, frames: torch.Tensor, reference: torch.Tensor | None = None, gap: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruct frames (..., H, W, 3): returns (reconstruction in [0, 1], token ids (..., N)).
-        `reference`: frames to decode with (`TokenizerConfig.reference`; ignored otherwise)."""
+        `reference`: frames to decode with, `gap` how many frames before each it is (`TokenizerConfig.reference`;
+        ignored otherwise; see `decode`)."""
         lead = frames.shape[:-3]
         # Quantise in float32 even under bf16 autocast: bf16 would move values across rounding edges.
         latents, ids = self.fsq(self.encoder(self.to_input(frames)).float().permute(0, 2, 3, 1))
-        recon = self._decode_latents(latents.permute(0, 3, 1, 2), self._references(reference, lead)).float()
+        recon = self._decode_latents(latents.permute(0, 3, 1, 2), self._references(reference, lead, gap)).float()
         recon = ((recon.permute(0, 2, 3, 1) + 1) / 2).reshape(*lead, *recon.shape[-2:], 3)
         return recon, ids.reshape(*lead, -1)
 
@@ -205,8 +218,9 @@ class FrameTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]. `reference`: the last true frame before
-        them, one per frame or one per sequence (see `TokenizerConfig.reference`; ignored without it)."""
+        """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]. `reference` (see `TokenizerConfig.reference`;
+        ignored without it): one frame per sequence, the last true frame before the sequence's first (so frame t
+        is t + 1 frames after it), or one per frame, the frame just before it."""
         lead, grid = ids.shape[:-1], self.config.grid
         latents = self.fsq.ids_to_latents(ids.reshape(-1, grid, grid)).permute(0, 3, 1, 2)
         frames = ((self._decode_latents(latents, self._references(reference, lead)).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
