@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import sigkill_resume_and_compare
+from test_inputs_are_never_outputs import _code_and_error
 
 from posttrain.cli import main
 
@@ -25,14 +26,6 @@ def tiny(cache, out, *extra) -> list[str]:
             "dynamics.steps=6", "dynamics.batch_size=2", "dynamics.clip_frames=3", "dynamics.model.width=32",
             "dynamics.model.layers=1", "dynamics.model.heads=2", "dynamics.model.patch=1",
             "dynamics.checkpoint_every=2", "weights_dtype=float32", *extra]
-
-
-def _code_and_error(argv, capsys):
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    return code, captured.err
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
