@@ -223,7 +223,8 @@ class FrameTokenizer(nn.Module):
         is t + 1 frames after it), or one per frame, the frame just before it."""
         lead, grid = ids.shape[:-1], self.config.grid
         latents = self.fsq.ids_to_latents(ids.reshape(-1, grid, grid)).permute(0, 3, 1, 2)
-        frames = ((self._decode_latents(latents, self._references(reference, lead)).float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        out = self._decode_latents(latents, self._references(reference, lead)).float()
+        frames = ((out + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         return frames.reshape(*lead, *frames.shape[-3:])
 
 
