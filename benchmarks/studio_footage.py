@@ -17,6 +17,9 @@ the original base is evaluated too, so the JSON holds original base, adapted bas
     python benchmarks/studio_footage.py --adapt-tokenizer 300 --work runs/studio_adapt \
         --out benchmarks/results/studio_footage_adapted.json --sft train.threads=1 --adapt threads=1
 
+(that run predates the reference decoder becoming the recipe's default: add `reference=false loss=mse` to
+`--adapt` to repeat it)
+
 `--adapt` passes the decoder recipe's options through, e.g. `--adapt threads=1 reference=true loss=ssim_l1` for a
 decoder that also sees the last true frame (docs/studio.md#with-a-reference-frame-in-the-decoder); `--video`
 picks another of the wheel's videos (bigbuckbunny.mp4, carphone_pristine.mp4).

@@ -39,6 +39,10 @@ def _overrides(model, footage, out, *extra):
             "lr=0.003", "warmup=2", "threads=1", *extra]
 
 
+PLAIN = ("reference=false", "loss=mse")
+"""The decoder alone, under squared error (the recipe's defaults before the reference decoder)."""
+
+
 def test_the_decoder_learns_the_footage_and_every_token_id_stays(tiny_model_dir, footage, tmp_path):
     from datasets import load_from_disk
 
@@ -47,7 +51,8 @@ def test_the_decoder_learns_the_footage_and_every_token_id_stays(tiny_model_dir,
     from posttrain.runner import run_recipe
 
     out = tmp_path / "run"
-    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=40", "eval_every=20", "checkpoint_every=0"))
+    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=40", "eval_every=20", "checkpoint_every=0",
+                                  *PLAIN))
     base, adapted = load_model(str(tiny_model_dir)), load_model(str(out / "model"))
     base_state, adapted_state = base.state_dict(), adapted.state_dict()
     assert base_state.keys() == adapted_state.keys()
@@ -137,7 +142,8 @@ def test_a_latent_flow_model_gets_its_decoder_adapted_too(tiny_model_dir, footag
     assert main(["models", "init", "--arch", "unet2d", "--space", "latent", "--tokenizer", str(tiny_model_dir),
                  "--layers", "1", "--width", "8", "--out", str(flow)]) == 0
     out = tmp_path / "run"
-    assert main(["run", RECIPE, *_overrides(flow, footage, out, "steps=3", "eval_every=0", "checkpoint_every=0")]) == 0
+    assert main(["run", RECIPE, *_overrides(flow, footage, out, "steps=3", "eval_every=0", "checkpoint_every=0",
+                                            *PLAIN)]) == 0
     base, adapted = load_model(str(flow)).state_dict(), load_model(str(out / "model")).state_dict()
     changed = {k for k in base if not torch.equal(base[k], adapted[k])}
     assert changed and all(k.startswith("tokenizer.decoder.") for k in changed), sorted(changed)[:5]
@@ -154,7 +160,7 @@ def test_a_reference_frame_lets_the_decoder_copy_what_did_not_move(tiny_model_di
 
     out = tmp_path / "run"
     run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=60", "eval_every=0", "checkpoint_every=0",
-                                  "reference=true", "reference_gap=2"))
+                                  "reference_gap=2"))  # the recipe's reference: true and loss: ssim_l1
     base, adapted = load_model(str(tiny_model_dir)), load_model(str(out / "model"))
     assert adapted.decodes_with_reference and not base.decodes_with_reference
     base_state, adapted_state = base.state_dict(), adapted.state_dict()
@@ -172,7 +178,9 @@ def test_a_reference_frame_lets_the_decoder_copy_what_did_not_move(tiny_model_di
     with_reference = reference_scores(adapted.tokenizer, held_out, previous)
     assert with_reference["mse"] < 0.5 * plain["mse"], (plain, with_reference)
     report = json.loads((out / "report" / "tokenizer.json").read_text())
-    assert report["reference"] is True and "with_previous_frame" in report["held_out_after"]
+    assert report["reference"] is True and report["loss"] == "ssim_l1" and "with_previous_frame" in report["held_out_after"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["objective"]) for r in records if "loss" in r)
 
 
 def test_reference_is_refused_for_a_latent_flow_model(tiny_model_dir, footage, tmp_path, capsys):
