@@ -26,10 +26,9 @@ import torch
 
 from posttrain.data import EpisodeDataConfig, load_episodes
 from posttrain.logging_utils import json_safe, progress_bar
-from posttrain.models.world_model import decode_frames
 from posttrain.rewards import EpisodeBatch, RolloutBatch, get_reward
 from posttrain.rewards import metrics as M
-from posttrain.rollouts import EPISODE_FIELDS, episode_batch, generate, rollout_seed
+from posttrain.rollouts import EPISODE_FIELDS, decode_frames, episode_batch, generate, rollout_seed
 
 
 @dataclass

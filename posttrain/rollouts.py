@@ -69,6 +69,15 @@ def encode_episodes(world, frames: torch.Tensor, chunk: int = 256) -> torch.Tens
 
 # --- generation and scoring under a model -----------------------------------------------------------
 @torch.no_grad()
+def decode_frames(model, tokens: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """`model.decode(tokens)`, with `reference` (the last true frame before `tokens`, (B, H, W, 3)) for a model
+    that decodes with one (`decodes_with_reference`); other models never see it."""
+    if reference is not None and getattr(model, "decodes_with_reference", False):
+        return model.decode(tokens, reference=reference)
+    return model.decode(tokens)
+
+
+@torch.no_grad()
 def generate(model, context: torch.Tensor, actions: torch.Tensor, horizon: int, seeds: list[int], *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              chunk: int, reference: torch.Tensor | None = None) -> RolloutOutput:
@@ -76,8 +85,6 @@ def generate(model, context: torch.Tensor, actions: torch.Tensor, horizon: int, 
     context (B, C, N) tokens, actions (B, >= C + horizon - 1). Each rollout has its own seed, so the
     result does not depend on `chunk`. `reference` (B, H, W, 3): the last true context frames, for a model that
     decodes with one (`decode_frames`)."""
-    from posttrain.models.world_model import decode_frames
-
     with_reference = reference is not None and getattr(model, "decodes_with_reference", False)
     parts = [model.rollout(context[i: i + chunk], actions[i: i + chunk], horizon, temperature=temperature,
                            top_k=top_k, top_p=top_p, seeds=seeds[i: i + chunk], **({"decode": False}

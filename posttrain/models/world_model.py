@@ -96,7 +96,7 @@ class WorldModel(Protocol):
     frozen_modules: tuple[str, ...]
     """Submodules a full fine-tune keeps frozen (e.g. the frame tokenizer that rewards decode with)."""
     # Optional: `decodes_with_reference: bool` and `decode(tokens, reference=None)`, where `reference` is the last
-    # true frame before `tokens` (B, H, W, 3); callers that have it go through `decode_frames`.
+    # true frame before `tokens` (B, H, W, 3); callers that have it go through `rollouts.decode_frames`.
     # Optional, for GRPO's `credit: dense` (not checked by isinstance): `token_grid: tuple[int, int]`,
     # (rows, cols) such that the frame's N = rows x cols tokens tile it row-major in equal cells and token i
     # governs cell (i // cols, i % cols); see posttrain/credit.py for what that makes exact and approximate.
@@ -123,14 +123,6 @@ class WorldModel(Protocol):
                 generator: torch.Generator | None = None, decode: bool = True) -> RolloutOutput:
         """Sample `horizon` frames after context tokens (B, C, N); actions (B, >= C + horizon - 1)
         (extra trailing actions are ignored)."""
-
-
-def decode_frames(model, tokens: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-    """`model.decode(tokens)`, with `reference` (the last true frame before `tokens`, (B, H, W, 3)) for a model
-    that decodes with one (`decodes_with_reference`); other models never see it."""
-    if reference is not None and getattr(model, "decodes_with_reference", False):
-        return model.decode(tokens, reference=reference)
-    return model.decode(tokens)
 
 
 def check_targets(tokens: torch.Tensor, num_context: int, targets: torch.Tensor | None) -> torch.Tensor:
