@@ -128,21 +128,6 @@ def restoration_loss(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return 0.84 * (1 - ssim(recon, truth).mean()) + 0.16 * (recon - truth).abs().mean()
 
 
-@torch.no_grad()
-def reference_scores(tokenizer, frames: torch.Tensor, references: torch.Tensor, batch: int = 64) -> dict:
-    """`reconstruction_scores` with each frame decoded beside its reference frame (the one before it)."""
-    from posttrain.rewards.metrics import psnr, ssim
-
-    scores = {"psnr_db": 0.0, "ssim": 0.0, "mse": 0.0}
-    for start in range(0, len(frames), batch):
-        truth = frames[start: start + batch].float() / 255
-        recon = tokenizer.decode(tokenizer.encode(frames[start: start + batch]), references[start: start + batch])
-        scores["psnr_db"] += float(psnr(recon, truth).sum())
-        scores["ssim"] += float(ssim(recon, truth).sum())
-        scores["mse"] += float(((recon - truth) ** 2).mean((1, 2, 3)).sum())
-    return {k: round(v / len(frames), 5) for k, v in scores.items()}
-
-
 def with_reference_path(model, name: str):
     """`model` (a token world model) with a fresh, closed reference path on its tokenizer (weights kept)."""
     import dataclasses
@@ -187,14 +172,17 @@ def read_frames(dataset, pairs: list[tuple[int, int]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64) -> dict:
-    """Held-out frames (F, H, W, 3) uint8 through encode + decode: mean PSNR (dB), SSIM and MSE."""
+def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64,
+                          references: torch.Tensor | None = None) -> dict:
+    """Held-out frames (F, H, W, 3) uint8 through encode + decode: mean PSNR (dB), SSIM and MSE. `references`
+    (F, H, W, 3): decode each frame beside its reference, the frame before it (a reference decoder's path)."""
     from posttrain.rewards.metrics import psnr, ssim
 
     scores = {"psnr_db": 0.0, "ssim": 0.0, "mse": 0.0}
     for start in range(0, len(frames), batch):
         truth = frames[start: start + batch].float() / 255
-        recon = tokenizer.decode(tokenizer.encode(frames[start: start + batch]))
+        reference = None if references is None else references[start: start + batch]
+        recon = tokenizer.decode(tokenizer.encode(frames[start: start + batch]), reference)
         scores["psnr_db"] += float(psnr(recon, truth).sum())
         scores["ssim"] += float(ssim(recon, truth).sum())
         scores["mse"] += float(((recon - truth) ** 2).mean((1, 2, 3)).sum())
@@ -293,11 +281,17 @@ def run(config: AdaptTokenizerConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     log = MetricsWriter(out / "metrics.jsonl")
-    base_scores = reconstruction_scores(tokenizer, held_frames)
+
+    def held_out_scores(tokenizer) -> dict:
+        """Held-out reconstruction, and beside the previous frame for a reference decoder."""
+        scores = reconstruction_scores(tokenizer, held_frames)
+        if held_references is not None:
+            scores["with_previous_frame"] = reconstruction_scores(tokenizer, held_frames, references=held_references)
+        return scores
+
+    base_scores = held_out_scores(tokenizer)
     base_ids = tokenizer.encode(held_frames)  # what the adapted model must still map these frames to
     base_recon = tokenizer.decode(base_ids)
-    if held_references is not None:
-        base_scores["with_previous_frame"] = reference_scores(tokenizer, held_frames, held_references)
     tokenizer.requires_grad_(False)
     modules = tokenizer.decoding_modules  # the decoder (and the reference path): the encoder and FSQ stay frozen
     for module in modules:
@@ -343,10 +337,7 @@ def run(config: AdaptTokenizerConfig) -> Path:
             if config.loss != "mse":
                 record["objective"] = objective.item()
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                record["held_out"] = reconstruction_scores(tokenizer, held_frames)
-                if held_references is not None:
-                    record["held_out"]["with_previous_frame"] = reference_scores(tokenizer, held_frames,
-                                                                                 held_references)
+                record["held_out"] = held_out_scores(tokenizer)
             log.write(record)
             update(loss=loss.item())
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
@@ -365,9 +356,7 @@ def run(config: AdaptTokenizerConfig) -> Path:
         if (model_folder / extra).is_file():
             shutil.copy(model_folder / extra, out / "model" / extra)
     saved = frame_tokenizer(load_model(str(out / "model")), str(out / "model"))
-    after = reconstruction_scores(saved, held_frames)  # the saved model's numbers (bf16 weights included)
-    if held_references is not None:
-        after["with_previous_frame"] = reference_scores(saved, held_frames, held_references)
+    after = held_out_scores(saved)  # the saved model's numbers (bf16 weights included)
     adapted_ids = saved.encode(held_frames)
     if not torch.equal(adapted_ids, base_ids):
         raise RuntimeError(f"{out / 'model'}: the adapted model maps held-out frames to other token ids than "

@@ -154,7 +154,7 @@ def test_a_reference_frame_lets_the_decoder_copy_what_did_not_move(tiny_model_di
     mostly that frame, so the reference path must beat the plain decoder by far on held-out clips."""
     from datasets import load_from_disk
 
-    from posttrain.adapt_tokenizer import reconstruction_scores, reference_scores
+    from posttrain.adapt_tokenizer import reconstruction_scores
     from posttrain.models import load_model
     from posttrain.runner import run_recipe
 
@@ -175,7 +175,7 @@ def test_a_reference_frame_lets_the_decoder_copy_what_did_not_move(tiny_model_di
     previous = clips[4:, :-1].reshape(-1, *clips.shape[2:])
     assert torch.equal(adapted.tokenizer.encode(held_out), base.tokenizer.encode(held_out))
     plain = reconstruction_scores(adapted.tokenizer, held_out)
-    with_reference = reference_scores(adapted.tokenizer, held_out, previous)
+    with_reference = reconstruction_scores(adapted.tokenizer, held_out, references=previous)
     assert with_reference["mse"] < 0.5 * plain["mse"], (plain, with_reference)
     report = json.loads((out / "report" / "tokenizer.json").read_text())
     assert report["reference"] is True and report["loss"] == "ssim_l1" and "with_previous_frame" in report["held_out_after"]
