@@ -86,6 +86,24 @@ class AdaptTokenizerConfig:
     """Largest distance (frames) between a training frame and its reference: as far as eval's horizon reaches."""
     reference_dropout: float = 0.2
     """Share of each batch decoded without a reference, so the plain path (GRPO, play) stays adapted too."""
+    rollouts: float = 0.0
+    """Share of each batch decoded from the model's own rollout tokens instead of true frames' tokens: at eval a
+    decoder draws the dynamics' guesses, never the truth's ids, and a decoder trained on true ids only trusts
+    every token (with `reference: true` its gate stays shut where a wrong token should have let the reference
+    through). Before training, each of up to `rollout_windows` windows of the training clips is rolled out from
+    `rollout_context` true frames for `rollout_horizon` frames, once greedy and twice at temperature 1 (eval's
+    two modes), with the clip's own actions; a step then decodes some of those frames (beside the window's last
+    true frame, as eval does) against the true frames they stand for. 0: off (true frames' ids only)."""
+    adapter: str | None = None
+    """A LoRA adapter folder (e.g. LoRA SFT's on this footage) on the model's dynamics for those rollouts: the
+    decoder learns the mistakes of the dynamics it will be used with. The adapted model is then written with a
+    copy of it re-based onto out/model (out/adapter: only decoding weights differ, checked)."""
+    rollout_context: int = 2
+    """True frames each rollout starts from (eval's `--context`)."""
+    rollout_horizon: int = 8
+    """Frames each rollout predicts (eval's `--horizon`)."""
+    rollout_windows: int = 256
+    """Most (clip, start) windows rolled out (evenly spaced over the training clips; each three times)."""
     seed: int = 0
     """Seed of the frames each step draws."""
     threads: int = 0
@@ -98,8 +116,15 @@ class AdaptTokenizerConfig:
     def __post_init__(self) -> None:
         from posttrain.config import require
 
-        require(self, positive=("steps", "batch_size", "lr", "grad_clip", "reference_gap"),
+        require(self, positive=("steps", "batch_size", "lr", "grad_clip", "reference_gap", "rollout_context",
+                                "rollout_horizon", "rollout_windows"),
                 non_negative=("warmup", "eval_every", "checkpoint_every", "threads"))
+        if not 0.0 <= self.rollouts <= 1.0:
+            raise ValueError(f"rollouts={self.rollouts} is outside [0, 1] (the share of each batch decoded from the "
+                             "model's own rollouts)")
+        if self.adapter and not self.rollouts:
+            raise ValueError(f"adapter={self.adapter} only drives the rollouts the decoder learns from; set rollouts "
+                             "above 0 (e.g. rollouts=0.5), or drop the adapter")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}")
         if not 0.0 <= self.reference_dropout < 1.0:
@@ -171,6 +196,57 @@ def read_frames(dataset, pairs: list[tuple[int, int]]) -> torch.Tensor:
     return torch.stack([clips[where[row], frame] for row, frame in pairs])
 
 
+ROLLOUT_TEMPERATURES = (0.0, 1.0, 1.0)
+"""Each window's rollouts: one greedy, two sampled (eval's two modes; sampled ones err more, as held-out
+clips' rollouts do beside training clips')."""
+
+
+def rollout_windows(rows: list[int], frames_per_clip: int, context: int, horizon: int, limit: int
+                    ) -> list[tuple[int, int]]:
+    """(dataset row, first frame) of the windows rolled out: every start in every clip, or `limit` of them
+    evenly spaced."""
+    every = [(row, start) for row in rows for start in range(frames_per_clip - context - horizon + 1)]
+    if len(every) <= limit:
+        return every
+    return [every[i] for i in torch.linspace(0, len(every) - 1, limit).round().long().tolist()]
+
+
+def read_windows(dataset, windows: list[tuple[int, int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows' first `length` frames (W, length, H, W, 3) uint8 and their actions (W, length - 1) int64."""
+    distinct = sorted({row for row, _ in windows})
+    part = dataset.select(distinct)
+    clips = part.with_format("torch", columns=["frames"], dtype=torch.uint8)[:]["frames"]
+    actions = part.with_format("torch", columns=["actions"])[:]["actions"].long()
+    where = {row: i for i, row in enumerate(distinct)}
+    return (torch.stack([clips[where[row], start: start + length] for row, start in windows]),
+            torch.stack([actions[where[row], start: start + length - 1] for row, start in windows]))
+
+
+@torch.no_grad()
+def own_rollouts(model, dataset, windows: list[tuple[int, int]], context: int, horizon: int, seed: int,
+                 temperatures=ROLLOUT_TEMPERATURES, chunk: int = 16) -> torch.Tensor:
+    """(W, len(temperatures), horizon, N) token ids: `model`'s rollouts of each window from its first `context`
+    true frames with the clip's actions. Rollout j of window w has its own seed, so chunking changes nothing."""
+    out = []
+    for start in range(0, len(windows), chunk):
+        part = windows[start: start + chunk]
+        frames, actions = read_windows(dataset, part, context + horizon)
+        context_ids = model.encode(frames[:, :context])
+        out.append(torch.stack([model.rollout(
+            context_ids, actions, horizon, temperature=temperature, decode=False,
+            seeds=[(seed * 1_000_003 + start + i) * len(temperatures) + j for i in range(len(part))]).tokens
+            for j, temperature in enumerate(temperatures)], 1))
+    return torch.cat(out)
+
+
+def draw_rollout_frames(seed: int, step: int, shape: tuple[int, int, int], count: int) -> list[tuple[int, int, int]]:
+    """(window, rollout, frame) of the `count` rollout frames step `step` decodes, out of `shape` = (windows,
+    rollouts per window, horizon): a pure function of (seed, step), drawn apart from `draw_frames`' stream."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
+    picks = [torch.randint(n, (count,), generator=generator).tolist() for n in shape]
+    return list(zip(*picks))
+
+
 @torch.no_grad()
 def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64,
                           references: torch.Tensor | None = None) -> dict:
@@ -187,6 +263,47 @@ def reconstruction_scores(tokenizer, frames: torch.Tensor, batch: int = 64,
         scores["ssim"] += float(ssim(recon, truth).sum())
         scores["mse"] += float(((recon - truth) ** 2).mean((1, 2, 3)).sum())
     return {k: round(v / len(frames), 5) for k, v in scores.items()}
+
+
+@torch.no_grad()
+def rollout_scores(tokenizer, tokens: torch.Tensor, frames: torch.Tensor, context: int,
+                   temperatures=(0.0, 1.0), with_reference: bool | None = None) -> dict:
+    """Rollout tokens (W, len(temperatures), horizon, N) decoded (beside each window's last true frame, for a
+    reference decoder: eval's rule) against the true frames (W, context + horizon, H, W, 3) uint8: SSIM per
+    step and mean for each temperature, and the persistence baseline's (repeat the last true frame).
+    `with_reference=False` decodes without the reference path (a decoder before it was given one)."""
+    from posttrain.rewards.metrics import ssim
+
+    horizon = tokens.shape[2]
+    truth = frames[:, context: context + horizon].float() / 255
+    last = frames[:, context - 1]
+    scores = {}
+    for j, temperature in enumerate(temperatures):
+        use = tokenizer.config.reference if with_reference is None else with_reference
+        drawn = tokenizer.decode(tokens[:, j], last if use else None)
+        per_step = ssim(drawn.flatten(0, 1), truth.flatten(0, 1)).view(len(tokens), horizon).mean(0)
+        scores[f"T={temperature:g}"] = {"ssim": round(float(per_step.mean()), 5),
+                                        "ssim_per_step": [round(float(v), 5) for v in per_step]}
+    repeat = (last.float() / 255)[:, None].expand_as(truth)
+    per_step = ssim(repeat.flatten(0, 1), truth.flatten(0, 1)).view(len(tokens), horizon).mean(0)
+    scores["persistence"] = {"ssim": round(float(per_step.mean()), 5),
+                             "ssim_per_step": [round(float(v), 5) for v in per_step]}
+    return scores
+
+
+def rebase_adapter(adapter: str | Path, folder: Path, model_folder: Path, base_model: str) -> Path:
+    """Copy `adapter` (made for `base_model`) to `folder`, recording `model_folder` (base_model with only its
+    decoding weights changed, which no LoRA target touches) as its base: `load_adapter` checks that hash."""
+    from posttrain.adapters import ADAPTER_INFO, base_reference
+    from posttrain.models.world_model import weights_hash
+
+    shutil.copytree(adapter, folder)
+    info = json.loads((folder / ADAPTER_INFO).read_text())
+    info["rebased_from"] = {"base_model": info.get("base_model"), "base_weights_sha256": info.get("base_weights_sha256"),
+                            "by": "adapt_tokenizer (only the decoder and its reference path differ)"}
+    info["base_model"], info["base_weights_sha256"] = base_reference(str(model_folder)), weights_hash(model_folder)
+    (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+    return folder
 
 
 def save_checkpoint(out: Path, step: int, tokenizer, optimizer) -> Path:
@@ -249,10 +366,16 @@ def run(config: AdaptTokenizerConfig) -> Path:
 
     out = Path(config.out)
     model_folder = resolve_model_path(config.model)
-    inputs = {**input_paths(to_dict(config)), "model": model_folder}
+    inputs = {**input_paths(to_dict(config)), "model": model_folder, **({"adapter": config.adapter}
+                                                                         if config.adapter else {})}
     prepare_run_folder(out, resume=config.resume, overwrite=config.overwrite, inputs=inputs)
     model = load_model(config.model)
-    frame_tokenizer(model, config.model)
+    had_reference = frame_tokenizer(model, config.model).config.reference
+    dynamics = model  # what rolls out (a `rollouts` run): the dynamics is not trained here
+    if config.adapter:
+        from posttrain.evaluate import load_with_adapter
+
+        dynamics = load_with_adapter(config.model, config.adapter)  # refuses an adapter made for another base
     if config.reference:
         torch.manual_seed(config.seed)  # the gate's hidden layer starts random: the same run, the same start
         model = with_reference_path(model, config.model)
@@ -277,10 +400,21 @@ def run(config: AdaptTokenizerConfig) -> Path:
     if config.reference:  # each held-out frame's previous frame (the first frame of a clip is its own)
         held_references = read_frames(dataset, [(row, max(0, f - 1)) for row, f in (every[i] for i in picks)])
 
+    context, horizon = config.rollout_context, config.rollout_horizon
+    if config.rollouts and frames_per_clip < context + horizon:
+        raise ValueError(f"data {config.data.path or config.data.seeds}: clips of {frames_per_clip} frames are too "
+                         f"short for rollouts of rollout_context + rollout_horizon = {context + horizon} frames")
+
     lock = RunLock(out, "adapt_tokenizer")  # noqa: F841 (held until the process ends)
     if config.threads:
         torch.set_num_threads(config.threads)
     log = MetricsWriter(out / "metrics.jsonl")
+    windows: list[tuple[int, int]] = []
+    rollout_tokens = held_tokens = held_window_frames = None
+    if config.rollouts:
+        rollout_tokens, held_tokens, windows, held_window_frames = _rollouts_for(config, dynamics, dataset, out,
+                                                                                 train_rows, held_rows, frames_per_clip)
+    del dynamics
 
     def held_out_scores(tokenizer) -> dict:
         """Held-out reconstruction, and beside the previous frame for a reference decoder."""
@@ -290,6 +424,8 @@ def run(config: AdaptTokenizerConfig) -> Path:
         return scores
 
     base_scores = held_out_scores(tokenizer)
+    rollouts_before = (rollout_scores(tokenizer, held_tokens, held_window_frames, context, with_reference=had_reference)
+                       if held_tokens is not None else None)
     base_ids = tokenizer.encode(held_frames)  # what the adapted model must still map these frames to
     base_recon = tokenizer.decode(base_ids)
     tokenizer.requires_grad_(False)
@@ -308,20 +444,34 @@ def run(config: AdaptTokenizerConfig) -> Path:
     with progress_bar(config.steps - start, "decoder") as update:
         for step in range(start, config.steps):
             gap = config.reference_gap if config.reference else 0
-            pairs = draw_frames(config.seed, step, train_rows, frames_per_clip, config.batch_size, gap)
-            batch = read_frames(dataset, pairs)
+            from_rollouts = round(config.batch_size * config.rollouts)
+            true_count = config.batch_size - from_rollouts
+            pairs = draw_frames(config.seed, step, train_rows, frames_per_clip, true_count, gap)
+            batch = read_frames(dataset, pairs) if pairs else torch.zeros(0, size, size, 3, dtype=torch.uint8)
             for module in modules:
                 module.train()
             # Gradients reach only the decoder: the encoder's weights are frozen, so its latents (and the ids) stay.
-            if config.reference:
-                batch, references = batch[:config.batch_size], batch[config.batch_size:]
-                plain = round(config.batch_size * config.reference_dropout)  # the first `plain` without one
-                gaps = torch.tensor([f - r for (_, f), (_, r) in zip(pairs[:config.batch_size], pairs[config.batch_size:])])
+            if not true_count:
+                recon = batch.float()
+            elif config.reference:
+                batch, references = batch[:true_count], batch[true_count:]
+                plain = round(true_count * config.reference_dropout)  # the first `plain` without one
+                gaps = torch.tensor([f - r for (_, f), (_, r) in zip(pairs[:true_count], pairs[true_count:])])
                 recon = torch.cat([tokenizer(batch[:plain])[0],
                                    tokenizer(batch[plain:], references[plain:], gaps[plain:])[0]])
             else:
                 recon, _ = tokenizer(batch)
             truth = batch.float() / 255
+            if from_rollouts:  # the model's own guesses, drawn against the true frames they stand for
+                picks = draw_rollout_frames(config.seed, step, tuple(rollout_tokens.shape[:3]), from_rollouts)
+                ids = torch.stack([rollout_tokens[w, r, k] for w, r, k in picks])
+                targets = read_frames(dataset, [(windows[w][0], windows[w][1] + context + k) for w, _, k in picks])
+                if config.reference:  # beside the window's last true frame, k + 1 frames back (eval's rule)
+                    last = read_frames(dataset, [(windows[w][0], windows[w][1] + context - 1) for w, _, _ in picks])
+                    drawn = tokenizer.draw(ids, last, torch.tensor([k + 1 for _, _, k in picks]))
+                else:
+                    drawn = tokenizer.draw(ids)
+                recon, truth = torch.cat([recon, drawn]), torch.cat([truth, targets.float() / 255])
             loss = ((recon - truth) ** 2).mean()
             objective = loss if config.loss == "mse" else restoration_loss(recon, truth)
             for group in optimizer.param_groups:
@@ -347,7 +497,8 @@ def run(config: AdaptTokenizerConfig) -> Path:
     weights_dtype = json.loads((model_folder / "config.json").read_text()).get("weights_dtype", "float32")
     summary = {"base_model": str(config.model), "data": config.data.path or config.data.seeds,
                "heldout_clips": f"{held_rows[0]}..{held_rows[-1]}", "heldout_frames_scored": len(held_frames),
-               "steps": config.steps, "loss": config.loss, "reference": config.reference, "train_minutes_this_run": round((time.time() - started) / 60, 2),
+               "steps": config.steps, "loss": config.loss, "reference": config.reference, "rollouts": config.rollouts,
+               "adapter": config.adapter, "train_minutes_this_run": round((time.time() - started) / 60, 2),
                "held_out_before": base_scores}
     metadata = {**getattr(model, "metadata", {}), "adapt_tokenizer": summary}
     save = {"weights_dtype": weights_dtype} if weights_dtype != "float32" else {}
@@ -363,6 +514,14 @@ def run(config: AdaptTokenizerConfig) -> Path:
                            f"{config.model}; only the decoder may change")
     adapted_recon = saved.decode(adapted_ids)
     report = {**summary, "held_out_after": after}
+    if held_tokens is not None:
+        report["held_out_rollouts"] = {"windows": len(held_tokens), "context": context, "horizon": horizon,
+                                       "before": rollouts_before,
+                                       "after": rollout_scores(saved, held_tokens, held_window_frames, context)}
+    if config.adapter:
+        if (out / "adapter").exists():  # a resumed run that had got this far
+            shutil.rmtree(out / "adapter")
+        rebase_adapter(config.adapter, out / "adapter", out / "model", config.model)
     (out / "report").mkdir(parents=True, exist_ok=True)
     (out / "report" / "tokenizer.json").write_text(json.dumps(report, indent=1))
     save_reconstructions(out / "report" / "reconstructions.png", held_frames, base_recon, adapted_recon)
@@ -371,6 +530,36 @@ def run(config: AdaptTokenizerConfig) -> Path:
           f"{base_scores['ssim']:.3f} -> {after['ssim']:.3f}"
           + (f" (decoded beside the previous frame: SSIM {base_scores['with_previous_frame']['ssim']:.3f} -> "
              f"{after['with_previous_frame']['ssim']:.3f})" if held_references is not None else "")
-          + f"; wrote {out / 'model'} (same token ids; train or "
-          f"evaluate on it with model={out / 'model'})", flush=True)
+          + (f"; held-out rollouts decoded, greedy SSIM {rollouts_before['T=0']['ssim']:.3f} -> "
+             f"{report['held_out_rollouts']['after']['T=0']['ssim']:.3f}, T=1 {rollouts_before['T=1']['ssim']:.3f} -> "
+             f"{report['held_out_rollouts']['after']['T=1']['ssim']:.3f} (persistence "
+             f"{rollouts_before['persistence']['ssim']:.3f})" if held_tokens is not None else "")
+          + f"; wrote {out / 'model'} (same token ids; train or evaluate on it with model={out / 'model'}"
+          + (f" --adapter {out / 'adapter'}" if config.adapter else "") + ")", flush=True)
     return out / "model"
+
+
+def _rollouts_for(config: AdaptTokenizerConfig, dynamics, dataset, out: Path, train_rows: list[int],
+                  held_rows: list[int], frames_per_clip: int):
+    """The rollouts a `rollouts` run decodes: (training windows' tokens (W, 3, horizon, N), held-out windows'
+    tokens (V, 2, horizon, N) greedy and T=1 (for the report), the training windows, the held-out windows' true
+    frames). Made by `dynamics` (the model, with `config.adapter` merged into it if given) once: kept in
+    out/rollout_tokens.safetensors, so a resumed run decodes the very same tokens."""
+    from safetensors.torch import load_file, save_file
+
+    context, horizon = config.rollout_context, config.rollout_horizon
+    windows = rollout_windows(train_rows, frames_per_clip, context, horizon, config.rollout_windows)
+    held_windows = [(row, 0) for row in held_rows][: config.rollout_windows]
+    held_frames, _ = read_windows(dataset, held_windows, context + horizon)
+    cache = out / "rollout_tokens.safetensors"
+    if config.resume and cache.is_file():
+        saved = load_file(cache)
+        return saved["train"], saved["held_out"], windows, held_frames
+    started = time.time()
+    train = own_rollouts(dynamics, dataset, windows, context, horizon, config.seed)
+    held = own_rollouts(dynamics, dataset, held_windows, context, horizon, config.seed + 1, temperatures=(0.0, 1.0))
+    save_file({"train": train.contiguous(), "held_out": held.contiguous()}, str(cache))
+    print(f"rolled out {len(windows)} training windows x {len(ROLLOUT_TEMPERATURES)} and {len(held_windows)} held-out "
+          f"windows x 2 ({context} + {horizon} frames{', adapter ' + str(config.adapter) if config.adapter else ''}) "
+          f"in {time.time() - started:.0f} s", flush=True)
+    return train, held, windows, held_frames

@@ -77,11 +77,16 @@ def test_the_decoder_learns_the_footage_and_every_token_id_stays(tiny_model_dir,
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-@pytest.mark.parametrize("reference", ["false", "true"])
-def test_resume_after_sigkill_equals_an_unbroken_run(tiny_model_dir, footage, tmp_path, reference):
+ROLLOUTS = ("rollout_context=2", "rollout_horizon=3")
+"""Rollouts that fit the test clips' 6 frames."""
+
+
+@pytest.mark.parametrize("extra", [("reference=false",), ("reference=true",),
+                                   ("reference=true", "rollouts=0.5", *ROLLOUTS)], ids=["plain", "reference", "rollouts"])
+def test_resume_after_sigkill_equals_an_unbroken_run(tiny_model_dir, footage, tmp_path, extra):
     unbroken, resumed = sigkill_resume_and_compare(
         RECIPE, lambda out: _overrides(tiny_model_dir, footage, out, "steps=4", "eval_every=0", "checkpoint_every=2",
-                                       f"reference={reference}"),
+                                       *extra),
         tmp_path, kill_after=2)
     assert unbroken.keys() == resumed.keys()
     assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
@@ -95,6 +100,112 @@ def test_steps_draw_frames_from_seed_and_step_only():
     assert first == draw_frames(0, 5, rows, 6, 16)
     assert first != draw_frames(0, 6, rows, 6, 16) and first != draw_frames(1, 5, rows, 6, 16)
     assert all(row in rows and 0 <= frame < 6 for row, frame in first)
+
+
+def test_rollout_frames_and_windows_are_pure_functions_of_their_arguments():
+    from posttrain.adapt_tokenizer import draw_rollout_frames, rollout_windows
+
+    picks = draw_rollout_frames(0, 5, (7, 3, 8), 16)
+    assert picks == draw_rollout_frames(0, 5, (7, 3, 8), 16) and picks != draw_rollout_frames(0, 6, (7, 3, 8), 16)
+    assert len(picks) == 16 and all(0 <= w < 7 and 0 <= r < 3 and 0 <= k < 8 for w, r, k in picks)
+    # every start of a 16-frame clip that leaves room for 2 + 8 frames: 0..6; past the limit, evenly spaced
+    assert rollout_windows([3, 4], 16, 2, 8, 100) == [(row, s) for row in (3, 4) for s in range(7)]
+    assert rollout_windows([3, 4], 16, 2, 8, 3) == [(3, 0), (3, 6), (4, 6)]  # of 14: the 1st, 7th (6.5 rounds to
+    # even) and 14th
+
+
+def _adapter_for(model_dir, folder):
+    """A LoRA adapter on `model_dir` whose B matrices are not zero (so it changes the dynamics' rollouts)."""
+    from posttrain.adapters import LoraSettings, apply_lora, save_adapter
+    from posttrain.models import load_model, weights_hash
+
+    torch.manual_seed(1)
+    peft = apply_lora(load_model(str(model_dir)), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return save_adapter(peft, folder, str(model_dir), weights_hash(model_dir), {"method": "test"})
+
+
+def test_a_rollout_step_decodes_the_drawn_guesses_beside_their_windows_last_true_frame(tiny_model_dir, footage,
+                                                                                       tmp_path):
+    """With rollouts=1 a step's loss is, by hand: the cached rollout frames `draw_rollout_frames` picks, decoded
+    beside their window's last true frame (k + 1 frames back for the k-th predicted frame), against the true
+    frames they stand for. The report's decoded held-out rollouts are the saved model's."""
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    from posttrain.adapt_tokenizer import (draw_rollout_frames, load_checkpoint, read_frames, read_windows,
+                                           rollout_scores, rollout_windows, with_reference_path)
+    from posttrain.models import load_model
+    from posttrain.runner import run_recipe
+
+    out = tmp_path / "run"
+    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=3", "eval_every=0", "checkpoint_every=1",
+                                  "rollouts=1.0", *ROLLOUTS))
+    cache = load_file(str(out / "rollout_tokens.safetensors"))
+    tokens, held_tokens = cache["train"], cache["held_out"]
+    windows = rollout_windows(list(range(4)), 6, 2, 3, 256)  # 4 training clips x starts 0, 1
+    assert tokens.shape[:3] == (len(windows), 3, 3) and held_tokens.shape[:3] == (2, 2, 3)
+
+    # The decoder as the last step found it (checkpoint 2: its gate already weighs the reference's age, which
+    # a fresh gate ignores), and that step's draw.
+    tokenizer = with_reference_path(load_model(str(tiny_model_dir)), "tiny").tokenizer
+    modules = tokenizer.decoding_modules
+    optimizer = torch.optim.Adam([p for module in modules for p in module.parameters()])
+    assert load_checkpoint(out, tokenizer, optimizer) == 2
+    dataset = load_from_disk(str(footage))
+    picks = draw_rollout_frames(0, 2, tuple(tokens.shape[:3]), 8)
+    ids = torch.stack([tokens[w, r, k] for w, r, k in picks])
+    truth = read_frames(dataset, [(windows[w][0], windows[w][1] + 2 + k) for w, _, k in picks]).float() / 255
+    last = read_frames(dataset, [(windows[w][0], windows[w][1] + 1) for w, _, _ in picks])
+    with torch.no_grad():
+        drawn = tokenizer.draw(ids, last, torch.tensor([k + 1 for _, _, k in picks]))
+    expected = float(((drawn - truth) ** 2).mean())
+    last_step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][3]
+    assert last_step["step"] == 3
+    assert abs(last_step["loss"] - expected) <= 64 * torch.finfo(torch.float32).eps * max(expected, 1e-3), \
+        (last_step, expected)
+
+    report = json.loads((out / "report" / "tokenizer.json").read_text())
+    frames, _ = read_windows(dataset, [(4, 0), (5, 0)], 5)
+    assert report["held_out_rollouts"]["after"] == rollout_scores(load_model(str(out / "model")).tokenizer,
+                                                                  held_tokens, frames, 2)
+    assert report["held_out_rollouts"]["windows"] == 2 and report["rollouts"] == 1.0
+
+
+def test_rollouts_from_an_adapter_and_the_adapter_rebased_onto_the_adapted_model(tiny_model_dir, footage, tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.adapt_tokenizer import own_rollouts, rollout_windows
+    from posttrain.adapters import load_adapter
+    from posttrain.evaluate import load_with_adapter
+    from posttrain.models import load_model, weights_hash
+    from posttrain.runner import run_recipe
+
+    adapter = _adapter_for(tiny_model_dir, tmp_path / "sft-adapter")
+    out = tmp_path / "run"
+    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=4", "eval_every=0", "checkpoint_every=0",
+                                  "rollouts=0.5", f"adapter={adapter}", *ROLLOUTS))
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(footage))
+    windows = rollout_windows(list(range(4)), 6, 2, 3, 256)
+    tokens = load_file(str(out / "rollout_tokens.safetensors"))["train"]
+    assert torch.equal(tokens, own_rollouts(load_with_adapter(str(tiny_model_dir), str(adapter)), dataset, windows,
+                                            2, 3, 0))
+    assert not torch.equal(tokens, own_rollouts(load_model(str(tiny_model_dir)), dataset, windows, 2, 3, 0))
+    info = json.loads((out / "adapter" / "posttrain_adapter.json").read_text())
+    assert info["base_weights_sha256"] == weights_hash(out / "model")
+    assert info["rebased_from"]["base_weights_sha256"] == weights_hash(tiny_model_dir)
+    assert load_file(str(out / "adapter" / "adapter_model.safetensors")).keys() == \
+        load_file(str(adapter / "adapter_model.safetensors")).keys()
+    original = load_file(str(adapter / "adapter_model.safetensors"))
+    assert all(torch.equal(v, original[k]) for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items())
+    load_adapter(load_model(str(out / "model")), out / "adapter", base_name=str(out / "model"))  # the check passes
+    with pytest.raises(ValueError, match="was made for base model"):
+        load_adapter(load_model(str(tiny_model_dir)), out / "adapter", base_name=str(tiny_model_dir))
 
 
 def _one_line_error(capsys, argv) -> str:
@@ -114,6 +225,10 @@ def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage,
                  "--out", str(pixels)]) == 0
     capsys.readouterr()
     big = write_footage(tmp_path / "big", _clips(3, size=64))
+    from conftest import make_tiny_model
+
+    make_tiny_model(seed=5).save_pretrained(tmp_path / "other-model")
+    other_adapter = _adapter_for(tmp_path / "other-model", tmp_path / "other-adapter")
     cases = {
         "no frame tokenizer": (_overrides(pixels, footage, tmp_path / "a"), "has no frame tokenizer"),
         "frame size": (_overrides(tiny_model_dir, big, tmp_path / "b"), "--size 32"),
@@ -123,12 +238,19 @@ def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage,
                           "too few"),
         "output inside the footage": (_overrides(tiny_model_dir, footage, footage / "run"), str(footage)),
         "unknown loss": (_overrides(tiny_model_dir, footage, tmp_path / "e", "loss=ssim"), "mse, ssim_l1"),
+        "adapter without rollouts": (_overrides(tiny_model_dir, footage, tmp_path / "f", f"adapter={footage}"),
+                                     "set rollouts above 0"),
+        "rollouts longer than a clip": (_overrides(tiny_model_dir, footage, tmp_path / "g", "rollouts=0.5",
+                                                   "rollout_horizon=5"), "too short for rollouts"),
+        "rollouts share": (_overrides(tiny_model_dir, footage, tmp_path / "h", "rollouts=1.5"), "rollouts=1.5"),
+        "adapter for another base": (_overrides(tiny_model_dir, footage, tmp_path / "i", "rollouts=0.5", *ROLLOUTS,
+                                                f"adapter={other_adapter}"), "was made for base model"),
     }
     capsys.readouterr()  # the datasets writer's own progress lines
     for name, (overrides, expected) in cases.items():
         err = _one_line_error(capsys, ["run", RECIPE, *overrides])
         assert expected in err, (name, err)
-    assert not any((tmp_path / name).exists() for name in "abcde")
+    assert not any((tmp_path / name).exists() for name in "abcdefghi")
     assert not (footage / "run").exists()
 
 

@@ -221,10 +221,16 @@ class FrameTokenizer(nn.Module):
         """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]. `reference` (see `TokenizerConfig.reference`;
         ignored without it): one frame per sequence, the last true frame before the sequence's first (so frame t
         is t + 1 frames after it), or one per frame, the frame just before it."""
+        return self.draw(ids, reference).clamp(0, 1)
+
+    def draw(self, ids: torch.Tensor, reference: torch.Tensor | None = None, gap: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """`decode` with gradients to the decoding modules and without the final clamp (decoder training on
+        ids that no true frame has, e.g. a model's own rollouts); `gap`: each reference's distance in frames."""
         lead, grid = ids.shape[:-1], self.config.grid
         latents = self.fsq.ids_to_latents(ids.reshape(-1, grid, grid)).permute(0, 3, 1, 2)
-        out = self._decode_latents(latents, self._references(reference, lead)).float()
-        frames = ((out + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        out = self._decode_latents(latents, self._references(reference, lead, gap)).float()
+        frames = ((out + 1) / 2).permute(0, 2, 3, 1)
         return frames.reshape(*lead, *frames.shape[-3:])
 
 
