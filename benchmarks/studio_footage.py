@@ -68,6 +68,13 @@ def main() -> None:
                              "the original base is evaluated beside it (0: off, the plain workflow)")
     parser.add_argument("--adapt", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra overrides of the decoder-adaptation recipe")
+    parser.add_argument("--rollout-decoder", type=int, default=0, metavar="STEPS",
+                        help="after SFT, fit the decoder again for STEPS steps with half of each batch the SFT "
+                             "adapter's own rollouts of the training clips (adapt_tokenizer rollouts=0.5 "
+                             "adapter=SFT's), then evaluate with that decoder and the re-based adapter; the evals "
+                             "before it stay in the JSON (0: off)")
+    parser.add_argument("--rollout-adapt", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra overrides of that second decoder fit")
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--filmstrip", default=None, help="copy the adapter eval's greedy filmstrip here")
     args = parser.parse_args()
@@ -95,15 +102,31 @@ def main() -> None:
         seconds["sft"] = run(["run", "recipes/sft_lora_footage.yaml", f"model={model}", f"data.path={footage}",
                               f"heldout_fraction={args.heldout_fraction}", f"out={sft}",
                               f"eval.horizon={args.horizon}", *args.sft, *resume], commands)
-    evals, original = {}, {}
-    for temperature in (0.0, 1.0):
-        path = work / f"eval_T{temperature:g}.json"
+    evals, original, before_refit = {}, {}, {}
+    refit = work / "rollout_decoder"
+    if args.rollout_decoder and not (refit / "report" / "tokenizer.json").is_file():
+        resume = ["--resume"] if (refit / "checkpoints" / "latest").is_file() else []
+        seconds["rollout_decoder"] = run(["run", "recipes/adapt_tokenizer_footage.yaml", f"model={model}",
+                                          f"adapter={sft / 'adapter'}", "rollouts=0.5", f"data.path={footage}",
+                                          f"heldout_fraction={args.heldout_fraction}", f"out={refit}",
+                                          f"steps={args.rollout_decoder}", *args.adapt, *args.rollout_adapt, *resume],
+                                         commands)
+
+    def evaluate(name: str, eval_model: str, adapter: Path, temperature: float) -> dict:
+        path = work / f"{name}_T{temperature:g}.json"
         if not path.is_file():
-            seconds[f"eval_T{temperature:g}"] = run(
-                ["eval", "--model", model, "--data", str(footage), "--heldout-fraction", str(args.heldout_fraction),
-                 "--horizon", str(args.horizon), "--temperature", str(temperature), "--adapter", str(sft / "adapter"),
-                 "--json", str(path)], commands)
-        evals[f"{temperature:g}"] = json.loads(path.read_text())
+            seconds[f"{name}_T{temperature:g}"] = run(
+                ["eval", "--model", eval_model, "--data", str(footage), "--heldout-fraction",
+                 str(args.heldout_fraction), "--horizon", str(args.horizon), "--temperature", str(temperature),
+                 "--adapter", str(adapter), "--json", str(path)], commands)
+        return json.loads(path.read_text())
+
+    for temperature in (0.0, 1.0):
+        evals[f"{temperature:g}"] = evaluate("eval", model, sft / "adapter", temperature)
+        if args.rollout_decoder:  # the decoder fitted to the adapter's rollouts, and the adapter re-based onto it
+            before_refit[f"{temperature:g}"] = evals[f"{temperature:g}"]
+            evals[f"{temperature:g}"] = evaluate("eval_rollout_decoder", str(refit / "model"), refit / "adapter",
+                                                 temperature)
         path = work / f"eval_original_base_T{temperature:g}.json"
         if args.adapt_tokenizer and not path.is_file():
             seconds[f"eval_original_base_T{temperature:g}"] = run(
@@ -137,6 +160,11 @@ def main() -> None:
     if args.adapt_tokenizer:
         report = json.loads((tokenizer / "report" / "tokenizer.json").read_text())
         results["adapt_tokenizer"] = {**report, "data": str(report["data"]).replace(f"{ROOT}/", "")}
+    if args.rollout_decoder:
+        report = json.loads((refit / "report" / "tokenizer.json").read_text())
+        results["rollout_decoder"] = {**report, "data": str(report["data"]).replace(f"{ROOT}/", ""),
+                                      "adapter": str(report["adapter"]).replace(f"{ROOT}/", "")}
+        results["rollouts_before_rollout_decoder"] = {t: curves(r, t) for t, r in before_refit.items()}
     targets = {"token_ce_below_base": held["heldout_loss_post"] < held["heldout_loss_base"]}
     for t, r in evals.items():
         ssim, base = r["ssim_per_step"], r["base"]["ssim_per_step"]
@@ -148,7 +176,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     if args.filmstrip:
-        shutil.copy(work / "eval_T0.png", args.filmstrip)
+        shutil.copy(work / ("eval_rollout_decoder_T0.png" if args.rollout_decoder else "eval_T0.png"), args.filmstrip)
     print(json.dumps({"token_cross_entropy": results["token_cross_entropy"], "targets": targets}, indent=1))
     for t, rows in results["rollouts"].items():
         print(f"T={t}: " + ", ".join(f"{name} SSIM {row['ssim_mean']:.3f}" for name, row in rows.items()))

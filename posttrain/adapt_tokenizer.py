@@ -362,7 +362,7 @@ def run(config: AdaptTokenizerConfig) -> Path:
     from posttrain.models import load_model
     from posttrain.models.registry import resolve_model_path
     from posttrain.pretrain import cosine_schedule
-    from posttrain.runfolder import RunLock, input_paths, prepare_run_folder
+    from posttrain.runfolder import RunLock, check_resume_config, input_paths, prepare_run_folder
 
     out = Path(config.out)
     model_folder = resolve_model_path(config.model)
@@ -406,6 +406,10 @@ def run(config: AdaptTokenizerConfig) -> Path:
                          f"short for rollouts of rollout_context + rollout_horizon = {context + horizon} frames")
 
     lock = RunLock(out, "adapt_tokenizer")  # noqa: F841 (held until the process ends)
+    recipe = to_dict(config)
+    if config.resume:
+        check_resume_config(out, recipe)  # another recipe's checkpoint would continue another run
+    (out / "config.json").write_text(json.dumps(recipe, indent=2))  # (the model card's recipe and data)
     if config.threads:
         torch.set_num_threads(config.threads)
     log = MetricsWriter(out / "metrics.jsonl")

@@ -207,6 +207,16 @@ def test_rollouts_from_an_adapter_and_the_adapter_rebased_onto_the_adapted_model
     with pytest.raises(ValueError, match="was made for base model"):
         load_adapter(load_model(str(tiny_model_dir)), out / "adapter", base_name=str(tiny_model_dir))
 
+    # `adapter export --merge` of the run folder: one model with the fitted decoder and the adapter's dynamics.
+    from posttrain.publish import export_run
+
+    export_run(out, tmp_path / "export", merge=True)
+    merged = load_model(str(tmp_path / "export")).state_dict()
+    expected = load_with_adapter(str(out / "model"), str(out / "adapter")).state_dict()
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "adapt_tokenizer post-training" in card and "rollouts: 0.5" in card
+
 
 def _one_line_error(capsys, argv) -> str:
     from posttrain.cli import main
@@ -349,3 +359,18 @@ def test_a_sequence_reference_is_one_frame_older_at_each_step():
     assert tokenizer._references(per_frame, lead)[1].tolist() == [1] * 6
     with pytest.raises(ValueError, match="one per frame, or one per sequence"):
         tokenizer._references(reference[:1], lead)
+
+
+def test_resume_with_another_recipe_is_refused(tiny_model_dir, footage, tmp_path, capsys):
+    """A checkpoint continues only the run that wrote it: another lr (or rollouts share) is one line, exit 2."""
+    from posttrain.runner import run_recipe
+
+    out = tmp_path / "run"
+    run_recipe(RECIPE, _overrides(tiny_model_dir, footage, out, "steps=2", "eval_every=0", "checkpoint_every=1"))
+    before = (out / "model" / "model.safetensors").read_bytes()
+    for change, named in (("lr=0.001", "lr (0.003 -> 0.001)"), ("rollouts=0.5", "rollouts (0.0 -> 0.5)")):
+        err = _one_line_error(capsys, ["run", RECIPE, *_overrides(tiny_model_dir, footage, out, "steps=2",
+                                                                   "eval_every=0", "checkpoint_every=1", change,
+                                                                   *ROLLOUTS), "--resume"])
+        assert named in err, err
+    assert (out / "model" / "model.safetensors").read_bytes() == before
