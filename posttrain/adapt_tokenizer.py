@@ -18,9 +18,15 @@ reconstructions. The held-out clips are the last `heldout_fraction` of the datas
 `posttrain eval --data`'s rule), never trained on. Checkpoints (decoder + Adam state as safetensors, nothing
 pickled) are written atomically, and `--resume` continues exactly where an unbroken run would be.
 
+With `rollouts` (after LoRA SFT, with its `adapter`), part of each batch is the model's own rollouts of the
+training clips decoded against the true frames they stand for: eval decodes the dynamics' guesses, not true
+frames' ids, and a decoder that has only seen right tokens trusts wrong ones too.
+
 Writes `out/model/` (the base model with its decoder replaced, saved in the base's weight dtype; load it with
 `model=out/model`), `out/report/tokenizer.json` (held-out reconstruction PSNR and SSIM, base vs adapted,
-measured on the saved model), `out/report/reconstructions.png` (truth / base / adapted) and metrics.jsonl.
+measured on the saved model; with `rollouts`, the held-out clips' rollouts decoded before and after beside
+persistence), `out/report/reconstructions.png` (truth / base / adapted), metrics.jsonl and config.json; with
+`adapter`, `out/adapter/` (that adapter re-based onto out/model).
 Single process: a few hundred steps of a small convolutional decoder need no launcher.
 """
 
