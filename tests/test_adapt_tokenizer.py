@@ -136,8 +136,15 @@ def test_a_rollout_step_decodes_the_drawn_guesses_beside_their_windows_last_true
     from datasets import load_from_disk
     from safetensors.torch import load_file
 
-    from posttrain.adapt_tokenizer import (draw_rollout_frames, load_checkpoint, read_frames, read_windows,
-                                           rollout_scores, rollout_windows, with_reference_path)
+    from posttrain.adapt_tokenizer import (
+        draw_rollout_frames,
+        load_checkpoint,
+        read_frames,
+        read_windows,
+        rollout_scores,
+        rollout_windows,
+        with_reference_path,
+    )
     from posttrain.models import load_model
     from posttrain.runner import run_recipe
 
@@ -253,6 +260,8 @@ def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage,
         "rollouts longer than a clip": (_overrides(tiny_model_dir, footage, tmp_path / "g", "rollouts=0.5",
                                                    "rollout_horizon=5"), "too short for rollouts"),
         "rollouts share": (_overrides(tiny_model_dir, footage, tmp_path / "h", "rollouts=1.5"), "rollouts=1.5"),
+        "object weight on footage": (_overrides(tiny_model_dir, footage, tmp_path / "j", "object_weight=5"),
+                                     "no 'segmentation' column"),
         "adapter for another base": (_overrides(tiny_model_dir, footage, tmp_path / "i", "rollouts=0.5", *ROLLOUTS,
                                                 f"adapter={other_adapter}"), "was made for base model"),
     }
@@ -260,7 +269,7 @@ def test_bad_inputs_are_one_line_errors_before_any_work(tiny_model_dir, footage,
     for name, (overrides, expected) in cases.items():
         err = _one_line_error(capsys, ["run", RECIPE, *overrides])
         assert expected in err, (name, err)
-    assert not any((tmp_path / name).exists() for name in "abcdefghi")
+    assert not any((tmp_path / name).exists() for name in "abcdefghij")
     assert not (footage / "run").exists()
 
 
@@ -374,3 +383,51 @@ def test_resume_with_another_recipe_is_refused(tiny_model_dir, footage, tmp_path
                                                                    *ROLLOUTS), "--resume"])
         assert named in err, err
     assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_the_object_term_is_the_mean_absolute_error_over_object_pixels(tiny_model_dir, data_cache, tmp_path):
+    """On envs3d episodes, `object_weight` adds w x the mean |recon - truth| over the simulator's object pixels:
+    the last step's record, recomputed by hand from checkpoint 2 (true frames' ids and rollouts both)."""
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    from posttrain.adapt_tokenizer import (
+        draw_frames,
+        draw_rollout_frames,
+        load_checkpoint,
+        read_frames,
+        restoration_loss,
+        rollout_windows,
+    )
+    from posttrain.data import EpisodeDataConfig, dataset_path
+    from posttrain.models import load_model
+    from posttrain.runner import run_recipe
+
+    data = ["data.path=", "data.seeds=0:6", "data.frames=6", "data.image_size=32", f"data.cache_dir={data_cache}",
+            "data.workers=1"]
+    out = tmp_path / "run"
+    run_recipe(RECIPE, [f"model={tiny_model_dir}", f"out={out}", *data, "heldout_fraction=0.34", "batch_size=8",
+                        "lr=0.003", "warmup=2", "threads=1", "steps=3", "eval_every=0", "checkpoint_every=1",
+                        "reference=false", "rollouts=0.5", *ROLLOUTS, "object_weight=5"])
+    dataset = load_from_disk(str(dataset_path(EpisodeDataConfig(seeds="0:6", frames=6, image_size=32,
+                                                                cache_dir=str(data_cache), workers=1))))
+    tokenizer = load_model(str(tiny_model_dir)).tokenizer
+    optimizer = torch.optim.Adam(tokenizer.decoder.parameters())
+    assert load_checkpoint(out, tokenizer, optimizer) == 2
+    pairs = draw_frames(0, 2, [0, 1, 2, 3], 6, 4)
+    windows = rollout_windows([0, 1, 2, 3], 6, 2, 3, 256)
+    tokens = load_file(str(out / "rollout_tokens.safetensors"))["train"]
+    picks = draw_rollout_frames(0, 2, tuple(tokens.shape[:3]), 4)
+    targets = [(windows[w][0], windows[w][1] + 2 + k) for w, _, k in picks]
+    with torch.no_grad():
+        recon = torch.cat([tokenizer(read_frames(dataset, pairs))[0],
+                           tokenizer.draw(torch.stack([tokens[w, r, k] for w, r, k in picks]))])
+    truth = read_frames(dataset, pairs + targets).float() / 255
+    objects = read_frames(dataset, pairs + targets, "segmentation") > 0
+    assert objects.any() and not objects.all()
+    expected = float((recon - truth).abs()[objects].mean())
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][3]
+    assert record["step"] == 3
+    assert abs(record["object_l1"] - expected) <= 64 * torch.finfo(torch.float32).eps * max(expected, 1e-3)
+    rest = float(restoration_loss(recon, truth))  # the recipe's ssim_l1 over the whole frames, beside it
+    assert abs(record["objective"] - (rest + 5 * expected)) <= 64 * torch.finfo(torch.float32).eps * (rest + 5 * expected)
