@@ -20,6 +20,10 @@ the original base is evaluated too, so the JSON holds original base, adapted bas
 (that run predates the reference decoder becoming the recipe's default: add `reference=false loss=mse` to
 `--adapt` to repeat it)
 
+`--rollout-decoder STEPS` then fits that decoder again on the SFT adapter's own rollouts of the training clips
+(`rollouts=0.5 adapter=...`; docs/studio.md#decoding-the-models-own-guesses-a-decoder-fitted-to-its-rollouts) and
+evaluates with it and the re-based adapter; the evals before it stay in the JSON.
+
 `--adapt` passes the decoder recipe's options through, e.g. `--adapt threads=1 reference=true loss=ssim_l1` for a
 decoder that also sees the last true frame (docs/studio.md#with-a-reference-frame-in-the-decoder); `--video`
 picks another of the wheel's videos (bigbuckbunny.mp4, carphone_pristine.mp4).
