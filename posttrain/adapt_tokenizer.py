@@ -482,10 +482,12 @@ def run(config: AdaptTokenizerConfig) -> Path:
             else:
                 recon, _ = tokenizer(batch)
             truth = batch.float() / 255
+            rollout_pairs: list[tuple[int, int]] = []  # (row, frame) of the true frames the rollout frames stand for
             if from_rollouts:  # the model's own guesses, drawn against the true frames they stand for
                 picks = draw_rollout_frames(config.seed, step, tuple(rollout_tokens.shape[:3]), from_rollouts)
                 ids = torch.stack([rollout_tokens[w, r, k] for w, r, k in picks])
-                targets = read_frames(dataset, [(windows[w][0], windows[w][1] + context + k) for w, _, k in picks])
+                rollout_pairs = [(windows[w][0], windows[w][1] + context + k) for w, _, k in picks]
+                targets = read_frames(dataset, rollout_pairs)
                 if config.reference:  # beside the window's last true frame, k + 1 frames back (eval's rule)
                     last = read_frames(dataset, [(windows[w][0], windows[w][1] + context - 1) for w, _, _ in picks])
                     drawn = tokenizer.draw(ids, last, torch.tensor([k + 1 for _, _, k in picks]))
@@ -495,9 +497,8 @@ def run(config: AdaptTokenizerConfig) -> Path:
             loss = ((recon - truth) ** 2).mean()
             objective = loss if config.loss == "mse" else restoration_loss(recon, truth)
             if config.object_weight:  # the same frames' object pixels, in the order recon holds them
-                where = pairs[:true_count] + ([(windows[w][0], windows[w][1] + context + k) for w, _, k in picks]
-                                              if from_rollouts else [])
-                objects = (read_frames(dataset, where, "segmentation") > 0).unsqueeze(-1).float()
+                objects = read_frames(dataset, pairs[:true_count] + rollout_pairs, "segmentation")
+                objects = (objects > 0).unsqueeze(-1).float()
                 object_error = ((recon - truth).abs() * objects).sum() / (3 * objects.sum()).clamp_min(1)
                 objective = objective + config.object_weight * object_error
                 record_object = object_error.item()
