@@ -9,6 +9,9 @@ and at T = 1 on the validation split's default and shifted scenes and scored wit
 step of frame credit does (measured here: 47-54 s vs 49-55 s at the main job's old size), so equal steps
 are equal wall-clock within that spread; each run's training seconds are recorded. The JSON has every
 run, and per setting the mean and the spread (min, max) over training seeds. Run it alone on the machine.
+`--model` starts every setting from another base (a name or a model folder); `--shift` picks the shifted
+sets (repeatable). A second call with the same `--out` keeps every finished run and scores runs and base on
+scenes they have not seen yet, so a shifted set can be added later without training again.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def table(data: dict) -> str:
                          f"{b['12']['mse']:.4f} | {b['12']['ssim']:.3f} | {b['12']['objects']:.3f} | "
                          f"{b['32']['useful_horizon']} |")
             for name in names:
-                runs = [v for k, v in results.items() if k.split("/")[0] == name and "eval" in v]
+                runs = [v for k, v in results.items() if k.split("/")[0] == name and scene in v.get("eval", {})]
                 if not runs:
                     continue
                 cells = []
@@ -83,7 +86,9 @@ def main() -> None:
                         help="an extra setting: NAME then its overrides of the recipe (repeatable)")
     parser.add_argument("--shape", default="", help="overrides applied to every setting (the job's size)")
     parser.add_argument("--split", choices=sorted(SPLITS), default="val")
-    parser.add_argument("--shift", default="more objects, small checkers", help="the shifted scene set evaluated")
+    parser.add_argument("--shift", action="append", choices=sorted(SHIFTS),
+                        help="a shifted scene set evaluated (repeatable; default: more objects, small checkers)")
+    parser.add_argument("--model", default="default", help="the base every setting starts from (name or folder)")
     parser.add_argument("--runs", default="runs/dense_credit")
     parser.add_argument("--cache-dir", default="data")
     parser.add_argument("--out", required=True)
@@ -99,7 +104,8 @@ def main() -> None:
     shape = shlex.split(args.shape)
     seeds = [int(s) for s in args.train_seeds.split(",")]
     split = SPLITS[args.split]
-    scenes = {"default": ({}, split["seeds"]), args.shift: (SHIFTS[args.shift], split["shifted_seeds"])}
+    shifts = args.shift or ["more objects, small checkers"]
+    scenes = {"default": ({}, split["seeds"]), **{name: (SHIFTS[name], split["shifted_seeds"]) for name in shifts}}
     out_path = Path(args.out)
     earlier = json.loads(out_path.read_text()) if out_path.is_file() else {}  # resume: keep every run
     results = earlier.get("results", {})
@@ -108,33 +114,40 @@ def main() -> None:
     def save():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "steps": args.steps,
-                                        "shape": shape, "settings": settings_run, "scenes": {k: v[1] for k, v in
-                                                                                        scenes.items()},
+                                        "model": args.model, "shape": shape, "settings": settings_run,
+                                        "scenes": {**earlier.get("scenes", {}), **{k: v[1] for k, v in scenes.items()}},
                                         "results": results}, indent=1))
 
-    def scored(run=None):
-        """The base (no run), or a run's LoRA adapter on it, or a full fine-tune's model (lora.enabled=false);
-        the mean-image baseline is always the base's."""
-        model, adapter = "default", None
+    def scored(run=None, done=()):
+        """The base (no run), or a run's LoRA adapter on it, or a full fine-tune's model (lora.enabled=false),
+        on every scene not in `done`; the mean-image baseline is always the base's."""
+        model, adapter = args.model, None
         if run is not None and (run / "adapter").is_dir():
             adapter = str(run / "adapter")
         elif run is not None:
             model = str(run / "model")
-        return {scene: {str(t): evaluate(model, adapter, seeds_, settings_, t, args.cache_dir, base_name="default")
-                        for t in (0.0, 1.0)} for scene, (settings_, seeds_) in scenes.items()}
+        return {scene: {str(t): evaluate(model, adapter, seeds_, settings_, t, args.cache_dir, base_name=args.model)
+                        for t in (0.0, 1.0)} for scene, (settings_, seeds_) in scenes.items() if scene not in done}
 
-    if "base" not in results:
+    if earlier and earlier.get("model", "default") != args.model:
+        raise SystemExit(f"{out_path} holds runs from the base {earlier.get('model', 'default')!r}, not {args.model!r}")
+    results.setdefault("base", {"eval": {}})
+    if set(scenes) - set(results["base"]["eval"]):  # the base on every scene asked for (a new --shift adds one)
         started = time.time()
-        results["base"] = {"eval": scored(), "eval_seconds": round(time.time() - started, 1)}
+        results["base"]["eval"].update(scored(done=results["base"]["eval"]))
+        results["base"]["eval_seconds"] = round(time.time() - started, 1)
         save()
     for name, overrides in settings.items():
         for seed in seeds:
             key = f"{name}/seed{seed}"
+            if key in results and "eval" in results[key] and set(scenes) - set(results[key]["eval"]):
+                results[key]["eval"].update(scored(Path(args.runs) / name / f"seed{seed}", done=results[key]["eval"]))
+                save()  # an earlier run scored on a scene it had not been
             if key in results:
                 continue
             run = Path(args.runs) / name / f"seed{seed}"
             info = train(key, RECIPE, [*shape, *overrides, f"seed={seed}", f"steps={args.steps}",
-                                       "train.max_minutes=0"], "default", 0, run)
+                                       "train.max_minutes=0"], args.model, 0, run)
             if "failed" in info:
                 results[key] = info
                 save()

@@ -175,9 +175,11 @@ def test_sft_trains_a_flow_model_on_the_flow_matching_loss(tiny_token_model):
     assert loss == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_the_embedded_flow_model_loads_and_shares_the_default_tokenizer():
-    """`--model flow`: a latent FlowWorldModel whose frozen tokenizer is exactly the default token model's, so the
-    two families decode through the same tokenizer; the checkpoint stays within the 20 MB budget."""
+def test_the_embedded_flow_model_loads_and_shares_the_default_encoder():
+    """`--model flow`: a latent FlowWorldModel whose frozen tokenizer has exactly the default token model's encoder,
+    so the two families see frames in the same latent space (and token ids). The decoders may differ: the default
+    model's was fitted to its own token rollouts (v4.1), the flow model keeps v4's, which it was trained with. The
+    checkpoint stays within the 20 MB budget."""
     from posttrain.models import load_model
     from posttrain.models.registry import resolve_model_path
 
@@ -185,6 +187,8 @@ def test_the_embedded_flow_model_loads_and_shares_the_default_tokenizer():
     assert (folder / "model.safetensors").stat().st_size <= 20 * 2 ** 20
     flow, token = load_model("flow"), load_model("default")
     assert isinstance(flow, FlowWorldModel) and flow.config.space == "latent" and flow.image_size == token.image_size
-    for name, value in token.tokenizer.state_dict().items():
+    encoder = {name: value for name, value in token.tokenizer.state_dict().items() if name.startswith("encoder.")}
+    assert encoder, "the token model's tokenizer has no encoder weights"
+    for name, value in encoder.items():
         assert torch.equal(flow.tokenizer.state_dict()[name], value), name
     assert (folder / "mean_frame.png").is_file() and (folder / "README.md").is_file()
