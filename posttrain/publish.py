@@ -277,6 +277,8 @@ def _metrics(run_dir: Path, kind: str = "adapter") -> list[str]:
                   f"{held.get('clip_frames')} frames:", "", "| | base | post-trained |", "|---|---|---|",
                   f"| held-out loss | {_fmt(held.get('heldout_loss_base'))} | {_fmt(held.get('heldout_loss_post'))} |",
                   ""]
+    if (report / "tokenizer.json").is_file():
+        lines += _decoder_fit_metrics(read_json_object(report / "tokenizer.json"))
     if not lines:
         from posttrain.logging_utils import read_metrics
 
@@ -288,6 +290,32 @@ def _metrics(run_dir: Path, kind: str = "adapter") -> list[str]:
         else:
             lines.append("No metrics were found in the run folder.")
     return lines
+
+
+def _decoder_fit_metrics(fit: dict) -> list[str]:
+    """An adapt_tokenizer run's report/tokenizer.json as card lines: the held-out frames' reconstruction and,
+    where the decoder was fitted to rollouts, the held-out rollouts decoded by the old and the new decoder."""
+    before, after = fit.get("held_out_before") or {}, fit.get("held_out_after") or {}
+    adapter = fit.get("adapter")
+    lines = [f"Decoder fit (`adapt_tokenizer`, {fit.get('steps')} steps, loss `{fit.get('loss')}`, rollout share "
+             f"{fit.get('rollouts', 0)}"
+             + (f", the rollouts of the adapter {_public_name(adapter, 'adapter')}, re-based onto the fitted "
+                "decoder as the run's adapter/"
+                if adapter else "")
+             + f"). Held-out clips {fit.get('heldout_clips')}: the token ids and the dynamics are unchanged; "
+             "only what a token draws differs.", "",
+             "| held-out measure | before | after |", "|---|---|---|"]
+    for key, label in (("psnr_db", "reconstruction PSNR (dB) of true frames"), ("ssim", "reconstruction SSIM")):
+        lines.append(f"| {label} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+    rollouts = fit.get("held_out_rollouts") or {}
+    persistence = (rollouts.get("before") or {}).get("persistence", {}).get("ssim")
+    for temperature in ("T=0", "T=1"):
+        old, new = ((rollouts.get(when) or {}).get(temperature, {}).get("ssim") for when in ("before", "after"))
+        if old is not None or new is not None:
+            lines.append(f"| rollout SSIM, {temperature} ({rollouts.get('windows')} windows, {rollouts.get('horizon')} "
+                         f"frames from {rollouts.get('context')}; persistence {_fmt(persistence)}) | {_fmt(old)} | "
+                         f"{_fmt(new)} |")
+    return [*lines, ""]
 
 
 # --- push -------------------------------------------------------------------------------------

@@ -223,6 +223,16 @@ def test_rollouts_from_an_adapter_and_the_adapter_rebased_onto_the_adapted_model
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)
     card = (tmp_path / "export" / "README.md").read_text()
     assert "adapt_tokenizer post-training" in card and "rollouts: 0.5" in card
+    # The card quotes the run's own held-out report (not the last training step), and names the adapter it carries.
+    report = json.loads((out / "report" / "tokenizer.json").read_text())
+    before, after = report["held_out_before"], report["held_out_after"]
+    assert f"| reconstruction PSNR (dB) of true frames | {before['psnr_db']:.5g} | {after['psnr_db']:.5g} |" in card
+    rollouts = report["held_out_rollouts"]
+    t1 = [line for line in card.splitlines() if line.startswith("| rollout SSIM, T=1")]
+    assert len(t1) == 1 and t1[0].endswith(f"| {rollouts['before']['T=1']['ssim']:.5g} | "
+                                           f"{rollouts['after']['T=1']['ssim']:.5g} |"), t1
+    assert "the rollouts of the adapter sft-adapter (a local adapter), re-based onto the fitted decoder" in card
+    assert "the last record of metrics.jsonl" not in card
 
 
 def _one_line_error(capsys, argv) -> str:
