@@ -59,14 +59,16 @@ def save_step_video(out: Path, step: int, episode_frames: torch.Tensor, num_cont
 
 
 @torch.no_grad()
-def greedy_pair(policy, base, context: torch.Tensor, actions: torch.Tensor, horizon: int, seed: int):
+def greedy_pair(policy, base, context: torch.Tensor, actions: torch.Tensor, horizon: int, seed: int,
+                reference: torch.Tensor | None = None):
     """Greedy rollouts (1, horizon, h, w, 3) of the base and the post-trained policy from one context
-    (1, C, N): `base` is the frozen base copy, or None for the policy with its adapter disabled."""
+    (1, C, N): `base` is the frozen base copy, or None for the policy with its adapter disabled. `reference`
+    (1, H, W, 3): the last true context frame, for a model whose decoder draws beside it (as eval decodes)."""
     from posttrain.rollouts import generate, reference_policy
 
     with reference_policy(policy, base) as model:
-        before = generate(model, context, actions, horizon, [seed], temperature=0.0, chunk=1)
-    after = generate(policy, context, actions, horizon, [seed], temperature=0.0, chunk=1)
+        before = generate(model, context, actions, horizon, [seed], temperature=0.0, chunk=1, reference=reference)
+    after = generate(policy, context, actions, horizon, [seed], temperature=0.0, chunk=1, reference=reference)
     return before.frames, after.frames
 
 
@@ -117,7 +119,8 @@ def write_report(policy, base, *, out: Path, base_name: str, eval_config, temper
     seed = rollout_seed(eval_config.seed, int(episodes["seed"][0]))
     with torch.no_grad():
         context = policy.encode(frames[:, :num_context])
-    before, after = greedy_pair(policy, base, context, actions, horizon, seed)
+    # Decoded as the metrics above were: beside the last true context frame where the model's decoder uses one.
+    before, after = greedy_pair(policy, base, context, actions, horizon, seed, reference=frames[:, num_context - 1])
     save_rollout_gif(out / "rollout.gif", frames[0, :num_context], {"base": before[0], "post-trained": after[0]},
                      frames[0, num_context: num_context + horizon])
     write_index_html(out, results)

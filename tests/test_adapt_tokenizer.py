@@ -441,3 +441,40 @@ def test_the_object_term_is_the_mean_absolute_error_over_object_pixels(tiny_mode
     assert abs(record["object_l1"] - expected) <= 64 * torch.finfo(torch.float32).eps * max(expected, 1e-3)
     rest = float(restoration_loss(recon, truth))  # the recipe's ssim_l1 over the whole frames, beside it
     assert abs(record["objective"] - (rest + 5 * expected)) <= 64 * torch.finfo(torch.float32).eps * (rest + 5 * expected)
+
+
+def test_the_reports_greedy_gif_decodes_beside_the_last_true_frame_as_eval_does():
+    """report.greedy_pair (the run report's and SFT's rollout.gif) draws a reference decoder's frames beside the last
+    true context frame, as `posttrain eval`'s metrics do, not with the plain path."""
+    import copy
+
+    from conftest import make_tiny_model
+
+    from posttrain.adapt_tokenizer import with_reference_path
+    from posttrain.report import greedy_pair
+    from posttrain.rollouts import decode_frames
+
+    model = with_reference_path(make_tiny_model(seed=3), "tiny").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # open the fresh reference path so that the reference visibly changes what is drawn
+        for name, parameter in model.tokenizer.named_parameters():
+            if name.startswith("reference_"):
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    base = copy.deepcopy(model)  # a "base" whose dynamics differ, so that the pair's two sides are told apart
+    with torch.no_grad():
+        for parameter in base.dynamics.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    frames = torch.randint(0, 256, (1, 2, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    reference = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    context = model.encode(frames)
+    actions = torch.zeros(1, 4, dtype=torch.long)
+    before, after = greedy_pair(model, base, context, actions, 3, seed=5, reference=reference)
+    tokens = model.rollout(context, actions, 3, temperature=0.0, seeds=[5], decode=False).tokens
+    with torch.no_grad():
+        drawn, plain = decode_frames(model, tokens, reference), model.decode(tokens)
+    assert torch.equal(after, drawn)
+    assert not torch.equal(after, plain)  # the test can tell the two paths apart
+    base_tokens = base.rollout(context, actions, 3, temperature=0.0, seeds=[5], decode=False).tokens
+    assert not torch.equal(base_tokens, tokens)
+    with torch.no_grad():
+        assert torch.equal(before, decode_frames(base, base_tokens, reference))
