@@ -137,6 +137,7 @@ def evaluate(model_name: str, adapter: str | None, seeds: str, scene: dict, temp
     mean frame of `base_name` (default: model_name), so every entry of a bake-off shares one baseline."""
     report = rollout_report(model_name, adapter, seeds, scene, temperature, cache, base_name)
     return {"12": summarise(report, SHORT), "32": summarise(report, HORIZON),
+            "per_step": {name: report[f"{name}_per_step"] for name in ("mse", "ssim", "object_presence")},
             "baselines": {name: {k: report["baselines"][name][f"{m}_mean"] for k, m in
                                  (("mse", "mse"), ("ssim", "ssim"), ("objects", "object_presence"))}
                           for name in ("persistence", "mean_image")}}

@@ -3,7 +3,8 @@
     python benchmarks/make_filmstrip.py --adapter runs/grpo_drift/adapter --seeds 3000000,3000001 \
         --out docs/images/main_job_filmstrip.png
 
-For each seed, three rows (truth, base, post-trained) of every `--every`-th predicted frame of a `--horizon`
+For each seed, three rows (truth, base, post-trained; `--extra LABEL=MODEL` adds a row per model after the
+truth) of every `--every`-th predicted frame of a `--horizon`
 frame rollout from 2 true context frames, with the same sampling seed for base and post-trained (the same
 seeds `posttrain eval` uses). Not a measurement: a picture of what the report's numbers mean.
 """
@@ -26,8 +27,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--cache-dir", default="data")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL",
+                        help="another model's row, between the truth and the base (repeatable), e.g. an earlier base")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    extras = [tuple(item.split("=", 1)) for item in args.extra]
+    if any(len(item) != 2 or not all(item) for item in extras):
+        parser.error(f"--extra takes LABEL=MODEL, got {args.extra}")
     from PIL import Image
 
     from posttrain.data import EpisodeDataConfig, load_episodes
@@ -43,8 +49,10 @@ def main() -> None:
     actions = episodes["actions"][:, : context + args.horizon - 1]
     picks = list(range(args.every - 1, args.horizon, args.every))
     rows = {"truth": frames[:, context:][:, picks].numpy()}
-    for name, adapter in (("base", None), ("post-trained", args.adapter)):
-        model = load_with_adapter(args.model, adapter)
+    models = [(label, model, None) for label, model in extras]
+    models += [("base", args.model, None), ("post-trained", args.model, args.adapter)]
+    for name, model_name, adapter in models:
+        model = load_with_adapter(model_name, adapter)
         with torch.no_grad():
             out = generate(model, model.encode(frames[:, :context]), actions, args.horizon,
                            [rollout_seed(EVAL_SEED, int(s)) for s in episodes["seed"]], temperature=args.temperature,
@@ -53,14 +61,14 @@ def main() -> None:
     gap = 3
     blocks = []
     for i in range(len(seeds)):
-        for name in ("truth", "base", "post-trained"):
+        for name in rows:
             strip = np.concatenate([np.pad(f, ((0, 0), (0, gap), (0, 0)), constant_values=255) for f in rows[name][i]], 1)
             blocks.append(np.pad(strip, ((0, gap), (0, 0), (0, 0)), constant_values=255))
         blocks.append(np.full((3 * gap, blocks[-1].shape[1], 3), 255, np.uint8))
     image = np.concatenate(blocks[:-1], 0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(args.out)
-    print(f"{args.out}: rows per seed = truth, base, post-trained; frames {[p + 1 for p in picks]}")
+    print(f"{args.out}: rows per seed = {', '.join(rows)}; frames {[p + 1 for p in picks]}")
 
 
 if __name__ == "__main__":
