@@ -299,6 +299,36 @@ def test_adapter_panel_equals_the_merged_model_rollout(tiny_model_dir, tmp_path)
         session.close()
 
 
+def test_a_reference_decoder_panel_draws_as_eval_decodes_its_rollout():
+    """A model whose decoder also sees the last true frame: each played frame is drawn beside the last synced
+    true frame, k frames old at the k-th step, as `posttrain eval` decodes the same rollout (decode_frames with
+    one reference per sequence), not with the plain path."""
+    from posttrain.adapt_tokenizer import with_reference_path
+    from posttrain.play.session import ModelPanel, to_uint8
+    from posttrain.rollouts import decode_frames
+
+    model = with_reference_path(make_tiny_model(seed=5), "tiny").eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # open the fresh reference path so that the reference visibly changes what is drawn
+        for name, parameter in model.tokenizer.named_parameters():
+            if name.startswith("reference_"):
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    frames = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+    panel = ModelPanel(model, "reference")
+    panel.sync(frames, np.array([0]), seed=SEED)
+    moves = [action_id(name) for name in ("forward", "yaw_left", "forward")]
+    played = np.stack([panel.step(move, temperature=0.0)[0] for move in moves])
+    context = model.encode(torch.from_numpy(frames)[None])
+    tokens = model.rollout(context, torch.tensor([[0, *moves]]), 3, temperature=0.0, decode=False).tokens
+    with torch.no_grad():
+        evaluated = to_uint8(decode_frames(model, tokens, torch.from_numpy(frames[-1])[None]))[0]
+        plain = to_uint8(model.decode(tokens))[0]
+    # Played frames are decoded one at a time, eval's three at once: float sums may round differently, which
+    # moves a uint8 value by at most one level.
+    assert np.abs(played.astype(int) - evaluated.astype(int)).max() <= 1
+    assert np.abs(played.astype(int) - plain.astype(int)).max() > 1  # the test tells the two paths apart
+
+
 def _adapter_for(model_dir: Path, out: Path) -> Path:
     from posttrain.adapters import LoraSettings, apply_lora, save_adapter
     from posttrain.models import load_model, weights_hash

@@ -217,11 +217,13 @@ class FrameTokenizer(nn.Module):
         return ids.reshape(*lead, -1)
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, reference: torch.Tensor | None = None, gap: torch.Tensor | int | None = None
+               ) -> torch.Tensor:
         """(..., N) token ids -> (..., H, W, 3) float frames in [0, 1]. `reference` (see `TokenizerConfig.reference`;
         ignored without it): one frame per sequence, the last true frame before the sequence's first (so frame t
-        is t + 1 frames after it), or one per frame, the frame just before it."""
-        return self.draw(ids, reference).clamp(0, 1)
+        is t + 1 frames after it), or one per frame, the frame just before it; `gap` overrides those distances
+        (frames between each reference and its decoded frame, e.g. a live rollout's k-th frame: k)."""
+        return self.draw(ids, reference, gap).clamp(0, 1)
 
     def draw(self, ids: torch.Tensor, reference: torch.Tensor | None = None, gap: torch.Tensor | None = None
              ) -> torch.Tensor:

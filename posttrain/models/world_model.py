@@ -95,8 +95,9 @@ class WorldModel(Protocol):
     """Module names a LoRA adapter targets by default (recipes may override `lora.target_modules`)."""
     frozen_modules: tuple[str, ...]
     """Submodules a full fine-tune keeps frozen (e.g. the frame tokenizer that rewards decode with)."""
-    # Optional: `decodes_with_reference: bool` and `decode(tokens, reference=None)`, where `reference` is the last
-    # true frame before `tokens` (B, H, W, 3); callers that have it go through `rollouts.decode_frames`.
+    # Optional: `decodes_with_reference: bool` and `decode(tokens, reference=None, gap=None)`, where `reference` is
+    # the last true frame before `tokens` (B, H, W, 3) and `gap` its age in frames where it is not the default
+    # (t + 1 for the t-th frame; play passes k for its k-th frame); callers go through `rollouts.decode_frames`.
     # Optional, for GRPO's `credit: dense` (not checked by isinstance): `token_grid: tuple[int, int]`,
     # (rows, cols) such that the frame's N = rows x cols tokens tile it row-major in equal cells and token i
     # governs cell (i // cols, i % cols); see posttrain/credit.py for what that makes exact and approximate.
@@ -188,8 +189,9 @@ class TokenWorldModel(nn.Module):
         """Whether `decode` uses a reference frame (`TokenizerConfig.reference`); see `decode_frames`."""
         return self.tokenizer.config.reference
 
-    def decode(self, tokens: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tokenizer.decode(tokens, reference)
+    def decode(self, tokens: torch.Tensor, reference: torch.Tensor | None = None,
+               gap: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.tokenizer.decode(tokens, reference, gap)
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, num_context: int, temperature: float = 1.0,
                 targets: torch.Tensor | None = None):

@@ -74,6 +74,10 @@ class ModelPanel:
         self.model, self.name = model, name
         self.state = None
         self.seed = 0
+        # A decoder that draws beside the last true frame (`decodes_with_reference`) gets it here, with its age in
+        # frames, as `posttrain eval` decodes a rollout; other models never see it.
+        self.reference: torch.Tensor | None = None
+        self.age = 0
 
     @torch.inference_mode()
     def sync(self, frames: np.ndarray, actions: np.ndarray, seed: int) -> np.ndarray:
@@ -82,6 +86,8 @@ class ModelPanel:
         tokens = self.model.encode(torch.from_numpy(frames)[None])  # (1, C, N)
         self.seed = seed
         self.state = self.model.start_rollout(tokens, torch.from_numpy(actions)[None].long(), seeds=[seed])
+        if getattr(self.model, "decodes_with_reference", False):
+            self.reference, self.age = torch.from_numpy(frames[-1])[None], 0  # (1, H, W, 3) uint8
         return to_uint8(self.model.decode(tokens[:, -1:]))[0, 0]
 
     @torch.inference_mode()
@@ -91,7 +97,11 @@ class ModelPanel:
         start, cpu = time.perf_counter(), time.thread_time()
         tokens, _ = self.model.rollout_step(self.state, torch.tensor([action]), temperature=temperature)
         sampled = time.perf_counter()
-        frame = to_uint8(self.model.decode(tokens[:, None]))[0, 0]
+        if self.reference is None:
+            frame = to_uint8(self.model.decode(tokens[:, None]))[0, 0]
+        else:
+            self.age += 1
+            frame = to_uint8(self.model.decode(tokens[:, None], reference=self.reference, gap=self.age))[0, 0]
         return frame, {"step_ms": 1000 * (sampled - start), "decode_ms": 1000 * (time.perf_counter() - sampled),
                        "cpu_ms": 1000 * (time.thread_time() - cpu)}
 
