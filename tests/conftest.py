@@ -59,6 +59,19 @@ def make_tiny_model(seed: int = 0, context_frames: int = 4):
     )
 
 
+def make_tiny_reference_model(seed: int, generator: torch.Generator):
+    """A tiny token model whose decoder also sees a reference frame, with that fresh path opened (random weights
+    from `generator`) so that the reference visibly changes what is drawn."""
+    from posttrain.adapt_tokenizer import with_reference_path
+
+    model = with_reference_path(make_tiny_model(seed=seed), "tiny").eval()
+    with torch.no_grad():
+        for name, parameter in model.tokenizer.named_parameters():
+            if name.startswith("reference_"):
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")

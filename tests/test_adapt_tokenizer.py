@@ -448,18 +448,13 @@ def test_the_reports_greedy_gif_decodes_beside_the_last_true_frame_as_eval_does(
     true context frame, as `posttrain eval`'s metrics do, not with the plain path."""
     import copy
 
-    from conftest import make_tiny_model
+    from conftest import make_tiny_reference_model
 
-    from posttrain.adapt_tokenizer import with_reference_path
     from posttrain.report import greedy_pair
     from posttrain.rollouts import decode_frames
 
-    model = with_reference_path(make_tiny_model(seed=3), "tiny").eval()
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # open the fresh reference path so that the reference visibly changes what is drawn
-        for name, parameter in model.tokenizer.named_parameters():
-            if name.startswith("reference_"):
-                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    model = make_tiny_reference_model(3, generator)
     base = copy.deepcopy(model)  # a "base" whose dynamics differ, so that the pair's two sides are told apart
     with torch.no_grad():
         for parameter in base.dynamics.parameters():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, make_tiny_reference_model
 
 from posttrain.envs3d import SceneConfig, action_id
 from posttrain.play import process as play_process
@@ -303,16 +303,11 @@ def test_a_reference_decoder_panel_draws_as_eval_decodes_its_rollout():
     """A model whose decoder also sees the last true frame: each played frame is drawn beside the last synced
     true frame, k frames old at the k-th step, as `posttrain eval` decodes the same rollout (decode_frames with
     one reference per sequence), not with the plain path."""
-    from posttrain.adapt_tokenizer import with_reference_path
     from posttrain.play.session import ModelPanel, to_uint8
     from posttrain.rollouts import decode_frames
 
-    model = with_reference_path(make_tiny_model(seed=5), "tiny").eval()
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # open the fresh reference path so that the reference visibly changes what is drawn
-        for name, parameter in model.tokenizer.named_parameters():
-            if name.startswith("reference_"):
-                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    model = make_tiny_reference_model(5, generator)
     frames = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
     panel = ModelPanel(model, "reference")
     panel.sync(frames, np.array([0]), seed=SEED)
